@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import string
 import unicodedata
 from pathlib import Path
@@ -25,6 +26,7 @@ from gymnasium import spaces
 
 # Printable ASCII plus newline/tab: every observation is mapped into it so that Text spaces contain it.
 CHARSET = frozenset(string.printable)
+_OUTSIDE_CHARSET = re.compile(r"[^\t\n\x0b\x0c\r\x20-\x7e]")  # the complement of CHARSET, for a fast check
 OBS_MAX_CHARS = 16_384
 ACTION_MAX_CHARS = 1_024
 SPLITS = ("train", "valid", "test")
@@ -34,14 +36,19 @@ class InvalidAction(Exception):
     """Raised by an environment's `_apply` for an action it cannot parse or apply; never escapes `step`."""
 
 
+# common typographic punctuation in real data (product titles, Wikipedia) has a plain ASCII twin
+_PUNCTUATION = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-",
+                              "\u2014": "-", "\u2026": "...", "\u00a0": " ", "\u2022": "*", "\u00d7": "x"})
+
+
 def text_space(max_length: int) -> spaces.Text:
     return spaces.Text(min_length=0, max_length=max_length, charset="".join(sorted(CHARSET)))
 
 
 def to_text(text: str, max_chars: int = OBS_MAX_CHARS) -> str:
     """Map arbitrary text (real data has accents, curly quotes, emoji) into the ASCII charset and bound it."""
-    if not all(c in CHARSET for c in text):
-        text = unicodedata.normalize("NFKD", text)
+    if _OUTSIDE_CHARSET.search(text):
+        text = unicodedata.normalize("NFKD", text).translate(_PUNCTUATION)
         text = "".join(c if c in CHARSET else ("" if unicodedata.combining(c) else "?") for c in text)
     return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
 
@@ -70,7 +77,7 @@ def stable_hash(*parts: Any) -> str:
 class TextEnv(gym.Env[str, str]):
     """A text-in, text-out gymnasium environment over a fixed list of tasks."""
 
-    metadata = {"render_modes": ["ansi", "human"]}
+    metadata = {"render_modes": ["ansi", "human"], "render_fps": 1}
     env_name: str = "text"
     agent_format: str = "react"  # the name of this env's agent format in raysad.segments
     default_max_steps: int = 50
