@@ -1,0 +1,557 @@
+"""Trajectory/Turn schema; streaming JSONL and Parquet read/write; validation with file:line:field errors.
+
+A trajectory file is either JSON lines (`.jsonl` or `.json`, one trajectory per line) or Parquet
+(`.parquet`, one trajectory per row). Both stream: reading never holds more than one line (JSONL) or one
+row group (Parquet) in memory, so a million trajectories read like ten.
+
+    with TrajectoryWriter("trajs.jsonl", append=True) as out:   # resume: skip read_task_ids(path)
+        out.write(traj)
+    for traj in read_trajectories("trajs.jsonl"):
+        ...
+
+Field contract (docs/architecture.md, "Interfaces"): `Turn.token_ids` are the ids a model generated for the
+thought segment (thought + its end delimiter) followed by those of the action segment (action + its end
+delimiter); `num_thought_tokens` is where the split is; `topk_ids`/`topk_logprobs` hold k entries per
+generated token. Fields a reader does not know (top level or per turn) land in `extra` and are written back
+flat, so a round trip keeps them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
+
+TRAJECTORY_FIELDS = ("id", "env", "task_id", "split", "instruction", "prompt", "turns", "reward", "success",
+                     "policy")
+TURN_FIELDS = ("thought", "action", "observation")
+TURN_OPTIONAL_FIELDS = ("token_ids", "topk_ids", "topk_logprobs", "num_thought_tokens")
+MAX_ERRORS_KEPT = 20  # how many messages a skip_bad reader keeps in `.errors`
+
+
+class TrajectoryError(ValueError):
+    """Bad trajectory input. The message names the file, the line (JSONL) or row (Parquet) and the field."""
+
+
+@dataclass
+class Turn:
+    thought: str
+    action: str
+    observation: str
+    token_ids: list[int] | None = None
+    topk_ids: list[list[int]] | None = None
+    topk_logprobs: list[list[float]] | None = None
+    num_thought_tokens: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # unknown per-turn fields, written back flat
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"thought": self.thought, "action": self.action, "observation": self.observation}
+        for name in TURN_OPTIONAL_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                d[name] = value
+        _merge_extra(d, self.extra, (*TURN_FIELDS, *TURN_OPTIONAL_FIELDS), "turn")
+        return d
+
+
+@dataclass
+class Trajectory:
+    id: str
+    env: str
+    task_id: str
+    split: str
+    instruction: str
+    prompt: str
+    turns: list[Turn]
+    reward: float
+    success: bool
+    policy: dict[str, Any]  # {"backend": ..., "model": ...}
+    extra: dict[str, Any] = field(default_factory=dict)  # unknown top-level fields; extra["error"] on failure
+
+    def to_dict(self) -> dict[str, Any]:
+        """A flat JSON-able dict: the known fields in contract order, then the `extra` fields."""
+        d = {"id": self.id, "env": self.env, "task_id": self.task_id, "split": self.split,
+             "instruction": self.instruction, "prompt": self.prompt,
+             "turns": [t.to_dict() for t in self.turns], "reward": self.reward, "success": self.success,
+             "policy": self.policy}
+        _merge_extra(d, self.extra, TRAJECTORY_FIELDS, "trajectory")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "trajectory") -> Trajectory:
+        """Validate `d` and build a Trajectory; raise TrajectoryError "<where>: field '<name>': <problem>"."""
+        validate(d, where)
+        turns = []
+        for t in d["turns"]:
+            known = {k: t[k] for k in (*TURN_FIELDS, *TURN_OPTIONAL_FIELDS) if k in t}
+            turns.append(Turn(**known, extra={k: v for k, v in t.items() if k not in known}))
+        extra = {k: v for k, v in d.items() if k not in TRAJECTORY_FIELDS}
+        return cls(**{k: d[k] for k in TRAJECTORY_FIELDS if k != "turns"}, turns=turns, extra=extra)
+
+
+def _merge_extra(d: dict, extra: dict, known: tuple[str, ...], what: str) -> None:
+    clash = sorted(set(extra) & set(known))
+    if clash:
+        raise ValueError(f"{what} extra holds known field name(s) {clash}; set them as attributes instead")
+    d.update(extra)
+
+
+# --- validation ------------------------------------------------------------------------------------------
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _bad(where: str, name: str, problem: str) -> TrajectoryError:
+    return TrajectoryError(f"{where}: field '{name}': {problem}")
+
+
+def _is_number(x: Any) -> bool:
+    return type(x) is float or type(x) is int
+
+
+def _check_int_list(value: Any, where: str, name: str) -> None:
+    if type(value) is not list:
+        raise _bad(where, name, f"expected a list of int, got {_type_name(value)}")
+    if not all(type(x) is int for x in value):
+        j = next(j for j, x in enumerate(value) if type(x) is not int)
+        raise _bad(where, f"{name}[{j}]", f"expected int, got {_type_name(value[j])}")
+
+
+def _check_rows(value: Any, where: str, name: str, n_rows: int, is_item, item: str) -> list[int]:
+    """A list of n_rows lists whose items pass `is_item`; returns the row lengths."""
+    if type(value) is not list:
+        raise _bad(where, name, f"expected a list of lists, got {_type_name(value)}")
+    if len(value) != n_rows:
+        raise _bad(where, name, f"expected {n_rows} rows (one per token id), got {len(value)}")
+    for j, row in enumerate(value):
+        if type(row) is not list:
+            raise _bad(where, f"{name}[{j}]", f"expected a list of {item}, got {_type_name(row)}")
+        if not all(is_item(x) for x in row):
+            m = next(m for m, x in enumerate(row) if not is_item(x))
+            raise _bad(where, f"{name}[{j}][{m}]", f"expected {item}, got {_type_name(row[m])}")
+    return [len(row) for row in value]
+
+
+def validate(d: Any, where: str = "trajectory") -> None:
+    """Check one trajectory dict (the JSON form) against the schema; the first problem raises TrajectoryError."""
+    if not isinstance(d, dict):
+        raise TrajectoryError(f"{where}: expected a JSON object, got {_type_name(d)}")
+    for name in TRAJECTORY_FIELDS:
+        if name not in d:
+            raise _bad(where, name, "missing")
+    for name in ("id", "env", "task_id", "split", "instruction", "prompt"):
+        if type(d[name]) is not str:
+            raise _bad(where, name, f"expected str, got {_type_name(d[name])}")
+    if not _is_number(d["reward"]):
+        raise _bad(where, "reward", f"expected float, got {_type_name(d['reward'])}")
+    if type(d["success"]) is not bool:
+        raise _bad(where, "success", f"expected bool, got {_type_name(d['success'])}")
+    if not isinstance(d["policy"], dict):
+        raise _bad(where, "policy", f"expected an object like {{\"backend\": ..., \"model\": ...}}, "
+                                    f"got {_type_name(d['policy'])}")
+    turns = d["turns"]
+    if type(turns) is not list:
+        raise _bad(where, "turns", f"expected a list, got {_type_name(turns)}")
+    for i, t in enumerate(turns):
+        at = f"turns[{i}]"
+        if not isinstance(t, dict):
+            raise _bad(where, at, f"expected an object, got {_type_name(t)}")
+        for name in TURN_FIELDS:
+            if name not in t:
+                raise _bad(where, f"{at}.{name}", "missing")
+            if type(t[name]) is not str:
+                raise _bad(where, f"{at}.{name}", f"expected str, got {_type_name(t[name])}")
+        _validate_tokens(t, where, at)
+
+
+def _validate_tokens(t: dict, where: str, at: str) -> None:
+    ids = t.get("token_ids")
+    if ids is None:
+        for name in TURN_OPTIONAL_FIELDS:
+            if t.get(name) is not None:
+                raise _bad(where, f"{at}.{name}", "given without token_ids")
+        return
+    _check_int_list(ids, where, f"{at}.token_ids")
+    n = t.get("num_thought_tokens")
+    if n is None:
+        raise _bad(where, f"{at}.num_thought_tokens", "missing (required with token_ids)")
+    if type(n) is not int:
+        raise _bad(where, f"{at}.num_thought_tokens", f"expected int, got {_type_name(n)}")
+    if not 0 <= n <= len(ids):
+        raise _bad(where, f"{at}.num_thought_tokens", f"{n} is outside 0..{len(ids)} (the number of token_ids)")
+    topk_ids, topk_lp = t.get("topk_ids"), t.get("topk_logprobs")
+    if (topk_ids is None) != (topk_lp is None):
+        missing = "topk_logprobs" if topk_lp is None else "topk_ids"
+        raise _bad(where, f"{at}.{missing}", "missing (topk_ids and topk_logprobs go together)")
+    if topk_ids is None:
+        return
+    k_ids = _check_rows(topk_ids, where, f"{at}.topk_ids", len(ids), lambda x: type(x) is int, "int")
+    k_lp = _check_rows(topk_lp, where, f"{at}.topk_logprobs", len(ids), _is_number, "float")
+    if k_ids != k_lp:
+        j = next(j for j, (a, b) in enumerate(zip(k_ids, k_lp)) if a != b)
+        raise _bad(where, f"{at}.topk_logprobs[{j}]", f"expected {k_ids[j]} entries (as topk_ids[{j}]), "
+                                                      f"got {k_lp[j]}")
+
+
+# --- formats ---------------------------------------------------------------------------------------------
+
+def file_format(path: str | Path) -> str:
+    """'jsonl' for .jsonl/.json (JSON lines), 'parquet' for .parquet."""
+    suffix = Path(path).suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return "jsonl"
+    if suffix == ".parquet":
+        return "parquet"
+    raise TrajectoryError(f"{path}: unknown trajectory file type {suffix!r}; use .jsonl (or .json lines) or .parquet")
+
+
+def _parquet_schema():
+    import pyarrow as pa
+
+    turn = pa.struct([
+        ("thought", pa.string()), ("action", pa.string()), ("observation", pa.string()),
+        ("token_ids", pa.list_(pa.int32())),
+        ("topk_ids", pa.list_(pa.list_(pa.int32()))),
+        ("topk_logprobs", pa.list_(pa.list_(pa.float32()))),  # float32: half the bytes; plenty for logprobs
+        ("num_thought_tokens", pa.int32()),
+        ("extra", pa.string()),  # JSON object of unknown per-turn fields, or null
+    ])
+    return pa.schema([
+        ("id", pa.string()), ("env", pa.string()), ("task_id", pa.string()), ("split", pa.string()),
+        ("instruction", pa.string()), ("prompt", pa.string()), ("turns", pa.list_(turn)),
+        ("reward", pa.float64()), ("success", pa.bool_()),
+        ("policy", pa.string()),  # JSON object
+        ("extra", pa.string()),   # JSON object of unknown top-level fields
+    ])
+
+
+def _to_parquet_row(d: dict) -> dict:
+    turns = []
+    for t in d["turns"]:
+        known = {k: t.get(k) for k in (*TURN_FIELDS, *TURN_OPTIONAL_FIELDS)}
+        extra = {k: v for k, v in t.items() if k not in known}
+        turns.append({**known, "extra": json.dumps(extra, ensure_ascii=False) if extra else None})
+    extra = {k: v for k, v in d.items() if k not in TRAJECTORY_FIELDS}
+    return {**{k: d[k] for k in TRAJECTORY_FIELDS}, "turns": turns,
+            "policy": json.dumps(d["policy"], ensure_ascii=False),
+            "extra": json.dumps(extra, ensure_ascii=False) if extra else None}
+
+
+def _from_parquet_row(row: dict, where: str) -> dict:
+    """A Parquet row (ours, or a foreign file with the same column names) back into the flat JSON form."""
+    d = dict(row)
+    for name in ("policy", "extra"):
+        if isinstance(d.get(name), str):
+            try:
+                d[name] = json.loads(d[name])
+            except json.JSONDecodeError as err:
+                raise _bad(where, name, f"invalid JSON: {err}") from None
+    extra = d.pop("extra", None) or {}
+    if isinstance(d.get("turns"), list):
+        turns = []
+        for i, t in enumerate(d["turns"]):
+            if isinstance(t, dict):
+                t = {k: v for k, v in t.items() if not (v is None and k in (*TURN_OPTIONAL_FIELDS, "extra"))}
+                if isinstance(t.get("extra"), str):
+                    try:
+                        t.update(json.loads(t.pop("extra")))
+                    except json.JSONDecodeError as err:
+                        raise _bad(where, f"turns[{i}].extra", f"invalid JSON: {err}") from None
+            turns.append(t)
+        d["turns"] = turns
+    if isinstance(extra, dict):
+        d.update({k: v for k, v in extra.items() if k not in d})
+    return d
+
+
+# --- reading ---------------------------------------------------------------------------------------------
+
+class TrajectoryReader:
+    """An iterator over the trajectories of one file, streaming.
+
+    skip_bad=False: the first bad line/row raises TrajectoryError. skip_bad=True: bad lines are skipped;
+    `.skipped` counts them and `.errors` keeps the first MAX_ERRORS_KEPT messages. `.read` counts the
+    trajectories yielded. An empty file (no trajectory at all) raises in both modes.
+    """
+
+    def __init__(self, path: str | Path, skip_bad: bool = False, batch_size: int = 16):
+        self.path = Path(path)
+        self.skip_bad = skip_bad
+        self.batch_size = batch_size  # Parquet rows decoded at a time
+        self.skipped = 0
+        self.read = 0
+        self.errors: list[str] = []
+        kind = file_format(self.path)
+        if not self.path.is_file():
+            raise TrajectoryError(f"{self.path}: no such file")
+        self._gen = self._jsonl() if kind == "jsonl" else self._parquet()
+
+    def __iter__(self) -> TrajectoryReader:
+        return self
+
+    def __next__(self) -> Trajectory:
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()
+
+    def __enter__(self) -> TrajectoryReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _bad(self, err: TrajectoryError) -> None:
+        if not self.skip_bad:
+            raise err
+        self.skipped += 1
+        if len(self.errors) < MAX_ERRORS_KEPT:
+            self.errors.append(str(err))
+
+    def _done(self, records: int) -> None:
+        if records == 0:
+            raise TrajectoryError(f"{self.path}: empty file (no trajectories)")
+        if self.skipped:
+            log.warning("%s: skipped %d bad trajectories (first: %s)", self.path, self.skipped, self.errors[0])
+
+    def _jsonl(self) -> Iterator[Trajectory]:
+        records = 0
+        with open(self.path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue  # blank lines are allowed (and not records)
+                records += 1
+                where = f"{self.path}:{line_no}"
+                try:
+                    try:
+                        d = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise TrajectoryError(f"{where}: invalid JSON: {err.msg} (column {err.colno})") from None
+                    traj = Trajectory.from_dict(d, where)
+                except TrajectoryError as err:
+                    self._bad(err)
+                    continue
+                self.read += 1
+                yield traj
+        self._done(records)
+
+    def _parquet(self) -> Iterator[Trajectory]:
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(self.path)
+        except Exception as err:  # pyarrow raises ArrowInvalid/OSError for a truncated or foreign file
+            raise TrajectoryError(f"{self.path}: not a readable Parquet file: {err}") from None
+        row_no = 0
+        with pf:
+            for batch in pf.iter_batches(batch_size=self.batch_size):
+                for row in batch.to_pylist():
+                    row_no += 1
+                    where = f"{self.path}:row {row_no}"
+                    try:
+                        traj = Trajectory.from_dict(_from_parquet_row(row, where), where)
+                    except TrajectoryError as err:
+                        self._bad(err)
+                        continue
+                    self.read += 1
+                    yield traj
+        self._done(row_no)
+
+
+def read_trajectories(path: str | Path, skip_bad: bool = False) -> TrajectoryReader:
+    """Stream the trajectories of a .jsonl/.json/.parquet file (see TrajectoryReader for skip_bad)."""
+    return TrajectoryReader(path, skip_bad=skip_bad)
+
+
+_TASK_ID = re.compile(r'"task_id"\s*:\s*("(?:[^"\\]|\\.)*")')
+
+
+def read_task_ids(path: str | Path) -> set[str]:
+    """The task ids already in a file, cheaply (for resuming a rollout); a missing file gives an empty set.
+
+    JSONL: a regex finds the first "task_id" key of each complete line (our writer puts it third, before any
+    nested object), so big lines are not parsed; a line cut short by a crash is not counted. Parquet: reads
+    only the task_id column.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return set()
+    ids: set[str] = set()
+    if file_format(path) == "parquet":
+        import pyarrow.parquet as pq
+
+        with pq.ParquetFile(path) as pf:
+            for batch in pf.iter_batches(columns=["task_id"], batch_size=65536):
+                ids.update(x for x in batch.column(0).to_pylist() if x is not None)
+        return ids
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                continue  # the last line of a crashed write
+            m = _TASK_ID.search(line)
+            if m:
+                ids.add(json.loads(m.group(1)))
+            elif line.strip():
+                try:
+                    task_id = json.loads(line).get("task_id")
+                except (json.JSONDecodeError, AttributeError):
+                    continue
+                if isinstance(task_id, str):
+                    ids.add(task_id)
+    return ids
+
+
+def count_trajectories(path: str | Path) -> int:
+    """Number of records (non-blank lines, or Parquet rows) without parsing them; 0 for a missing file."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    if file_format(path) == "parquet":
+        import pyarrow.parquet as pq
+
+        with pq.ParquetFile(path) as pf:
+            return pf.metadata.num_rows
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+# --- writing ---------------------------------------------------------------------------------------------
+
+class TrajectoryWriter:
+    """Write trajectories to .jsonl/.json or .parquet; a context manager. Every record is validated first.
+
+    JSONL: each record is one line, flushed as it is written, so a crash loses at most the line being
+    written; append=True continues the file (a last line cut short by a crash is dropped first, with a
+    warning).
+    Parquet: records are buffered into row groups (`row_group_size` rows, or fewer when they hold many
+    token ids) and written to `<path>.partial`, which replaces `path` on close(). close() also runs when the
+    `with` body raises, so the rows written so far are kept; a killed process leaves the previous `path`
+    intact (the .partial is then unreadable). Parquet files cannot be appended to in place: append=True
+    first streams the existing rows into the new file, then continues. For a long rollout that may be
+    killed, prefer JSONL.
+    """
+
+    def __init__(self, path: str | Path, append: bool = False, row_group_size: int = 512,
+                 row_group_tokens: int = 2_000_000):
+        self.path = Path(path)
+        self.kind = file_format(self.path)
+        self.append = append
+        self.row_group_size = row_group_size
+        self.row_group_tokens = row_group_tokens  # flush earlier when rows carry many token ids / top-k
+        self.count = 0  # records written by this writer (not counting rows carried over by append)
+        self._buffer: list[dict] = []
+        self._buffer_tokens = 0
+        self._closed = False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.kind == "jsonl":
+            if append and self.path.is_file():
+                _drop_partial_last_line(self.path)
+            self._file = open(self.path, "a" if append else "w", encoding="utf-8")
+        else:
+            self._open_parquet()
+
+    def _open_parquet(self) -> None:
+        import pyarrow.parquet as pq
+
+        self._schema = _parquet_schema()
+        self._partial = self.path.with_name(self.path.name + ".partial")
+        self._writer = pq.ParquetWriter(self._partial, self._schema, compression="zstd")
+        if self.append and self.path.is_file():
+            try:
+                with pq.ParquetFile(self.path) as old:
+                    if old.schema_arrow.equals(self._schema):
+                        for batch in old.iter_batches(batch_size=self.row_group_size):
+                            self._writer.write_batch(batch)
+                        return
+            except Exception as err:
+                self._writer.close()
+                self._partial.unlink(missing_ok=True)
+                raise TrajectoryError(f"{self.path}: cannot append, not a readable Parquet file: {err}") from None
+            # a foreign schema: carry the rows over through the validating reader
+            for traj in read_trajectories(self.path):
+                self._add(traj.to_dict())
+            self._flush()
+
+    def write(self, traj: Trajectory | dict) -> None:
+        if self._closed:
+            raise ValueError(f"{self.path}: writer is closed")
+        where = f"{self.path}: trajectory {self.count + 1}"
+        d = traj.to_dict() if isinstance(traj, Trajectory) else traj
+        validate(d, f"{where} (id={d.get('id')!r})" if isinstance(d, dict) else where)
+        if self.kind == "jsonl":
+            self._file.write(json.dumps(d, ensure_ascii=False, separators=(",", ":")) + "\n")
+            self._file.flush()
+        else:
+            self._add(d)
+        self.count += 1
+
+    def _add(self, d: dict) -> None:
+        self._buffer.append(_to_parquet_row(d))
+        self._buffer_tokens += sum(len(t.get("token_ids") or ()) * (1 + len((t.get("topk_ids") or [[]])[0]))
+                                   for t in d["turns"])
+        if len(self._buffer) >= self.row_group_size or self._buffer_tokens >= self.row_group_tokens:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buffer:
+            import pyarrow as pa
+
+            self._writer.write_table(pa.Table.from_pylist(self._buffer, schema=self._schema))
+            self._buffer, self._buffer_tokens = [], 0
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.kind == "jsonl":
+            self._file.close()
+            return
+        try:
+            self._flush()
+        finally:
+            self._writer.close()
+        os.replace(self._partial, self.path)
+
+    def __enter__(self) -> TrajectoryWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _drop_partial_last_line(path: Path) -> None:
+    """Before appending: a last line without its newline was cut by a crash unless it parses; fix either way."""
+    with open(path, "rb+") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        # find the start of the last line, reading backwards in blocks
+        pos, start = size, 0
+        while pos > 0:
+            step = min(65536, pos)
+            pos -= step
+            f.seek(pos)
+            block = f.read(step)
+            nl = block.rfind(b"\n")
+            if nl >= 0:
+                start = pos + nl + 1
+                break
+        f.seek(start)
+        last = f.read()
+        try:
+            json.loads(last)
+            f.seek(0, os.SEEK_END)
+            f.write(b"\n")  # a complete record that only lacks its newline
+        except ValueError:
+            log.warning("%s: dropping a last line cut short (%d bytes) before appending", path, size - start)
+            f.truncate(start)
