@@ -15,7 +15,7 @@ def list_envs() -> None:
 
     table = Table(title="raysad environments")
     for column in ("name", "gymnasium id", "agent format", "max steps", "metric", "offline data"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column in ("name", "gymnasium id"))
     metrics = {"alfworld": "success (won)", "hotpotqa": "EM (reward), F1", "webshop": "WebShop score"}
     sources = {"alfworld": "generated PDDL games (TextWorld)", "hotpotqa": "generated multi-hop corpus",
                "webshop": "generated product catalog"}
