@@ -84,6 +84,216 @@ def rollout(
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
 
+
+@app.command()
+def sft(
+    trajectories: Optional[str] = typer.Option(None, "--trajectories", help="Expert trajectories (.jsonl or .parquet), e.g. from `raysad rollout --policy expert`."),
+    model: Optional[str] = typer.Option(None, "--model", help="HF model directory to fine-tune, or a tiny size name (tiny-1m, tiny-5m, tiny-20m).", show_default="tiny-5m"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer directory.", show_default="the model's; for a size name, one trained on the trajectories"),
+    out: Optional[str] = typer.Option(None, "--out", help="Directory for the fine-tuned model + tokenizer.", show_default="runs/teacher"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the trajectories.", show_default="3"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps (0 = the epochs decide).", show_default="0"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (warm-up, then cosine decay).", show_default="1e-3"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Trajectories per optimizer step.", show_default="8"),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens kept per trajectory.", show_default="1024"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for init, data order and tokenizer.", show_default="0"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ...", show_default="cuda if available"),
+    experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment.", show_default="raysad"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Fine-tune a teacher on expert trajectories: cross-entropy on thought and action tokens only."""
+    from raysad.config import ConfigError
+    from raysad.sft import main
+
+    flags = {k: v for k, v in locals().items() if k not in ("config", "ConfigError", "main")}
+    try:
+        main(config, **flags)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+@app.command()
+def report(
+    experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment to compare.", show_default="raysad"),
+    group_by: Optional[str] = typer.Option(None, "--group-by", help="Comma-separated columns (method,student_size): one row per group, mean ± std over the rest (seeds)."),
+    sort_by: Optional[str] = typer.Option(None, "--sort-by", help="Metric or param to sort by.", show_default="eval/success_rate"),
+    ascending: Optional[bool] = typer.Option(None, "--ascending/--descending", help="Sort order.", show_default="descending"),
+    filter: Optional[str] = typer.Option(None, "--filter", help="MLflow search filter, e.g. \"tags.sweep = 'x'\" or \"params.env = 'webshop'\"."),
+    out: Optional[str] = typer.Option(None, "--out", help="Also write the table (all eval/ metrics, raw numbers) to a .csv or .json file."),
+    plots: Optional[str] = typer.Option(None, "--plots", help="Directory for PNG plots: Pareto front, lambda heat map, training curves."),
+    log: Optional[bool] = typer.Option(None, "--log/--no-log", help="Log the table and plots as artifacts of a `report` run.", show_default="log"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI.", show_default="$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Compare the evaluated runs of an experiment: a table (sorted, grouped) and plots, from MLflow."""
+    from raysad.config import ConfigError
+    from raysad.report import main
+
+    flags = {k: v for k, v in locals().items() if k not in ("config", "ConfigError", "main")}
+    try:
+        main(config, **flags)
+    except (ConfigError, ValueError) as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def distill(
+    trajectories: Optional[str] = typer.Option(None, "--trajectories", help="Teacher trajectories (.jsonl or .parquet) from `raysad rollout`."),
+    student: Optional[str] = typer.Option(None, "--student", help="Student: HF model directory, or a tiny size name (tiny-1m, tiny-5m, tiny-20m)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Online teacher (HF model directory, same tokenizer): full logits on each worker.", show_default="the top-k stored in the trajectories"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer directory (for a size-name student).", show_default="the student's, else the teacher's"),
+    method: Optional[str] = typer.Option(None, "--method", help="sad (λ_r·KD on thoughts + λ_a·KD on actions), token_kd (one KD on both) or sft (imitation CE).", show_default="sad"),
+    lambda_reason: Optional[float] = typer.Option(None, "--lambda-reason", help="SAD weight of the [REASON] (thought) tokens.", show_default="1.0"),
+    lambda_act: Optional[float] = typer.Option(None, "--lambda-act", help="SAD weight of the [ACT] (action) tokens.", show_default="1.0"),
+    divergence: Optional[str] = typer.Option(None, "--divergence", help="forward_kl, reverse_kl or jsd.", show_default="forward_kl"),
+    beta: Optional[float] = typer.Option(None, "--beta", help="Generalised JSD mixing weight (jsd only).", show_default="0.5"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Distillation temperature τ (loss × τ²).", show_default="1.0"),
+    ce_weight: Optional[float] = typer.Option(None, "--ce-weight", help="Extra cross-entropy on the teacher's tokens (sad, token_kd).", show_default="0"),
+    curriculum: Optional[bool] = typer.Option(None, "--curriculum/--no-curriculum", help="Order trajectories easy -> hard, unlocking more each epoch.", show_default="no-curriculum"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the trajectories.", show_default="1"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (0 = the epochs decide; more cycles the data).", show_default="0"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch: trajectories per optimizer step, all workers together.", show_default="8"),
+    micro_batch_size: Optional[int] = typer.Option(None, "--micro-batch-size", help="Trajectories per forward pass on a worker (gradient accumulation fills the batch).", show_default="4"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (warm-up, then cosine decay).", show_default="5e-4"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for init and data order.", show_default="0"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Ray Train workers (0 = run in this process, no Ray cluster).", show_default="1"),
+    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", help="GPUs per worker (0 = CPU with gloo).", show_default="0"),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="ddp, or fsdp (FSDP2, shards a student too big for one GPU).", show_default="ddp"),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Steps between checkpoints (one is also written at the end).", show_default="50"),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from the last checkpoint of the run in --out, or start again.", show_default="resume"),
+    out: Optional[str] = typer.Option(None, "--out", help="Directory for the student (HF model + tokenizer), train_log.jsonl and checkpoints.", show_default="runs/student"),
+    experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment.", show_default="raysad"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Distil a student from teacher trajectories on Ray Train (DDP/FSDP), with checkpoints and resume."""
+    from raysad.config import ConfigError
+    from raysad.distill import main
+
+    flags = {k: v for k, v in locals().items() if k not in ("config", "ConfigError", "main")}
+    try:
+        main(config, **flags)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+
+@app.command()
+def prune(
+    model: Optional[str] = typer.Option(None, "--model", help="HF model directory (model + tokenizer) to prune, e.g. a distilled student."),
+    out: Optional[str] = typer.Option(None, "--out", help="Directory for the pruned model + tokenizer.", show_default="runs/pruned"),
+    ratio: Optional[float] = typer.Option(None, "--ratio", help="Fraction of MLP channels and of attention heads to remove, same in every layer.", show_default="0.25"),
+    importance: Optional[str] = typer.Option(None, "--importance", help="magnitude (weights only) or taylor (|w·grad| on calibration trajectories).", show_default="magnitude"),
+    trajectories: Optional[str] = typer.Option(None, "--trajectories", help="Trajectories for calibration (taylor, perplexity) and recovery."),
+    calibration_batches: Optional[int] = typer.Option(None, "--calibration-batches", help="Batches of trajectories for taylor gradients and perplexity.", show_default="4"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Trajectories per calibration batch (and recovery step).", show_default="4"),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens kept per trajectory.", show_default="512"),
+    prune_heads: Optional[bool] = typer.Option(None, "--prune-heads/--keep-heads", help="Remove attention heads (GQA-aware).", show_default="prune"),
+    prune_mlp: Optional[bool] = typer.Option(None, "--prune-mlp/--keep-mlp", help="Remove MLP channels.", show_default="prune"),
+    round_to: Optional[int] = typer.Option(None, "--round-to", help="Keep MLP channel counts a multiple of this where possible.", show_default="8"),
+    recover_steps: Optional[int] = typer.Option(None, "--recover-steps", help="Distil the pruned model from the unpruned one for N steps afterwards (0 = no).", show_default="0"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the calibration draw.", show_default="0"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ...", show_default="cuda if available"),
+    experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment.", show_default="raysad"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Structured pruning: remove MLP channels and attention heads by importance; saves an ordinary HF model."""
+    from raysad.config import ConfigError
+    from raysad.prune import main
+
+    flags = {k: v for k, v in locals().items() if k not in ("config", "ConfigError", "main")}
+    try:
+        main(config, **flags)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+@app.command()
+def evaluate(
+    env: Optional[str] = typer.Option(None, "--env", help="alfworld, hotpotqa, webshop, or a registered gymnasium id.", show_default="webshop"),
+    split: Optional[str] = typer.Option(None, "--split", help="train, valid or test (held out).", show_default="test"),
+    data: Optional[str] = typer.Option(None, "--data", help="Real data path (default: the env's generated offline tasks)."),
+    episodes: Optional[int] = typer.Option(None, "--episodes", help="Play the first N tasks of the split.", show_default="all"),
+    num_tasks: Optional[int] = typer.Option(None, "--num-tasks", help="Tasks to generate (offline envs)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Step limit per episode.", show_default="the env's"),
+    policy: Optional[str] = typer.Option(None, "--policy", help="hf, vllm, openai (a model), expert (scripted upper bound) or random (≈0 baseline).", show_default="hf"),
+    model: Optional[str] = typer.Option(None, "--model", help="The evaluated model: HF directory (hf, vllm) or served model name (openai)."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer that counts thought tokens the policy did not report.", show_default="the model's (expert/random: words)"),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Teacher trajectories (.jsonl/.parquet): CoT match rate of the policy on their prefixes."),
+    few_shot: Optional[int] = typer.Option(None, "--few-shot", help="ReAct examples in the prompt.", show_default="0"),
+    topk: Optional[int] = typer.Option(None, "--topk", help="Keep top-k logprobs per generated token in the trajectories (0 = none).", show_default="0"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Token budget per thought and per action.", show_default="128"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature, 0 = greedy.", show_default="0"),
+    env_actors: Optional[int] = typer.Option(None, "--env-actors", help="Ray actors stepping environments.", show_default="2"),
+    envs_per_actor: Optional[int] = typer.Option(None, "--envs-per-actor", help="Environments per actor, batched into one engine request.", show_default="4"),
+    engines: Optional[int] = typer.Option(None, "--engines", help="Engine actors (one model copy each).", show_default="1"),
+    tensor_parallel: Optional[int] = typer.Option(None, "--tensor-parallel", help="vLLM tensor-parallel GPUs per engine.", show_default="1"),
+    method: Optional[str] = typer.Option(None, "--method", help="What the student is, for the report (sad, token_kd, sft, teacher).", show_default="<model>/raysad.json, or the policy for expert/random"),
+    student_size: Optional[str] = typer.Option(None, "--student-size", help="The student's size name, for the report.", show_default="<model>/raysad.json"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for env resets and sampling.", show_default="0"),
+    out: Optional[str] = typer.Option(None, "--out", help="Directory for trajectories.jsonl and eval.json; rerunning resumes it.", show_default="runs/eval"),
+    experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment.", show_default="raysad"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster ('auto' or host:port).", show_default="$RAY_ADDRESS, else a local Ray"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Evaluate a policy on a held-out split: success, score, EM/F1, CoT match, reasoning length, speed, size."""
+    from raysad.config import ConfigError
+    from raysad.evaluate import main
+
+    flags = {k: v for k, v in locals().items() if k not in ("config", "ConfigError", "main")}
+    try:
+        main(config, **flags)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def tune(
+    sweep: Path = typer.Argument(..., help="Sweep file, e.g. tune_configs/quickstart.yaml (see raysad/tune.py for its fields)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue the sweep in <storage>/<name> if one was interrupted, or start it again from nothing."),
+    experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment.", show_default="the sweep's name"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI.", show_default="$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Folder of sweeps: this one goes to <storage>/<name>.", show_default="runs/tune"),
+    max_concurrent_trials: Optional[int] = typer.Option(None, "--max-concurrent-trials", help="Trials at a time (0 = as resources allow)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster ('auto' or host:port).", show_default="$RAY_ADDRESS, else a local Ray"),
+) -> None:
+    """Sweep students and distillation settings with Ray Tune: distill -> prune -> evaluate per trial, one MLflow
+    run each under the sweep's run, then the `raysad report` table."""
+    from raysad.config import ConfigError
+    from raysad.tune import main
+
+    flags = {k: v for k, v in locals().items() if k not in ("sweep", "resume", "ConfigError", "main")}
+    try:
+        main(sweep, resume=resume, **flags)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+@app.command()
+def quickstart(
+    small: bool = typer.Option(False, "--small", help="The ~3-minute smoke version (one env, a few steps)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Directory for every stage's files.", show_default="runs/quickstart"),
+    envs: Optional[str] = typer.Option(None, "--env", help="Comma-separated envs.", show_default="hotpotqa,webshop,alfworld"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of every stage.", show_default="0"),
+    experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment.", show_default="quickstart"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI.", show_default="$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """The whole pipeline on embedded defaults, CPU only: generated tasks, expert trajectories, a tiny SFT
+    teacher, teacher rollouts with top-k on Ray actors, students distilled with sad / token_kd / sft on Ray
+    Train, evaluation on held-out tasks, report table and plots, all in MLflow. A rerun resumes."""
+    from raysad.config import ConfigError
+    from raysad.quickstart import main
+
+    try:
+        main(config, small=small, out=out, envs=envs, seed=seed, experiment=experiment, tracking_uri=tracking_uri)
+    except (ConfigError, ValueError) as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
 # --- commands end ---
 
 

@@ -238,10 +238,10 @@ class _ChunkedLoss(torch.autograd.Function):
             (dlogits,) = torch.autograd.grad(chunk_total, logits)
             del logits, div, ce, chunk_total  # free this chunk's graph before the next one
             if lm_head is None:
-                grad_x[b, t] = dlogits
+                grad_x[b, t] = dlogits.to(grad_x.dtype)
                 continue
-            if want_x:
-                grad_x[b, t] = dlogits @ lm_head
+            if want_x:  # under autocast the product may come out in another dtype than the hidden states
+                grad_x[b, t] = (dlogits @ lm_head).to(grad_x.dtype)
             if want_w and dlogits.dtype == torch.float32:
                 grad_w.addmm_(dlogits.T, x)
             elif want_w:  # low-precision weights: the product in their dtype, the running sum in float32

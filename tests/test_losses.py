@@ -395,3 +395,16 @@ def test_global_normalizers_make_split_batches_equal_the_whole_batch():
     kd_whole = token_kd_loss(logits, teacher, mask)
     kd_parts = sum(token_kd_loss(logits[s], teacher[s], mask[s], normalizer=n_u) for s in (slice(0, 2), slice(2, 4)))
     assert torch.allclose(kd_whole, kd_parts, atol=1e-6)
+
+
+def test_chunked_loss_under_autocast_bf16():
+    """Under autocast the lm_head product comes out in bf16 while hidden states stay float32: grads still flow."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    lm_head = torch.randn(13, 8, requires_grad=True)
+    teacher = torch.randn(2, 5, 13)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = token_kd_loss(HiddenStates(hidden, lm_head), teacher, mask)
+    loss.backward()
+    assert torch.isfinite(loss) and hidden.grad.dtype == torch.float32 and hidden.grad.abs().sum() > 0

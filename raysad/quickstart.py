@@ -1,0 +1,220 @@
+"""`raysad quickstart`: the whole pipeline on one machine, on embedded defaults, CPU only.
+
+  generated tasks -> expert trajectories (Ray actors) -> tokenizer + SFT of a tiny teacher
+  -> teacher rollouts with top-k log-probs (Ray actors, hf engine) -> students distilled with sad, token_kd
+  and sft (Ray Train) -> every model evaluated on held-out tasks -> report table + plots, all in MLflow.
+
+Every stage writes its files under --out and is skipped when a rerun finds them finished, so an interrupted
+quickstart continues where it stopped. `--small` is the smoke version the tests run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console()
+
+METHODS = ("sad", "token_kd", "sft")
+
+
+@dataclass
+class QuickstartConfig:
+    out: str = "runs/quickstart"
+    envs: list[str] = field(default_factory=lambda: ["hotpotqa", "webshop", "alfworld"])
+    expert_episodes: int = 120             # expert episodes per env (train split): the teacher's SFT data
+    teacher: str = "tiny-1m"               # size of the teacher fine-tuned on the expert's trajectories
+    teacher_steps: int = 240
+    teacher_lr: float = 3e-3
+    vocab_size: int = 2048
+    teacher_episodes: int = 40             # teacher rollouts per env (train split), top-k kept: the students' data
+    topk: int = 16
+    student: str = "derive:keep_every=2"   # a tiny size name, or derived from the teacher (every k-th layer)
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    lambda_reason: float = 1.0
+    lambda_act: float = 1.0
+    distill_steps: int = 120
+    distill_lr: float = 2e-3
+    eval_episodes: int = 12                # held-out test tasks per env and model
+    max_new_tokens: int = 48               # per thought / action
+    max_length: int = 768
+    seed: int = 0
+    experiment: str = "quickstart"
+    tracking_uri: str | None = None
+
+
+SMALL = dict(envs=["hotpotqa"], expert_episodes=24, teacher_steps=30, teacher_episodes=6, distill_steps=8,
+             eval_episodes=3, max_new_tokens=24, max_length=512, vocab_size=1024)
+
+
+def _stage(number: int, title: str) -> float:
+    console.rule(f"[bold]{number}. {title}")
+    return time.monotonic()
+
+
+def _done(began: float, what: str) -> None:
+    console.print(f"[green]done[/] in {time.monotonic() - began:.0f} s: {what}")
+
+
+def _merge(paths: list[Path], out: Path) -> Path:
+    """One trajectories file holding the episodes of every env (the teacher and students see all envs)."""
+    from raysad.trajectory import TrajectoryWriter, read_trajectories
+
+    if out.exists():
+        return out
+    partial = out.with_suffix(".partial.jsonl")
+    with TrajectoryWriter(partial) as writer:
+        for path in paths:
+            for traj in read_trajectories(path):
+                writer.write(traj)
+    partial.rename(out)
+    return out
+
+
+def build_student(cfg: QuickstartConfig, teacher_dir: Path, out: Path) -> tuple[str, str]:
+    """(student spec for distill, size label): a size name as is, or a model derived from the teacher."""
+    if not cfg.student.startswith("derive:"):
+        return cfg.student, cfg.student
+    from raysad import models
+
+    keep_every = int(dict(kv.split("=") for kv in cfg.student[len("derive:"):].split(","))["keep_every"])
+    if not (out / "config.json").exists():
+        student = models.derive_student(models.load_model(teacher_dir), keep_every=keep_every)
+        student.save_pretrained(out)
+        models.load_tokenizer(teacher_dir).save_pretrained(out)
+    label = f"{cfg.teacher}/{keep_every}"
+    return str(out), label
+
+
+def run_quickstart(cfg: QuickstartConfig) -> dict:
+    import ray
+
+    from raysad import tracking
+    from raysad.config import flatten
+    from raysad.distill import DistillConfig, run_distill
+    from raysad.evaluate import EvalConfig, run_evaluate
+    from raysad.report import ReportConfig, run_report
+    from raysad.rollout import RolloutConfig, run_rollout
+    from raysad.sft import SFTConfig, run_sft
+
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    uri = tracking.tracking_uri(cfg.tracking_uri)
+    began = time.monotonic()
+    console.print(f"[bold]raysad quickstart[/]: envs {', '.join(cfg.envs)}; files in {out}; MLflow {uri} "
+                  f"(experiment {cfg.experiment!r})")
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, configure_logging=False)
+    common = dict(experiment=cfg.experiment, tracking_uri=uri)
+    results: dict[str, dict] = {}
+    with tracking.start_run(cfg.experiment, "quickstart", flatten(cfg), tags={"stage": "quickstart"}, uri=uri):
+        t = _stage(1, "expert trajectories (generated tasks, Ray env actors)")
+        expert_files = []
+        for env in cfg.envs:
+            path = out / "data" / f"{env}_expert.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            run_rollout(RolloutConfig(env=env, split="train", policy="expert", episodes=cfg.expert_episodes,
+                                      out=str(path), only_success=True, seed=cfg.seed,
+                                      run_name=f"rollout-expert-{env}", **common))
+            expert_files.append(path)
+        expert_all = _merge(expert_files, out / "data" / "expert_all.jsonl")
+        _done(t, str(expert_all))
+
+        t = _stage(2, f"tokenizer + SFT of a {cfg.teacher} teacher on the expert trajectories")
+        teacher_dir = out / "teacher"
+        if not (teacher_dir / "config.json").exists():
+            run_sft(SFTConfig(trajectories=str(expert_all), model=cfg.teacher, out=str(teacher_dir),
+                              max_steps=cfg.teacher_steps, lr=cfg.teacher_lr, vocab_size=cfg.vocab_size,
+                              max_length=cfg.max_length, seed=cfg.seed, run_name="sft-teacher", **common))
+        _done(t, str(teacher_dir))
+
+        t = _stage(3, f"teacher rollouts with top-{cfg.topk} log-probs (Ray env actors + hf engine actor)")
+        teacher_files = []
+        for env in cfg.envs:
+            path = out / "data" / f"{env}_teacher.jsonl"
+            summary = run_rollout(RolloutConfig(
+                env=env, split="train", policy="hf", model=str(teacher_dir), episodes=cfg.teacher_episodes,
+                topk=cfg.topk, max_new_tokens=cfg.max_new_tokens, out=str(path), seed=cfg.seed,
+                env_actors=1, envs_per_actor=8, run_name=f"rollout-teacher-{env}", **common))
+            teacher_files.append(path)
+            console.print(f"teacher on {env} (train): success {summary.successes}/{max(summary.episodes, 1)}")
+        teacher_all = _merge(teacher_files, out / "data" / "teacher_all.jsonl")
+        _done(t, str(teacher_all))
+
+        t = _stage(4, f"students distilled with {', '.join(cfg.methods)} (Ray Train)")
+        student_spec, size = build_student(cfg, teacher_dir, out / "student_init")
+        students = {}
+        for method in cfg.methods:
+            student_dir = out / "students" / method
+            if not (student_dir / "config.json").exists():
+                run_distill(DistillConfig(
+                    trajectories=str(teacher_all), student=student_spec, tokenizer=str(teacher_dir),
+                    out=str(student_dir), method=method, lambda_reason=cfg.lambda_reason,
+                    lambda_act=cfg.lambda_act, max_steps=cfg.distill_steps, lr=cfg.distill_lr,
+                    max_length=cfg.max_length, seed=cfg.seed, workers=1, run_name=f"distill-{method}",
+                    **common))
+            students[method] = student_dir
+        _done(t, ", ".join(str(p) for p in students.values()))
+
+        t = _stage(5, f"evaluation on held-out test tasks ({cfg.eval_episodes} per env)")
+        models = {"teacher": teacher_dir, **students}
+        for name, model_dir in models.items():
+            for env in cfg.envs:
+                metrics = run_evaluate(EvalConfig(
+                    env=env, split="test", policy="hf", model=str(model_dir), episodes=cfg.eval_episodes,
+                    max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, out=str(out / "eval" / name / env),
+                    method=name, student_size=cfg.teacher if name == "teacher" else size,
+                    env_actors=1, envs_per_actor=8, run_name=f"evaluate-{name}-{env}", **common),
+                    progress=True)
+                results.setdefault(name, {})[env] = metrics
+        _done(t, str(out / "eval"))
+
+        t = _stage(6, "report")
+        report = run_report(ReportConfig(experiment=cfg.experiment, group_by=["method", "env"],
+                                         plots=str(out / "plots"), out=str(out / "report.csv"),
+                                         tracking_uri=uri))
+        params = {name: next(iter(per_env.values())).get("eval/params") for name, per_env in results.items()}
+        summary = {"results": results, "params": params, "seconds": time.monotonic() - began,
+                   "plots": [str(p) for p in report.plots]}
+        (out / "quickstart.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        _done(t, str(out / "report.csv"))
+    print_summary(cfg, results, params, time.monotonic() - began, out)
+    return summary
+
+
+def print_summary(cfg: QuickstartConfig, results: dict, params: dict, seconds: float, out: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title="quickstart: teacher vs students on held-out test tasks")
+    table.add_column("model")
+    table.add_column("params", justify="right")
+    for env in cfg.envs:
+        table.add_column(f"{env} success", justify="right")
+        table.add_column(f"{env} score", justify="right")
+    table.add_column("thought tokens/turn", justify="right")
+    for name, per_env in results.items():
+        row = [name, "-" if params.get(name) is None else f"{int(params[name]):,}"]
+        for env in cfg.envs:
+            m = per_env[env]
+            score = m.get("eval/f1") if env == "hotpotqa" else m.get("eval/score")
+            row += [f"{m['eval/success_rate']:.0%}", "-" if score is None else f"{score:.3f}"]
+        lengths = [m.get("eval/reasoning_tokens_per_turn") for m in per_env.values()]
+        lengths = [x for x in lengths if x is not None]
+        row.append(f"{sum(lengths) / len(lengths):.1f}" if lengths else "-")
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"finished in {seconds / 60:.1f} min. Plots: {out / 'plots'}; table: {out / 'report.csv'}.")
+    console.print(f"Compare the runs: [bold]mlflow ui --backend-store-uri "
+                  f"{(cfg.tracking_uri or 'sqlite:///mlflow.db')}[/] (experiment {cfg.experiment!r}).")
+
+
+def main(config_path: str | Path | None = None, small: bool = False, **flags) -> dict:
+    from raysad.config import build_config
+
+    overrides = {**(SMALL if small else {}), **{k: v for k, v in flags.items() if v is not None}}
+    cfg = build_config(QuickstartConfig, config_path, **overrides)
+    return run_quickstart(cfg)

