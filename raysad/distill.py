@@ -768,20 +768,6 @@ def _tracking_uri(config: DistillConfig) -> str:
     return uri
 
 
-def _init_ray(config: DistillConfig) -> None:
-    import logging
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = config.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        ray.init(num_cpus=config.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
-
-
 def prepare(config: DistillConfig) -> tuple[DistillConfig, dict]:
     """Check and encode everything on the driver (clear errors before any worker starts): the worker args."""
     config = _absolute(config)
@@ -852,9 +838,11 @@ def _fit(config: DistillConfig, args: dict):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from raysad.cluster import init_ray
+
     worker_args = {**args, "config": dataclasses.asdict(config)}
     if config.workers:
-        _init_ray(config)
+        init_ray(config.ray_address, config.num_cpus)
         worker_args["examples"] = ray.put(args["examples"])
     use_gpu = config.gpus_per_worker > 0
     resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if use_gpu else {})}

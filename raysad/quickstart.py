@@ -94,6 +94,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     import ray
 
     from raysad import tracking
+    from raysad.cluster import init_ray
     from raysad.config import flatten
     from raysad.distill import DistillConfig, run_distill
     from raysad.evaluate import EvalConfig, run_evaluate
@@ -107,8 +108,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     began = time.monotonic()
     console.print(f"[bold]raysad quickstart[/]: envs {', '.join(cfg.envs)}; files in {out}; MLflow {uri} "
                   f"(experiment {cfg.experiment!r})")
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False)
+    started_ray = init_ray()  # one Ray for every stage (they reuse a running one)
     common = dict(experiment=cfg.experiment, tracking_uri=uri)
     results: dict[str, dict] = {}
     with tracking.start_run(cfg.experiment, "quickstart", flatten(cfg), tags={"stage": "quickstart"}, uri=uri):
@@ -182,6 +182,8 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
                    "plots": [str(p) for p in report.plots]}
         (out / "quickstart.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         _done(t, str(out / "report.csv"))
+    if started_ray:
+        ray.shutdown()
     print_summary(cfg, results, params, time.monotonic() - began, out)
     return summary
 

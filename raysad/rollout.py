@@ -417,17 +417,10 @@ def finished_task_ids(out: str | Path) -> set[str]:
 
 
 def init_ray(cfg: RolloutConfig) -> bool:
-    """Join the cluster if one is named (config or $RAY_ADDRESS), else start a local Ray; True if started here.
-    A local Ray 2.5x+ generates its own auth token (~/.ray/auth_token); on a cluster the token must already be
-    where the head put it (`ray up` does this) or in $RAY_AUTH_TOKEN."""
-    if ray.is_initialized():
-        return False
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-        return False
-    ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
-    return True
+    """Join the cluster the config or $RAY_ADDRESS names, else start a local Ray; True if started here."""
+    from raysad.cluster import init_ray as connect
+
+    return connect(cfg.ray_address, cfg.num_cpus)
 
 
 def placement(cfg: RolloutConfig) -> tuple[float, float, float]:
