@@ -38,6 +38,16 @@ class Engine(Protocol):
         ...
 
 
+def call_settings(engine, stop, max_tokens, temperature, seed):
+    """One generate call's settings: the engine's defaults (`max_new_tokens`, `temperature`) where the call
+    gives none, and, for an engine built with a seed, one seed per call in call order (reproducible runs)."""
+    if seed is None and engine.seed is not None:
+        seed = engine.seed + engine.calls
+    engine.calls += 1
+    return ([s for s in (stop or []) if s], max_tokens or engine.max_new_tokens,
+            engine.temperature if temperature is None else temperature, seed)
+
+
 def cut_at_stop(tokenizer, token_ids: list[int], stop: list[str] | None,
                 close: bool = True) -> tuple[list[int], int, str, str]:
     """Token bookkeeping shared by engines: cut generated ids right after the first stop string.

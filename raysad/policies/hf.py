@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from raysad.policies.base import Generation, cut_at_stop
+from raysad.policies.base import Generation, call_settings, cut_at_stop
 
 
 class _StopOnStrings(StoppingCriteria):
@@ -66,12 +66,7 @@ class HFEngine:
     # ------------------------------------------------------------------------------------- generate ---
     def generate(self, prompts: list[str], stop: list[str] | None = None, max_tokens: int | None = None,
                  topk: int = 0, temperature: float | None = None, seed: int | None = None) -> list[Generation]:
-        stop = [s for s in (stop or []) if s]
-        max_tokens = max_tokens or self.max_new_tokens
-        temperature = self.temperature if temperature is None else temperature
-        if seed is None and self.seed is not None:  # reproducible run: one seed per call, in call order
-            seed = self.seed + self.calls
-        self.calls += 1
+        stop, max_tokens, temperature, seed = call_settings(self, stop, max_tokens, temperature, seed)
         out: list[Generation] = []
         for start in range(0, len(prompts), self.batch_size):
             out += self._generate_batch(prompts[start:start + self.batch_size], stop, max_tokens, topk,

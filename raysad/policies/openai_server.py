@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from raysad.policies.base import Generation, cut_at_stop
+from raysad.policies.base import Generation, call_settings, cut_at_stop
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 RETRY_STATUS = {429, 500, 502, 503, 504}
@@ -115,12 +115,7 @@ class OpenAIEngine:
     # ------------------------------------------------------------------------------------- generate ---
     def generate(self, prompts: list[str], stop: list[str] | None = None, max_tokens: int | None = None,
                  topk: int = 0, temperature: float | None = None, seed: int | None = None) -> list[Generation]:
-        stop = [s for s in (stop or []) if s]
-        max_tokens = max_tokens or self.max_new_tokens
-        temperature = self.temperature if temperature is None else temperature
-        if seed is None and self.seed is not None:  # reproducible run: one seed per call, in call order
-            seed = self.seed + self.calls
-        self.calls += 1
+        stop, max_tokens, temperature, seed = call_settings(self, stop, max_tokens, temperature, seed)
         if topk > 0 and self.tokenizer is None:
             raise ValueError("OpenAIEngine: top-k log-probs need the model's tokenizer (tokenizer=...)")
         out: list[Generation] = []

