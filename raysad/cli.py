@@ -90,18 +90,22 @@ def sft(
     trajectories: Optional[str] = typer.Option(None, "--trajectories", help="Expert trajectories (.jsonl or .parquet), e.g. from `raysad rollout --policy expert`."),
     model: Optional[str] = typer.Option(None, "--model", help="HF model directory to fine-tune, or a tiny size name (tiny-1m, tiny-5m, tiny-20m).", show_default="tiny-5m"),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer directory.", show_default="the model's; for a size name, one trained on the trajectories"),
-    out: Optional[str] = typer.Option(None, "--out", help="Directory for the fine-tuned model + tokenizer.", show_default="runs/teacher"),
+    out: Optional[str] = typer.Option(None, "--out", help="Directory for the fine-tuned model + tokenizer, train_log.jsonl and checkpoints (the same --out again resumes).", show_default="runs/teacher"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the trajectories.", show_default="3"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps (0 = the epochs decide).", show_default="0"),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (warm-up, then cosine decay).", show_default="1e-3"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Trajectories per optimizer step.", show_default="8"),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens kept per trajectory.", show_default="1024"),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for init, data order and tokenizer.", show_default="0"),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ...", show_default="cuda if available"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (one GPU per worker; choose GPUs with CUDA_VISIBLE_DEVICES).", show_default="cuda if available"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Ray Train workers (0 = train in this process, no Ray cluster).", show_default="0"),
     experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment.", show_default="raysad"),
     config: Optional[Path] = ConfigOpt,
 ) -> None:
-    """Fine-tune a teacher on expert trajectories: cross-entropy on thought and action tokens only."""
+    """Fine-tune a teacher on expert trajectories: cross-entropy on thought and action tokens only (the distill
+    trainer with --method sft: checkpoints, resume, MLflow metrics distill/* in a run named sft, a progress line
+    every 10 steps). A tiny size name starts from a seeded random init with a tokenizer trained on the
+    trajectories."""
     from raysad.config import ConfigError
     from raysad.sft import main
 
