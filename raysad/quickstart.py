@@ -28,10 +28,11 @@ class QuickstartConfig:
     envs: list[str] = field(default_factory=lambda: ["hotpotqa", "webshop", "alfworld"])
     expert_episodes: int = 120             # expert episodes per env (train split): the teacher's SFT data
     teacher: str = "tiny-1m"               # size of the teacher fine-tuned on the expert's trajectories
-    teacher_steps: int = 240
+    teacher_steps: int = 200
     teacher_lr: float = 3e-3
     vocab_size: int = 2048
-    teacher_episodes: int = 40             # teacher rollouts per env (train split), top-k kept: the students' data
+    teacher_episodes: int = 16             # teacher rollouts per env (train split), top-k kept: the students' data
+    max_steps: int = 8                     # step limit of the models' episodes (contexts grow with every step)
     topk: int = 16
     student: str = "derive:keep_every=2"   # a tiny size name, or derived from the teacher (every k-th layer)
     methods: list[str] = field(default_factory=lambda: list(METHODS))
@@ -39,8 +40,8 @@ class QuickstartConfig:
     lambda_act: float = 1.0
     distill_steps: int = 120
     distill_lr: float = 2e-3
-    eval_episodes: int = 12                # held-out test tasks per env and model
-    max_new_tokens: int = 48               # per thought / action
+    eval_episodes: int = 8                 # held-out test tasks per env and model
+    max_new_tokens: int = 32               # per thought / action
     max_length: int = 768
     seed: int = 0
     experiment: str = "quickstart"
@@ -48,7 +49,7 @@ class QuickstartConfig:
 
 
 SMALL = dict(envs=["hotpotqa"], expert_episodes=24, teacher_steps=30, teacher_episodes=6, distill_steps=8,
-             eval_episodes=3, max_new_tokens=24, max_length=512, vocab_size=1024)
+             eval_episodes=3, max_new_tokens=24, max_length=512, vocab_size=1024, max_steps=5)
 
 
 def _stage(number: int, title: str) -> float:
@@ -138,8 +139,8 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
             path = out / "data" / f"{env}_teacher.jsonl"
             summary = run_rollout(RolloutConfig(
                 env=env, split="train", policy="hf", model=str(teacher_dir), episodes=cfg.teacher_episodes,
-                topk=cfg.topk, max_new_tokens=cfg.max_new_tokens, out=str(path), seed=cfg.seed,
-                env_actors=1, envs_per_actor=8, run_name=f"rollout-teacher-{env}", **common))
+                topk=cfg.topk, max_new_tokens=cfg.max_new_tokens, max_steps=cfg.max_steps, out=str(path),
+                seed=cfg.seed, env_actors=1, envs_per_actor=8, run_name=f"rollout-teacher-{env}", **common))
             teacher_files.append(path)
             console.print(f"teacher on {env} (train): success {summary.successes}/{max(summary.episodes, 1)}")
         teacher_all = _merge(teacher_files, out / "data" / "teacher_all.jsonl")
@@ -166,7 +167,8 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
             for env in cfg.envs:
                 metrics = run_evaluate(EvalConfig(
                     env=env, split="test", policy="hf", model=str(model_dir), episodes=cfg.eval_episodes,
-                    max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, out=str(out / "eval" / name / env),
+                    max_new_tokens=cfg.max_new_tokens, max_steps=cfg.max_steps, seed=cfg.seed,
+                    out=str(out / "eval" / name / env),
                     method=name, student_size=cfg.teacher if name == "teacher" else size,
                     env_actors=1, envs_per_actor=8, run_name=f"evaluate-{name}-{env}", **common),
                     progress=True)
