@@ -18,5 +18,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
         return False
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    # "local": always a fresh Ray of our own, never another user's that happens to run on this machine
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     return True
+
+
+def check_custom_resources(field: str, resources: dict[str, float]) -> None:
+    """Custom resources that pin actors or workers to a node type (cluster.yaml's `teacher_engine`, `trainer`):
+    names other than Ray's own CPU/GPU/memory (those have their own fields), amounts >= 0."""
+    builtin = {"CPU", "GPU", "memory", "object_store_memory"}
+    for name, amount in resources.items():
+        if name in builtin:
+            raise ValueError(f"field '{field}': {name} has its own field (cpus_/gpus_...); give custom resources "
+                             f"here, e.g. teacher_engine=1")
+        if amount < 0:
+            raise ValueError(f"field '{field}': {name} must be >= 0, got {amount}")

@@ -1,17 +1,19 @@
-"""Supervised fine-tuning of a teacher on expert trajectories (`raysad sft`): one process, plain torch.
+"""Supervised fine-tuning of a teacher on expert trajectories (`raysad sft`).
 
-Cross-entropy on the [REASON] and [ACT] tokens only (masks from raysad.segments), AdamW, warm-up + cosine
-schedule, gradient clipping, right-padded batches. The data pieces (encoding, collation, schedule) are the
-distill stage's, so a teacher fine-tuned here sees its data exactly as a student distilled there does.
-The result is an HF directory (model + tokenizer) that every engine loads.
+The distillation trainer with method "sft" (cross-entropy on the [REASON] and [ACT] tokens only, see
+raysad.distill): the same data pieces, schedule, checkpoints/resume, Ray Train workers and MLflow metrics
+(`distill/loss`, `distill/reason_loss`, ...; the run is named "sft"). What this stage adds is the start:
+for a tiny size name it trains a tokenizer on the trajectories' text (unless --tokenizer is given) and
+writes the randomly initialised model with that tokenizer to `<out>/checkpoints/init/<size>`, an ordinary
+HF directory that distill then trains. The result in `out` is an HF directory (model + tokenizer) that
+every engine loads.
 
     from raysad.sft import SFTConfig, run_sft
     run_sft(SFTConfig(trajectories="expert.jsonl", model="tiny-5m", out="runs/teacher"))
 """
 from __future__ import annotations
 
-import math
-import random
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -31,12 +33,13 @@ class SFTConfig:
     warmup_steps: int = 10
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0                 # 0 = no clipping
     batch_size: int = 8
     max_length: int = 1024                 # tokens per trajectory (longer ones are cut by encode_trajectory)
     vocab_size: int = 4096                 # when a tokenizer is trained here
     seed: int = 0
-    device: str | None = None              # default: cuda if available
+    device: str | None = None              # cpu or cuda (one GPU per worker); default: cuda if available
+    workers: int = 0                       # 0 = train in this process; >= 1 = Ray Train workers
     experiment: str = "raysad"             # MLflow experiment
     run_name: str = "sft"
     tracking_uri: str | None = None        # default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
@@ -77,110 +80,69 @@ def _format_name(env: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------- training --
-def load_model_and_tokenizer(config: SFTConfig):
-    """(model, tokenizer) for training, float32 on the config's device."""
+def build_init(config: SFTConfig) -> Path:
+    """The tiny model named by config.model, randomly initialised (seeded) with its tokenizer, as an HF dir
+    `<out>/checkpoints/init/<size>`: next to distill's checkpoints, named like the size (distill tags it as
+    student_size), and at a fixed path, so a rerun resumes the same run. The tokenizer is --tokenizer's, or
+    one trained on the trajectories' text (deterministic, so a rerun rebuilds the same one)."""
     from raysad import models
+    from raysad.distill import RUN_NAME, latest_checkpoint
 
-    device = config.device or models.default_device()
-    if Path(config.model).is_dir():
-        tokenizer = models.load_tokenizer(config.tokenizer or config.model)
-        model = models.load_model(config.model, dtype="float32", device=device)
-    elif config.model in models.TINY_SIZES:
-        if config.tokenizer:
-            tokenizer = models.load_tokenizer(config.tokenizer)
-        else:
-            tokenizer = train_tokenizer_from_trajectories(config.trajectories, vocab_size=config.vocab_size)
-        model = models.build_tiny_model(config.model, tokenizer, seed=config.seed).to(device)
-    else:
-        raise ValueError(f"--model {config.model!r}: neither a model directory nor a tiny size name "
-                         f"({', '.join(models.TINY_SIZES)})")
-    return model, tokenizer
+    out = Path(config.out) / "checkpoints" / "init" / config.model
+    tokenizer = (models.load_tokenizer(config.tokenizer) if config.tokenizer else
+                 train_tokenizer_from_trajectories(config.trajectories, vocab_size=config.vocab_size))
+    run_dir = Path(config.out) / "checkpoints" / RUN_NAME
+    if ((out / "tokenizer.json").is_file() and latest_checkpoint(run_dir) is not None
+            and models.load_tokenizer(out).get_vocab() != tokenizer.get_vocab()):
+        raise ValueError(f"--out {config.out}: its checkpoints were trained with another tokenizer (vocab_size or "
+                         f"--tokenizer changed): use another --out, or delete {run_dir} to start again")
+    models.save_tokenizer(tokenizer, out)
+    return models.init_model_dir(config.model, out, out, seed=config.seed)
+
+
+def gpus_per_worker(config: SFTConfig) -> float:
+    """--device as distill's gpus_per_worker: cpu -> 0, cuda -> 1, default: 1 if this machine has CUDA."""
+    import torch
+
+    if config.device not in (None, "cpu", "cuda"):
+        raise ValueError(f"--device {config.device!r}: use cpu or cuda (pick GPUs with CUDA_VISIBLE_DEVICES)")
+    if config.device == "cuda" and not config.workers and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible to this process")
+    if config.device is None:
+        return 1.0 if torch.cuda.is_available() else 0.0
+    return 1.0 if config.device == "cuda" else 0.0
+
+
+def distill_config(config: SFTConfig, progress: bool = True):
+    """The DistillConfig that runs this fine-tuning (method sft), student = config.model as given."""
+    from raysad.distill import DistillConfig
+
+    return DistillConfig(
+        method="sft", student=config.model, tokenizer=config.tokenizer, trajectories=config.trajectories,
+        out=config.out, epochs=config.epochs, max_steps=config.max_steps, lr=config.lr,
+        min_lr_ratio=config.min_lr_ratio, warmup_steps=config.warmup_steps, schedule=config.schedule,
+        weight_decay=config.weight_decay, max_grad_norm=config.grad_clip, batch_size=config.batch_size,
+        micro_batch_size=config.batch_size, max_length=config.max_length, seed=config.seed,
+        workers=config.workers, gpus_per_worker=gpus_per_worker(config),
+        log_every=10 if progress else 10**9,  # without progress: the first and the last step's lines only
+        experiment=config.experiment, run_name=config.run_name, tracking_uri=config.tracking_uri)
 
 
 def run_sft(config: SFTConfig, track: bool = True, progress: bool = True) -> Path:
-    """Fine-tune, save model + tokenizer to config.out, return that path. Logs to MLflow when `track`."""
-    if not track:
-        return _train(config, progress, log=lambda metrics, step=None: None)
-    from raysad import tracking
-    from raysad.config import flatten
+    """Fine-tune with raysad.distill (method sft), save model + tokenizer to config.out, return that path.
+    Logs to MLflow when `track`; prints a progress line every 10 steps when `progress`."""
+    from raysad.distill import run_distill
+    from raysad.models import TINY_SIZES
 
-    with tracking.start_run(config.experiment, config.run_name, flatten(config), uri=config.tracking_uri,
-                            tags={"stage": "sft"}):
-        return _train(config, progress, log=tracking.log_metrics)
-
-
-def _train(config: SFTConfig, progress: bool, log) -> Path:
-    import torch
-
-    from raysad.distill import collate, load_examples, lr_at
-    from raysad.losses import ce_loss
-    from raysad.models import parameter_count, save_tokenizer
-
-    random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    model, tokenizer = load_model_and_tokenizer(config)
-    examples = load_examples(config, tokenizer)
-    device = next(model.parameters()).device
-    order_rng = random.Random(config.seed)
-    batches = []
-    for _ in range(config.epochs):
-        order = list(range(len(examples)))
-        order_rng.shuffle(order)
-        batches += [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-    if config.max_steps:
-        batches = (batches * math.ceil(config.max_steps / max(len(batches), 1)))[:config.max_steps]
-    total = len(batches)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                  betas=(0.9, 0.95))
-    log({"sft/params": parameter_count(model), "sft/examples": len(examples)})
-    model.train()
-    losses = []
-    with _progress(progress, total, "sft") as advance:
-        for step, batch_ids in enumerate(batches):
-            batch = collate([examples[i] for i in batch_ids], tokenizer.pad_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            lr = lr_at(step, total, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-            mask = batch["reason_mask"] | batch["act_mask"]
-            loss = ce_loss(logits, batch["labels"], mask)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            losses.append(loss.item())
-            log({"sft/loss": losses[-1], "sft/lr": lr, "sft/grad_norm": float(grad_norm),
-                 "sft/tokens": int(mask.sum())}, step=step)
-            advance(f"loss {losses[-1]:.3f}")
-    model.eval()
-    out = Path(config.out)
-    model.save_pretrained(out)
-    save_tokenizer(tokenizer, out)
-    log({"sft/final_loss": sum(losses[-5:]) / max(len(losses[-5:]), 1), "sft/steps": total})
-    return out
-
-
-class _progress:
-    """A rich progress bar (or nothing): `advance(description)` once per step."""
-
-    def __init__(self, enabled: bool, total: int, name: str):
-        self.enabled, self.total, self.name = enabled, total, name
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda text="": None
-        from rich.progress import Progress
-
-        self.bar = Progress(transient=False)
-        self.bar.start()
-        task = self.bar.add_task(self.name, total=self.total)
-        return lambda text="": self.bar.update(task, advance=1, description=f"{self.name} {text}")
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.bar.stop()
-        return False
+    if not Path(config.trajectories).is_file():
+        raise ValueError(f"--trajectories {config.trajectories}: file not found")
+    if not Path(config.model).is_dir() and config.model not in TINY_SIZES:
+        raise ValueError(f"--model {config.model}: neither a model directory nor a tiny size name "
+                         f"({', '.join(TINY_SIZES)})")
+    distill = distill_config(config, progress)  # checks the fields before a tokenizer is trained
+    if config.model in TINY_SIZES and not Path(config.model).is_dir():
+        distill = dataclasses.replace(distill, student=str(build_init(config)), tokenizer=None)
+    return run_distill(distill, track=track).out
 
 
 def main(config_path: str | Path | None = None, **flags: Any) -> Path:
@@ -190,13 +152,6 @@ def main(config_path: str | Path | None = None, **flags: Any) -> Path:
     from raysad.config import build_config
 
     config = build_config(SFTConfig, config_path, **flags)
-    if not Path(config.trajectories).is_file():
-        raise ValueError(f"--trajectories {config.trajectories}: file not found")
-    from raysad.models import TINY_SIZES
-
-    if not Path(config.model).is_dir() and config.model not in TINY_SIZES:
-        raise ValueError(f"--model {config.model}: neither a model directory nor a tiny size name "
-                         f"({', '.join(TINY_SIZES)})")
     out = run_sft(config)
     Console().print(f"[green]sft[/green]: fine-tuned model and tokenizer saved to [bold]{out}[/bold]")
     return out

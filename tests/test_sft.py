@@ -1,8 +1,12 @@
-"""raysad.sft: teacher fine-tuning on a handful of hand-written expert trajectories."""
+"""raysad.sft: teacher fine-tuning (the distill trainer, method sft) on a handful of hand-written expert
+trajectories."""
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from raysad import models
@@ -34,10 +38,14 @@ def data(tmp_path_factory):
 
 
 def act_loss(model_dir, data_path) -> float:
-    """Mean CE of the saved model on the reason+act tokens of the data (independent of the training loop)."""
+    """Mean CE of a saved model on the reason+act tokens of the data (independent of the training loop),
+    loaded the plain Hugging Face way."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from raysad.trajectory import read_trajectories
 
-    model, tok = models.load_model(model_dir, device="cpu"), models.load_tokenizer(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     total, count = 0.0, 0
     for traj in read_trajectories(data_path):
         ex = encode_trajectory(traj, tok, get_format("hotpotqa"))
@@ -50,29 +58,40 @@ def act_loss(model_dir, data_path) -> float:
     return total / count
 
 
-def test_sft_loss_decreases_and_model_reloads(tmp_path, data):
-    base = dict(trajectories=str(data), model="tiny-1m", vocab_size=300, batch_size=3, lr=5e-3,
-                warmup_steps=2, seed=0, device="cpu")
-    before = run_sft(SFTConfig(**dict(base, lr=0.0), out=str(tmp_path / "m0"), max_steps=1), track=False,
-                     progress=False)
+BASE = dict(model="tiny-1m", vocab_size=300, batch_size=3, lr=5e-3, warmup_steps=2, seed=0, device="cpu")
+
+
+def test_sft_loss_decreases_and_model_reloads(tmp_path, data, capfd):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    out = run_sft(SFTConfig(**base, out=str(tmp_path / "m"), epochs=8, tracking_uri=uri, experiment="t"),
-                  progress=False)
-    assert act_loss(out, data) < 0.7 * act_loss(before, data)
+    out = run_sft(SFTConfig(**BASE, trajectories=str(data), out=str(tmp_path / "m"), epochs=8, tracking_uri=uri,
+                            experiment="t"))
+    # the random init it started from is kept beside the checkpoints: training cut the loss on the data
+    init = tmp_path / "m" / "checkpoints" / "init" / "tiny-1m"
+    assert act_loss(out, data) < 0.7 * act_loss(init, data)
+    assert "distill step 10/16" in capfd.readouterr().out  # a progress line every 10 steps
+
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 16  # 6 trajectories / batch 3 = 2 steps per epoch, 8 epochs
+    assert sum(x["loss"] for x in log[-4:]) < 0.75 * sum(x["loss"] for x in log[:4])
 
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     run = client.search_runs([client.get_experiment_by_name("t").experiment_id])[0]
-    history = [m.value for m in client.get_metric_history(run.info.run_id, "sft/loss")]
-    assert len(history) == 16  # 6 trajectories / batch 3 = 2 steps per epoch, 8 epochs
-    assert sum(history[-4:]) < 0.75 * sum(history[:4])
-    assert run.data.params["model"] == "tiny-1m"
+    assert run.info.run_name == "sft" and run.data.tags["method"] == "sft"
+    assert run.data.tags["student_size"] == "tiny-1m" and run.data.params["method"] == "sft"
+    history = [m.value for m in client.get_metric_history(run.info.run_id, "distill/loss")]
+    assert history == pytest.approx([x["loss"] for x in log])
+
+    # the same --out resumes its run; with another tokenizer it cannot, and says so before training
+    with pytest.raises(ValueError, match="another tokenizer"):
+        run_sft(SFTConfig(**dict(BASE, vocab_size=280), trajectories=str(data), out=str(out), epochs=8), track=False)
 
     # the saved directory is a normal HF model + tokenizer: fine-tune it again from there
-    again = run_sft(SFTConfig(**dict(base, model=str(out)), out=str(tmp_path / "m2"), max_steps=1), track=False,
-                    progress=False)
+    again = run_sft(SFTConfig(**dict(BASE, model=str(out)), trajectories=str(data), out=str(tmp_path / "m2"),
+                              max_steps=1), track=False, progress=False)
     assert models.load_tokenizer(again).get_vocab() == models.load_tokenizer(out).get_vocab()
+    assert not (again / "checkpoints" / "init").exists()  # a model directory needs no init
 
 
 def test_tokenizer_from_trajectories_covers_their_text(tmp_path, data):
@@ -83,9 +102,38 @@ def test_tokenizer_from_trajectories_covers_their_text(tmp_path, data):
     assert len(tok.encode(text)) < 0.75 * len(text)  # merges learnt from the trajectories' phrases
 
 
+def test_cli_sft_trains_from_yaml_and_flags(tmp_path, data):
+    """A tiny size name with a given tokenizer: the model gets that tokenizer (none is trained here)."""
+    train_tokenizer_from_trajectories(data, vocab_size=280, out_dir=tmp_path / "tok")
+    config = tmp_path / "sft.yaml"
+    config.write_text(yaml.safe_dump({"trajectories": str(data), "model": "tiny-1m", "batch_size": 3,
+                                      "max_length": 128, "tokenizer": str(tmp_path / "tok")}))
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    result = CliRunner().invoke(app, ["sft", "--config", str(config), "--max-steps", "2", "--device", "cpu",
+                                      "--out", str(tmp_path / "m"), "--experiment", "cli"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "saved to" in result.output and (tmp_path / "m" / "config.json").is_file()
+    assert len((tmp_path / "m" / "train_log.jsonl").read_text().splitlines()) == 2
+    assert models.load_tokenizer(tmp_path / "m").get_vocab() == models.load_tokenizer(tmp_path / "tok").get_vocab()
+
+
 def test_cli_sft_errors_name_the_problem(tmp_path, data):
     result = CliRunner().invoke(app, ["sft", "--trajectories", str(tmp_path / "missing.jsonl")])
     assert result.exit_code == 2 and "missing.jsonl" in result.output
     result = CliRunner().invoke(app, ["sft", "--trajectories", str(data), "--model", "tiny-7m"])
     assert result.exit_code == 2 and "tiny-7m" in result.output and "tiny-5m" in result.output
+    result = CliRunner().invoke(app, ["sft", "--trajectories", str(data), "--model", "tiny-1m", "--device", "cuda:1",
+                                      "--out", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "cuda:1" in result.output
+    result = CliRunner().invoke(app, ["sft", "--trajectories", str(data), "--model", "tiny-1m", "--workers", "-1",
+                                      "--out", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "workers" in result.output
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_sft_on_ray_train_workers(tmp_path, data):
+    out = run_sft(SFTConfig(**BASE, trajectories=str(data), out=str(tmp_path / "m"), max_steps=4, workers=2),
+                  track=False, progress=False)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 4 and (out / "config.json").is_file()
