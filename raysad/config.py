@@ -45,9 +45,14 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         item = args[0] if args else Any
         return origin(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is dict or annotation is dict:
+        if isinstance(value, str):  # from a flag: k=v,k=v
+            value = _parse_mapping(value, where)
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
-        return dict(value)
+        if len(args) != 2:
+            return dict(value)
+        return {_coerce(k, args[0], f"{where}[{k!r}]"): _coerce(v, args[1], f"{where}[{k!r}]")
+                for k, v in value.items()}
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -71,6 +76,22 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation is Path:
         return Path(value)
     return value
+
+
+def _parse_mapping(text: str, where: str) -> dict[str, Any]:
+    """`k=v,k=v` as a dict; each value read as a YAML scalar (4096 -> int, true -> bool, else the text)."""
+    mapping: dict[str, Any] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{where}: expected key=value[,key=value...], got {text!r}")
+        try:
+            mapping[key.strip()] = yaml.safe_load(value.strip())
+        except yaml.YAMLError:
+            mapping[key.strip()] = value.strip()
+    return mapping
 
 
 def build_config(cls: type[C], yaml_path: str | Path | None = None, **overrides: Any) -> C:

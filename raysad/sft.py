@@ -118,7 +118,7 @@ def distill_config(config: SFTConfig, progress: bool = True):
     from raysad.distill import DistillConfig
 
     return DistillConfig(
-        method="sft", student=config.model, tokenizer=config.tokenizer, trajectories=config.trajectories,
+        method="sft", stage="sft", student=config.model, tokenizer=config.tokenizer, trajectories=config.trajectories,
         out=config.out, epochs=config.epochs, max_steps=config.max_steps, lr=config.lr,
         min_lr_ratio=config.min_lr_ratio, warmup_steps=config.warmup_steps, schedule=config.schedule,
         weight_decay=config.weight_decay, max_grad_norm=config.grad_clip, batch_size=config.batch_size,

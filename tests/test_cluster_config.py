@@ -114,3 +114,29 @@ def test_every_command_is_valid_bash(cluster):
         # the autoscaler runs each command through `bash -c`; -n parses without running
         result = subprocess.run(["bash", "-n", "-c", cmd], capture_output=True, text=True)
         assert result.returncode == 0, f"{shlex.quote(cmd)}: {result.stderr}"
+
+
+def test_pinning_flags_in_the_docs_parse_and_name_resources_the_node_types_offer(cluster):
+    """The example commands (cluster.yaml's comments, docs/cluster.md) pin work by custom resources: each parses
+    into its config field and names only resources some node type has."""
+    from raysad.config import ConfigError, build_config
+    from raysad.distill import DistillConfig
+    from raysad.rollout import RolloutConfig
+
+    text = (ROOT / "cluster.yaml").read_text() + (ROOT / "docs" / "cluster.md").read_text()
+    offered = {name for node in cluster["available_node_types"].values() for name in node["resources"]}
+    found = re.findall(r"--(engine-resources|env-actor-resources|worker-resources)[ =](\w+=[\d.]+(?:,\w+=[\d.]+)*)",
+                       text)
+    assert {flag for flag, _ in found} >= {"engine-resources", "worker-resources"}
+    for flag, value in found:
+        field = flag.replace("-", "_")
+        if field == "worker_resources":
+            cfg = build_config(DistillConfig, trajectories="t.jsonl", student="tiny-1m", **{field: value})
+        else:
+            cfg = build_config(RolloutConfig, **{field: value})
+        asked = getattr(cfg, field)
+        assert asked and set(asked) <= offered and all(v > 0 for v in asked.values()), (flag, value)
+    with pytest.raises(ConfigError, match="engine_resources.*key=value"):
+        build_config(RolloutConfig, engine_resources="teacher_engine")
+    with pytest.raises(ValueError, match="GPU has its own field"):
+        RolloutConfig(engine_resources={"GPU": 1})

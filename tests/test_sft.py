@@ -78,7 +78,7 @@ def test_sft_loss_decreases_and_model_reloads(tmp_path, data, capfd):
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     run = client.search_runs([client.get_experiment_by_name("t").experiment_id])[0]
-    assert run.info.run_name == "sft" and run.data.tags["method"] == "sft"
+    assert run.info.run_name == "sft" and run.data.tags["method"] == "sft" and run.data.tags["stage"] == "sft"
     assert run.data.tags["student_size"] == "tiny-1m" and run.data.params["method"] == "sft"
     history = [m.value for m in client.get_metric_history(run.info.run_id, "distill/loss")]
     assert history == pytest.approx([x["loss"] for x in log])
