@@ -196,16 +196,15 @@ def print_summary(cfg: QuickstartConfig, results: dict, params: dict, seconds: f
     table = Table(title="quickstart: teacher vs students on held-out test tasks")
     table.add_column("model")
     table.add_column("params", justify="right")
-    for env in cfg.envs:
-        table.add_column(f"{env} success", justify="right")
-        table.add_column(f"{env} score", justify="right")
-    table.add_column("thought tokens/turn", justify="right")
+    for env in cfg.envs:  # one column per env keeps the table readable in 80 columns
+        table.add_column(f"{env}\nsuccess / {'F1' if env == 'hotpotqa' else 'score'}", justify="right")
+    table.add_column("thought\ntok/turn", justify="right")
     for name, per_env in results.items():
         row = [name, "-" if params.get(name) is None else f"{int(params[name]):,}"]
         for env in cfg.envs:
             m = per_env[env]
             score = m.get("eval/f1") if env == "hotpotqa" else m.get("eval/score")
-            row += [f"{m['eval/success_rate']:.0%}", "-" if score is None else f"{score:.3f}"]
+            row.append(f"{m['eval/success_rate']:.0%} / " + ("-" if score is None else f"{score:.2f}"))
         lengths = [m.get("eval/reasoning_tokens_per_turn") for m in per_env.values()]
         lengths = [x for x in lengths if x is not None]
         row.append(f"{sum(lengths) / len(lengths):.1f}" if lengths else "-")
