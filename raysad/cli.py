@@ -19,6 +19,18 @@ app.add_typer(envs_app, name="envs")
 
 ConfigOpt = typer.Option(None, "--config", help="YAML file with any of this command's flags (flags win).")
 
+
+def run_stage(main, *args, **flags) -> None:
+    """Run a stage's `main`; bad input (a config value, a flag, a missing file) exits 2 with its message,
+    which names the file and field, instead of a traceback."""
+    from raysad.config import ConfigError
+
+    try:
+        main(*args, **flags)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
 # --- commands start (each helper adds its command below this line, keep edits small) ---
 
 
@@ -76,15 +88,10 @@ def rollout(
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Play environment episodes with a teacher on a Ray actor pool and write trajectories (resumable)."""
-    from raysad.config import ConfigError
     from raysad.rollout import main
 
-    flags = {k: v for k, v in locals().items() if k not in ("config", "ConfigError", "main")}
-    try:
-        main(config, **flags)
-    except (ConfigError, ValueError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+    flags = {k: v for k, v in locals().items() if k not in ("config", "main")}
+    run_stage(main, config, **flags)
 
 
 @app.command()
@@ -108,15 +115,10 @@ def sft(
     trainer with --method sft: checkpoints, resume, MLflow metrics distill/* in a run named sft, a progress line
     every 10 steps). A tiny size name starts from a seeded random init with a tokenizer trained on the
     trajectories."""
-    from raysad.config import ConfigError
     from raysad.sft import main
 
-    flags = {k: v for k, v in locals().items() if k not in ("config", "ConfigError", "main")}
-    try:
-        main(config, **flags)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+    flags = {k: v for k, v in locals().items() if k not in ("config", "main")}
+    run_stage(main, config, **flags)
 
 @app.command()
 def report(
@@ -132,15 +134,10 @@ def report(
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Compare the evaluated runs of an experiment: a table (sorted, grouped) and plots, from MLflow."""
-    from raysad.config import ConfigError
     from raysad.report import main
 
-    flags = {k: v for k, v in locals().items() if k not in ("config", "ConfigError", "main")}
-    try:
-        main(config, **flags)
-    except (ConfigError, ValueError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+    flags = {k: v for k, v in locals().items() if k not in ("config", "main")}
+    run_stage(main, config, **flags)
 
 
 @app.command()
@@ -174,15 +171,10 @@ def distill(
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Distil a student from teacher trajectories on Ray Train (DDP/FSDP), with checkpoints and resume."""
-    from raysad.config import ConfigError
     from raysad.distill import main
 
-    flags = {k: v for k, v in locals().items() if k not in ("config", "ConfigError", "main")}
-    try:
-        main(config, **flags)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+    flags = {k: v for k, v in locals().items() if k not in ("config", "main")}
+    run_stage(main, config, **flags)
 
 
 
@@ -206,15 +198,10 @@ def prune(
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Structured pruning: remove MLP channels and attention heads by importance; saves an ordinary HF model."""
-    from raysad.config import ConfigError
     from raysad.prune import main
 
-    flags = {k: v for k, v in locals().items() if k not in ("config", "ConfigError", "main")}
-    try:
-        main(config, **flags)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+    flags = {k: v for k, v in locals().items() if k not in ("config", "main")}
+    run_stage(main, config, **flags)
 
 @app.command()
 def evaluate(
@@ -245,15 +232,10 @@ def evaluate(
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Evaluate a policy on a held-out split: success, score, EM/F1, CoT match, reasoning length, speed, size."""
-    from raysad.config import ConfigError
     from raysad.evaluate import main
 
-    flags = {k: v for k, v in locals().items() if k not in ("config", "ConfigError", "main")}
-    try:
-        main(config, **flags)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+    flags = {k: v for k, v in locals().items() if k not in ("config", "main")}
+    run_stage(main, config, **flags)
 
 
 @app.command()
@@ -268,15 +250,10 @@ def tune(
 ) -> None:
     """Sweep students and distillation settings with Ray Tune: distill -> prune -> evaluate per trial, one MLflow
     run each under the sweep's run, then the `raysad report` table."""
-    from raysad.config import ConfigError
     from raysad.tune import main
 
-    flags = {k: v for k, v in locals().items() if k not in ("sweep", "resume", "ConfigError", "main")}
-    try:
-        main(sweep, resume=resume, **flags)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+    flags = {k: v for k, v in locals().items() if k not in ("sweep", "resume", "main")}
+    run_stage(main, sweep, resume=resume, **flags)
 
 @app.command()
 def quickstart(
@@ -291,14 +268,10 @@ def quickstart(
     """The whole pipeline on embedded defaults, CPU only: generated tasks, expert trajectories, a tiny SFT
     teacher, teacher rollouts with top-k on Ray actors, students distilled with sad / token_kd / sft on Ray
     Train, evaluation on held-out tasks, report table and plots, all in MLflow. A rerun resumes."""
-    from raysad.config import ConfigError
     from raysad.quickstart import main
 
-    try:
-        main(config, small=small, out=out, envs=envs, seed=seed, experiment=experiment, tracking_uri=tracking_uri)
-    except (ConfigError, ValueError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+    run_stage(main, config, small=small, out=out, envs=envs, seed=seed, experiment=experiment,
+              tracking_uri=tracking_uri)
 
 
 # --- commands end ---
