@@ -25,7 +25,7 @@ GQA reshape/repeat_kv is not usable (building the q_proj group ran for minutes a
 with their k/v heads), so heads are scored and sliced here, with torch-pruning's Linear slicing functions.
 
 Optional recovery: `recover_steps > 0` distils the pruned model from the unpruned one (online teacher,
-full logits) for that many steps with raysad.distill.run_distill, in this process (workers=0).
+full logits) for that many steps with raysad.distill.run_distill, in this process (workers=0; recover_workers >= 1 runs it on Ray Train, as Tune trials must).
 """
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ class PruneConfig:
     recover_steps: int = 0                 # distillation steps from the unpruned model afterwards (0 = none)
     recover_method: Literal["sad", "token_kd", "sft"] = "sad"
     recover_lr: float = 2e-4
+    recover_workers: int = 0               # Ray Train workers of the recovery (0 = in this process; >= 1 in Tune)
     seed: int = 0
     device: str | None = None              # default: cuda if available
     dtype: str = "auto"                    # as saved; or float32, bfloat16 ...
@@ -395,7 +396,8 @@ def recover(config: PruneConfig, out: Path, track: bool = True) -> dict[str, Any
                             checkpoint_every=config.recover_steps, batch_size=config.batch_size,
                             micro_batch_size=config.batch_size, lr=config.recover_lr,
                             warmup_steps=min(10, max(1, config.recover_steps // 5)), max_length=config.max_length,
-                            seed=config.seed, workers=0, resume=False, experiment=config.experiment,
+                            seed=config.seed, workers=config.recover_workers, resume=False,
+                            experiment=config.experiment,
                             run_name=f"{config.run_name}-recover", tracking_uri=config.tracking_uri)
     distilled = run_distill(distill, track=track)
     model = models.load_model(out, dtype=config.dtype, device=config.device or models.default_device())

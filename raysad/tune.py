@@ -730,7 +730,9 @@ def _trial_body(sweep, inputs, config, dcfg, student, prune_ratio, state, work, 
         from raysad.prune import PruneConfig, run_prune
 
         _events(work, "prune", ratio=prune_ratio)
-        pruned = run_prune(PruneConfig(**{"trajectories": dcfg.trajectories, "seed": dcfg.seed, **sweep.prune},
+        # Ray Train's in-process mode (workers 0) is refused inside Tune: recovery gets the trial's workers
+        pruned = run_prune(PruneConfig(**{"trajectories": dcfg.trajectories, "seed": dcfg.seed,
+                                          "recover_workers": dcfg.workers, **sweep.prune},
                                        model=model, out=str(work / "pruned"), ratio=prune_ratio,
                                        experiment=inputs["experiment"], tracking_uri=inputs["tracking_uri"]),
                            track=False, progress=False)

@@ -1,0 +1,444 @@
+"""Does structure-aware distillation (SAD) beat token-level KD and imitation here? The paper's comparison, at
+this machine's scale, on every environment.
+
+Per environment (each stage skipped when a rerun finds its files, so an interrupted run continues):
+  1. the scripted expert plays `expert_episodes` train tasks -> expert.jsonl
+  2. a tiny teacher (tokenizer trained here) is fine-tuned on them -> teacher/
+  3. the teacher plays `teacher_episodes` train tasks, top-k log-probs kept -> teacher.jsonl (the students' data,
+     every episode: the students learn the teacher's behaviour, failures included)
+     and the test split -> its reference trajectories for the students' CoT match rate, and its own row
+  4. main sweep (tune_configs/replicate.yaml): students of two sizes x sad / token_kd / sft x seeds, each
+     distilled from teacher.jsonl and evaluated on `test_episodes` held-out test tasks
+  5. λ sweep: SAD at the size where it did best, over `lambda_pairs` (λ_r, λ_a), same seeds
+  6. pruning sweep: the best (method, size) of step 4 pruned by `prune_ratios` (with a short recovery
+     distillation) and evaluated again, same seeds
+Then per env a report (MLflow experiment `<experiment>-<env>`, the same numbers as the tables), and for the
+whole run <out>/results.md (tables), <out>/results.json and PNG plots under <out>/plots.
+
+    python benchmarks/replicate.py                           # the full run: ~1-2 h per env on a 2-core CPU
+    python benchmarks/replicate.py --envs hotpotqa --seeds 2 # a part of it
+    python benchmarks/replicate.py --small                   # the smoke version the tests run (~2 min)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("sad", "token_kd", "sft")
+
+
+@dataclass
+class ReplicateConfig:
+    out: str = "runs/replicate"
+    envs: list[str] = field(default_factory=lambda: ["hotpotqa", "webshop", "alfworld"])
+    sweep_file: str = str(ROOT / "tune_configs" / "replicate.yaml")
+    expert_episodes: int = 300             # expert train episodes per env: the teacher's SFT data
+    teacher: str = "tiny-5m"
+    teacher_steps: int = 300
+    teacher_lr: float = 2e-3
+    teacher_episodes: int = 120            # teacher train episodes per env: the students' data
+    topk: int = 16
+    students: list[str] = field(default_factory=lambda: ["tiny-1m", "derive:keep_every=2"])
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    seeds: int = 3
+    # what to run now: the sweeps main, lambda, prune (steps 1-3 always come first); `teacher`: steps 1-3 only
+    stages: list[str] = field(default_factory=lambda: ["main", "lambda", "prune"])
+    lambda_seeds: int | None = None        # seeds of the λ sweep (None = seeds)
+    prune_seeds: int | None = None         # seeds of the pruning sweep (None = seeds)
+    distill_steps: int | None = None       # None = the sweep file's
+    test_episodes: int = 100
+    cot_reference: int = 25                # teacher test trajectories the CoT match rate replays
+    lambda_pairs: list[list[float]] = field(default_factory=lambda: [[0.0, 1.0], [0.5, 1.0], [2.0, 1.0],
+                                                                     [1.0, 0.5], [1.0, 2.0]])
+    prune_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5])
+    max_steps: int = 8                     # per episode
+    max_new_tokens: int = 48
+    max_length: int = 768
+    experiment: str = "replicate"          # MLflow experiment prefix: <experiment>-<env>
+    tracking_uri: str | None = None
+
+
+SMALL = dict(out="runs/replicate-small", envs=["hotpotqa"], expert_episodes=24, teacher="tiny-1m",
+             teacher_steps=20, teacher_episodes=6, students=["derive:keep_every=2"], seeds=1, distill_steps=6,
+             test_episodes=3, cot_reference=2, lambda_pairs=[[0.0, 1.0]], prune_ratios=[0.5], max_steps=4,
+             max_new_tokens=16, max_length=512, experiment="replicate-small")
+
+
+def say(text: str) -> None:
+    print(f"[replicate {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+# ------------------------------------------------------------------------------------- data + teacher ----
+def prepare_env(cfg: ReplicateConfig, env: str, out: Path, uri: str) -> dict[str, Any]:
+    """Steps 1-3: expert trajectories, the SFT teacher, its train rollouts and its test evaluation."""
+    from raysad.evaluate import EvalConfig, run_evaluate
+    from raysad.rollout import RolloutConfig, run_rollout
+    from raysad.sft import SFTConfig, run_sft
+    from raysad.trajectory import TrajectoryWriter, read_trajectories
+
+    experiment = f"{cfg.experiment}-{env}"
+    common = dict(experiment=experiment, tracking_uri=uri)
+    times: dict[str, float] = {}
+
+    def stage(key: str, done: Path, what: str, work) -> None:
+        """Run `work` unless `done` exists (an earlier run finished it); its wall time goes to times[key]."""
+        if done.exists():
+            return
+        say(f"{env}: {what}")
+        began = time.perf_counter()
+        work()
+        done.touch()
+        times[key] = time.perf_counter() - began
+
+    expert, teacher, data, test_dir = out / "expert.jsonl", out / "teacher", out / "teacher.jsonl", out / "teacher_test"
+    stage("expert_s", out / "expert.done", f"expert plays {cfg.expert_episodes} train tasks", lambda: run_rollout(
+        RolloutConfig(env=env, split="train", policy="expert", episodes=cfg.expert_episodes, only_success=True,
+                      out=str(expert), run_name="rollout-expert", **common), progress=False))
+    stage("teacher_sft_s", teacher / "config.json", f"SFT of a {cfg.teacher} teacher, {cfg.teacher_steps} steps",
+          lambda: run_sft(SFTConfig(trajectories=str(expert), model=cfg.teacher, out=str(teacher),
+                                    max_steps=cfg.teacher_steps, lr=cfg.teacher_lr, max_length=cfg.max_length,
+                                    run_name="sft-teacher", **common), progress=False))
+    stage("teacher_rollout_s", out / "teacher.done",
+          f"teacher plays {cfg.teacher_episodes} train tasks (top-{cfg.topk} log-probs kept)", lambda: run_rollout(
+              RolloutConfig(env=env, split="train", policy="hf", model=str(teacher), episodes=cfg.teacher_episodes,
+                            topk=cfg.topk, max_steps=cfg.max_steps, max_new_tokens=cfg.max_new_tokens, env_actors=2,
+                            envs_per_actor=16, out=str(data), run_name="rollout-teacher", **common), progress=False))
+    stage("teacher_eval_s", test_dir / "eval.json", f"teacher on {cfg.test_episodes} test tasks", lambda: run_evaluate(
+        EvalConfig(env=env, split="test", policy="hf", model=str(teacher), episodes=cfg.test_episodes,
+                   max_steps=cfg.max_steps, max_new_tokens=cfg.max_new_tokens, env_actors=2, envs_per_actor=16,
+                   method="teacher", student_size=cfg.teacher, out=str(test_dir), run_name="evaluate-teacher",
+                   **common), progress=False))
+    reference = out / "teacher_test_reference.jsonl"
+    if not reference.exists():
+        with TrajectoryWriter(reference) as writer:
+            for traj in list(read_trajectories(test_dir / "trajectories.jsonl"))[:cfg.cot_reference]:
+                writer.write(traj)
+    trajectories = list(read_trajectories(data))
+    return {"uri": uri, "teacher": str(teacher.resolve()), "trajectories": str(data.resolve()),
+            "reference": str(reference.resolve()),
+            "teacher_test": json.loads((test_dir / "eval.json").read_text())["metrics"], "times": times,
+            "teacher_train_success": sum(t.success for t in trajectories) / max(len(trajectories), 1),
+            "teacher_train_episodes": len(trajectories)}
+
+
+# ------------------------------------------------------------------------------------------ sweeps -----
+def write_sweep(cfg: ReplicateConfig, env: str, kind: str, space: dict | list, inputs: dict, path: Path) -> Path:
+    """The sweep file of one of the env's sweeps: the template with this env's data, teacher and space."""
+    sweep = yaml.safe_load(Path(cfg.sweep_file).read_text())
+    sweep.update(name=f"{cfg.experiment}-{env}-{kind}", envs=[env], experiment=f"{cfg.experiment}-{env}",
+                 trajectories={env: inputs["trajectories"]}, teacher=inputs["teacher"], space=space,
+                 test_episodes=cfg.test_episodes, storage=str(path.parent / "tune"), tracking_uri=inputs["uri"],
+                 report=False)
+    sweep["distill"] = {**sweep.get("distill", {}), "max_length": cfg.max_length,
+                        **({"max_steps": cfg.distill_steps} if cfg.distill_steps else {})}
+    sweep["prune"] = {**sweep.get("prune", {}), "max_length": cfg.max_length}
+    sweep["evaluate"] = {**sweep.get("evaluate", {}), "max_steps": cfg.max_steps,
+                         "max_new_tokens": cfg.max_new_tokens, "reference": inputs["reference"]}
+    path.write_text(f"# written by benchmarks/replicate.py from {cfg.sweep_file}\n" + yaml.safe_dump(sweep))
+    return path
+
+
+def run_sweep_file(path: Path) -> float:
+    from raysad.tune import load_sweep, run_sweep
+
+    say(f"sweep {path}")
+    return run_sweep(load_sweep(path)).wall_s
+
+
+def rows_of(experiment: str, uri: str, sweep: str):
+    """The evaluated runs of one sweep's trials."""
+    from raysad import report
+
+    return report.evaluated(report.load_runs(experiment, f"tags.sweep = '{sweep}'", uri))
+
+
+def group(rows, keys: list[str]):
+    from raysad import report
+
+    return report.summarize(rows, keys, sort_by=report.M_SUCCESS)
+
+
+def best_of(table, method: str | None = None) -> dict:
+    """The row with the highest mean success (then score) — of one method when given."""
+    from raysad import report
+
+    if method:
+        table = table[table[report.P_METHOD] == method]
+    return table.sort_values([report.M_SUCCESS, report.M_SCORE], ascending=False, kind="stable").iloc[0].to_dict()
+
+
+def student_spec(size_label: str, students: list[str]) -> str:
+    from raysad.tune import student_size
+
+    return next(s for s in students if student_size(s) == size_label)
+
+
+def run_env(cfg: ReplicateConfig, env: str, uri: str) -> dict[str, Any] | None:
+    """Steps 1-6 for one env: the stages in cfg.stages are run (or continued); the others' sweeps, when an
+    earlier run made them, are only read back. None when the env's main sweep was neither run nor found."""
+    import pandas as pd
+
+    from raysad import report
+
+    out = Path(cfg.out).resolve() / env
+    if "main" not in cfg.stages and not (out / "sweep_main.yaml").exists():
+        if "teacher" in cfg.stages:  # steps 1-3 only
+            out.mkdir(parents=True, exist_ok=True)
+            prepare_env(cfg, env, out, uri)
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    inputs = prepare_env(cfg, env, out, uri)
+    experiment = f"{cfg.experiment}-{env}"
+    wall = dict(inputs["times"])
+    if cfg.stages:  # the settings this env's sweeps ran with (invocations may differ per env)
+        (out / f"config_{'_'.join(cfg.stages)}.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+
+    def sweep_rows(kind: str, space: dict | list):
+        path = out / f"sweep_{kind}.yaml"
+        if kind in cfg.stages:
+            write_sweep(cfg, env, kind, space, inputs, path)
+            wall[f"{kind}_sweep_s"] = run_sweep_file(path)
+        elif not path.exists():
+            return None
+        return rows_of(experiment, uri, f"{experiment}-{kind}")
+
+    main_rows = sweep_rows("main", {"student": cfg.students, "method": cfg.methods, "seed": list(range(cfg.seeds))})
+    main_table = group(main_rows, [report.P_METHOD, report.P_STUDENT_SIZE])
+    result = {"env": env, "teacher": inputs["teacher_test"], "teacher_size": cfg.teacher,
+              "teacher_train_success": inputs["teacher_train_success"],
+              "teacher_train_episodes": inputs["teacher_train_episodes"], "main_rows": main_rows, "main": main_table,
+              "lambda": None, "lambda_rows": None, "prune": None, "wall_s": wall}
+
+    # λ sweep: SAD at its best size; one space per (λ_r, λ_a) pair, so only those pairs run (not their grid)
+    sad_best = best_of(main_table, "sad")
+    result["best_sad"] = {k: sad_best[k] for k in (report.P_METHOD, report.P_STUDENT_SIZE)}
+    seeds = list(range(cfg.lambda_seeds or cfg.seeds))
+    spec = student_spec(sad_best[report.P_STUDENT_SIZE], cfg.students)
+    lambda_rows = sweep_rows("lambda", [{"student": [spec], "method": ["sad"], "seed": seeds,
+                                         "lambda_reason": [float(r)], "lambda_act": [float(a)]}
+                                        for r, a in cfg.lambda_pairs])
+    if lambda_rows is not None:
+        sad_rows = main_rows[(main_rows[report.P_METHOD] == "sad")
+                             & (main_rows[report.P_STUDENT_SIZE] == sad_best[report.P_STUDENT_SIZE])
+                             & (main_rows[report.P_SEED].astype(float) < len(seeds))]
+        result["lambda_rows"] = pd.concat([sad_rows, lambda_rows])
+        result["lambda"] = group(result["lambda_rows"], [report.P_LAMBDA_REASON, report.P_LAMBDA_ACT])
+
+    # pruning sweep: the best (method, size) of the main sweep; ratio 0 is its main-sweep row
+    best = best_of(main_table)
+    result["best"] = {k: best[k] for k in (report.P_METHOD, report.P_STUDENT_SIZE)}
+    seeds = list(range(cfg.prune_seeds or cfg.seeds))
+    prune_rows = sweep_rows("prune", {"student": [student_spec(best[report.P_STUDENT_SIZE], cfg.students)],
+                                      "method": [best[report.P_METHOD]], "seed": seeds,
+                                      "prune_ratio": list(cfg.prune_ratios)})
+    if prune_rows is not None:
+        best_rows = main_rows[(main_rows[report.P_METHOD] == best[report.P_METHOD])
+                              & (main_rows[report.P_STUDENT_SIZE] == best[report.P_STUDENT_SIZE])
+                              & (main_rows[report.P_SEED].astype(float) < len(seeds))]
+        result["prune"] = group(pd.concat([best_rows, prune_rows]),
+                                [report.P_PRUNE_RATIO]).sort_values(report.P_PRUNE_RATIO)
+    wall["total_s"] = time.perf_counter() - began
+    return result
+
+
+# ------------------------------------------------------------------------------------------ results ----
+COLUMNS = [("eval/success_rate", "success"), ("eval/score", "score"), ("eval/f1", "F1"),
+           ("eval/cot_match_rate", "CoT match"), ("eval/thought_f1", "thought F1"),
+           ("eval/reasoning_tokens", "reason tok/ep"), ("eval/latency_per_step_s", "s/step"), ("eval/params", "params")]
+
+
+def markdown_table(table, keys: list[tuple[str, str]]) -> str:
+    """A grouped report table as Markdown (mean ± std over seeds)."""
+    from raysad.report import cell
+
+    head = [label for _, label in keys] + ["n"] + [label for _, label in COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, row in table.iterrows():
+        cells = [str(row[k]) for k, _ in keys] + [str(int(row["n"]))]
+        cells += [cell(row.get(m), row.get(f"{m}_std"), m) for m, _ in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def teacher_line(result: dict) -> str:
+    t = result["teacher"]
+    return (f"Teacher ({result['teacher_size']}, {int(t.get('eval/params') or 0):,} params): test success "
+            f"{t['eval/success_rate']:.2f}, score {t['eval/score']:.3f}, reasoning tokens/episode "
+            f"{t.get('eval/reasoning_tokens') or 0:.1f}, {t.get('eval/latency_per_step_s') or 0:.3f} s/step; "
+            f"success on its {result['teacher_train_episodes']} train rollouts (the students' data): "
+            f"{result['teacher_train_success']:.2f}.")
+
+
+def plot_main(results: list[dict], path: Path) -> Path:
+    """Success and score per env, method and student size (bars: mean over seeds, whiskers: std)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from raysad import report
+
+    fig, axes = plt.subplots(3, len(results), figsize=(4.5 * len(results), 8.5), squeeze=False)
+    colors = {"sad": "tab:blue", "token_kd": "tab:orange", "sft": "tab:green"}
+    for col, result in enumerate(results):
+        table = result["main"]
+        sizes = sorted(table[report.P_STUDENT_SIZE].unique())
+        score = report.M_F1 if report.M_F1 in table and table[report.M_F1].notna().any() else report.M_SCORE
+        for row, metric in enumerate((report.M_SUCCESS, score, report.M_COT_MATCH)):
+            ax = axes[row][col]
+            width = 0.8 / max(len(colors), 1)
+            for i, method in enumerate(METHODS):
+                part = table[table[report.P_METHOD] == method].set_index(report.P_STUDENT_SIZE)
+                means = [part[metric].get(s, float("nan")) for s in sizes]
+                stds = [part.get(f"{metric}_std", part[metric] * 0).get(s, 0.0) for s in sizes]
+                xs = [x + (i - 1) * width for x in range(len(sizes))]
+                ax.bar(xs, means, width, yerr=[0 if s != s else s for s in stds], label=method, color=colors[method],
+                       capsize=3)
+            teacher = result["teacher"].get(metric)
+            if teacher is not None:
+                ax.axhline(teacher, color="black", linestyle="--", linewidth=1, label="teacher")
+            ax.set_xticks(range(len(sizes)), sizes)
+            ax.set_title(f"{result['env']}: {metric.split('/')[1]}")
+            if row == 0 and col == 0:
+                ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_prune(results: list[dict], path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from raysad import report
+
+    pruned = [r for r in results if r["prune"] is not None]
+    if not pruned:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, metric in zip(axes, (report.M_SCORE, report.M_COT_MATCH)):
+        for result in pruned:
+            t = result["prune"]
+            if metric not in t:
+                continue
+            ax.errorbar(t[report.P_PRUNE_RATIO], t[metric], yerr=t[f"{metric}_std"].fillna(0), marker="o",
+                        capsize=3, label=f"{result['env']} ({result['best'][report.P_METHOD]}, "
+                                         f"{result['best'][report.P_STUDENT_SIZE]})")
+        ax.set_xlabel("pruning ratio (MLP channels and heads removed)")
+        ax.set_ylabel(f"test {metric.split('/')[1]} (mean ± std over seeds)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_results(cfg: ReplicateConfig, results: list[dict], seconds: float, uri: str) -> Path:
+    from raysad import report
+
+    out = Path(cfg.out).resolve()
+    plots = out / "plots"
+    made = [plot_main(results, plots / "students.png"), plot_prune(results, plots / "pruning.png") or plots / "none"]
+    for result in results:  # success over the (λ_r, λ_a) pairs, the report's heat map
+        if result["lambda_rows"] is not None:
+            made.append(report.plot_lambda_heatmap(result["lambda_rows"], plots / f"lambda_{result['env']}.png")
+                        or plots / "none")
+    lines = [f"# Replication results ({time.strftime('%Y-%m-%d')})", "",
+             f"Config: `{json.dumps(dataclasses.asdict(cfg))}`", "",
+             f"Wall time of this invocation: {seconds / 60:.1f} min. MLflow: {uri} "
+             f"(experiments {cfg.experiment}-<env>).", ""]
+    for result in results:
+        env = result["env"]
+        lines += [f"## {env}", "", teacher_line(result), "",
+                  "### Students: method x size (mean ± std over seeds)", "",
+                  markdown_table(result["main"], [(report.P_METHOD, "method"), (report.P_STUDENT_SIZE, "student")]),
+                  "", f"### λ sweep (sad, {result['best_sad'][report.P_STUDENT_SIZE]})", ""]
+        lines += [markdown_table(result["lambda"], [(report.P_LAMBDA_REASON, "λ_r"), (report.P_LAMBDA_ACT, "λ_a")])
+                  if result["lambda"] is not None else "not run", ""]
+        lines += [f"### Pruning sweep ({result['best'][report.P_METHOD]}, {result['best'][report.P_STUDENT_SIZE]})",
+                  "", markdown_table(result["prune"], [(report.P_PRUNE_RATIO, "prune ratio")])
+                  if result["prune"] is not None else "not run", "",
+                  "Wall seconds (stages run by this invocation): "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in result["wall_s"].items()), ""]
+    lines += ["Plots: " + ", ".join(str(p.relative_to(out)) for p in made if p.exists()), ""]
+    path = out / "results.md"
+    path.write_text("\n".join(lines))
+    summary = [{"env": r["env"], "teacher": r["teacher"], "teacher_train_success": r["teacher_train_success"],
+                "best": r["best"], "best_sad": r["best_sad"], "wall_s": r["wall_s"],
+                **{k: None if r[k] is None else json.loads(r[k].to_json(orient="records"))
+                   for k in ("main", "lambda", "prune")}}
+               for r in results]
+    (out / "results.json").write_text(json.dumps({"seconds": seconds, "config": dataclasses.asdict(cfg),
+                                                  "envs": summary}, indent=1) + "\n")
+    return path
+
+
+def run(cfg: ReplicateConfig) -> Path:
+    import ray
+
+    from raysad import tracking
+    from raysad.cluster import init_ray
+
+    uri = tracking.tracking_uri(cfg.tracking_uri)
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # Tune trials run in other folders
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    began = time.perf_counter()
+    started = init_ray()
+    try:
+        results = [r for r in (run_env(cfg, env, uri) for env in cfg.envs) if r is not None]
+    finally:
+        if started:
+            ray.shutdown()
+    path = write_results(cfg, results, time.perf_counter() - began, uri)
+    say(f"done in {(time.perf_counter() - began) / 60:.1f} min: {path}")
+    print(path.read_text())
+    return path
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="the smoke version (one env, tiny, ~2 min)")
+    for f in dataclasses.fields(ReplicateConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "envs":
+            parser.add_argument(flag, help="comma-separated (default: all three)")
+        elif f.name == "lambda_pairs":
+            parser.add_argument(flag, help="λ_r:λ_a pairs, comma-separated, e.g. 0:1,2:1")
+        elif f.name in ("students", "methods", "stages"):
+            parser.add_argument(flag, help="comma-separated")
+        elif f.name == "prune_ratios":
+            parser.add_argument(flag, help="comma-separated, e.g. 0.25,0.5 (0 is the main sweep's)")
+        else:
+            kind = {int: int, float: float}.get(type(f.default), str) if f.default is not None else \
+                (int if f.name in ("distill_steps", "lambda_seeds", "prune_seeds") else str)
+            parser.add_argument(flag, type=kind, help=f"default: {f.default}")
+    args = vars(parser.parse_args(argv))
+    values = dict(SMALL) if args.pop("small") else {}
+    for name, value in args.items():
+        if value is None:
+            continue
+        if name in ("envs", "students", "methods", "stages"):
+            value = [v for v in value.split(",") if v]
+        elif name == "prune_ratios":
+            value = [float(v) for v in value.split(",")]
+        elif name == "lambda_pairs":
+            value = [[float(x) for x in pair.split(":")] for pair in value.split(",")]
+        values[name] = value
+    return run(ReplicateConfig(**values))
+
+
+if __name__ == "__main__":
+    main()

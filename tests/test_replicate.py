@@ -1,0 +1,59 @@
+"""`benchmarks/replicate.py --small`: the whole replication (teacher, main sweep, λ sweep, pruning sweep, tables,
+plots, MLflow) runs for real at a toy size."""
+import importlib.util
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "replicate.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("replicate", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(900)
+def test_small_replication_runs_every_sweep_and_writes_tables_plots_and_mlflow(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    replicate = load_script()
+    results_md = replicate.main(["--small", "--out", str(tmp_path / "rep"), "--tracking-uri", uri])
+    out = tmp_path / "rep"
+    assert results_md == out / "results.md"
+    text = results_md.read_text()
+    for heading in ("## hotpotqa", "### Students", "### λ sweep", "### Pruning sweep"):
+        assert heading in text
+
+    [env] = json.loads((out / "results.json").read_text())["envs"]
+    main = env["main"]
+    assert sorted(row["method"] for row in main) == ["sad", "sft", "token_kd"]
+    assert all(row["n"] == 1 and 0.0 <= row["eval/success_rate"] <= 1.0 for row in main)
+    teacher_params = env["teacher"]["eval/params"]
+    assert all(row["eval/params"] < teacher_params for row in main)  # students cut from the teacher
+    # λ sweep: the main sweep's (1, 1) SAD row next to the pair asked for (0, 1)
+    assert sorted((row["lambda_reason"], row["lambda_act"]) for row in env["lambda"]) == [(0.0, 1.0), (1.0, 1.0)]
+    # pruning sweep: ratio 0 is the unpruned best student; ratio 0.5 has fewer parameters
+    prune = {row["prune_ratio"]: row for row in env["prune"]}
+    assert set(prune) == {0.0, 0.5}
+    assert prune[0.5]["eval/params"] < prune[0.0]["eval/params"]
+    assert all((out / "plots" / name).stat().st_size > 0
+               for name in ("students.png", "pruning.png", "lambda_hotpotqa.png"))
+
+    # the same numbers in MLflow: one finished trial run per student, under its sweep's run
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["replicate-small-hotpotqa"], output_format="list")
+    trials = [r for r in runs if r.data.tags.get("stage") == "trial"]
+    assert len(trials) == 3 + 1 + 1
+    assert all(r.info.status == "FINISHED" and "eval/success_rate" in r.data.metrics for r in trials)
+    by_sweep = {}
+    for r in trials:
+        by_sweep.setdefault(r.data.tags["sweep"], []).append(r)
+    assert set(by_sweep) == {f"replicate-small-hotpotqa-{k}" for k in ("main", "lambda", "prune")}
+    sad = next(r for r in by_sweep["replicate-small-hotpotqa-main"] if r.data.params["method"] == "sad")
+    row = next(row for row in main if row["method"] == "sad")
+    assert sad.data.metrics["eval/success_rate"] == pytest.approx(row["eval/success_rate"])
