@@ -216,7 +216,7 @@ def run_env(cfg: ReplicateConfig, env: str, uri: str) -> dict[str, Any] | None:
     result = {"env": env, "teacher": inputs["teacher_test"], "teacher_size": cfg.teacher,
               "teacher_train_success": inputs["teacher_train_success"],
               "teacher_train_episodes": inputs["teacher_train_episodes"], "main_rows": main_rows, "main": main_table,
-              "lambda": None, "lambda_rows": None, "prune": None, "wall_s": wall}
+              "lambda": None, "lambda_rows": None, "prune": None, "prune_rows": None, "wall_s": wall}
 
     # λ sweep: SAD at its best size; one space per (λ_r, λ_a) pair, so only those pairs run (not their grid)
     sad_best = best_of(main_table, "sad")
@@ -244,8 +244,8 @@ def run_env(cfg: ReplicateConfig, env: str, uri: str) -> dict[str, Any] | None:
         best_rows = main_rows[(main_rows[report.P_METHOD] == best[report.P_METHOD])
                               & (main_rows[report.P_STUDENT_SIZE] == best[report.P_STUDENT_SIZE])
                               & (main_rows[report.P_SEED].astype(float) < len(seeds))]
-        result["prune"] = group(pd.concat([best_rows, prune_rows]),
-                                [report.P_PRUNE_RATIO]).sort_values(report.P_PRUNE_RATIO)
+        result["prune_rows"] = pd.concat([best_rows, prune_rows])
+        result["prune"] = group(result["prune_rows"], [report.P_PRUNE_RATIO]).sort_values(report.P_PRUNE_RATIO)
     wall["total_s"] = time.perf_counter() - began
     return result
 
@@ -256,15 +256,42 @@ COLUMNS = [("eval/success_rate", "success"), ("eval/score", "score"), ("eval/f1"
            ("eval/reasoning_tokens", "reason tok/ep"), ("eval/latency_per_step_s", "s/step"), ("eval/params", "params")]
 
 
-def markdown_table(table, keys: list[tuple[str, str]]) -> str:
-    """A grouped report table as Markdown (mean ± std over seeds)."""
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a success rate (sound at 0 and at small counts, unlike p ± 2·SE)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre, half = p + z * z / (2 * n), z * ((p * (1 - p) + z * z / (4 * n)) / n) ** 0.5
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+
+def pooled_success(rows, keys: list[str]) -> dict[tuple, str]:
+    """Per group: the episodes of every seed pooled, 'successes/episodes [95% CI]'."""
+    from raysad import report
+
+    pooled = {}
+    for key, part in rows.groupby(keys, dropna=False, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        n = int(part["eval/episodes"].sum())
+        k = int(round((part[report.M_SUCCESS] * part["eval/episodes"]).sum()))
+        lo, hi = wilson(k, n)
+        pooled[tuple(str(x) for x in key)] = f"{k}/{n} [{lo:.2f}, {hi:.2f}]"
+    return pooled
+
+
+def markdown_table(table, keys: list[tuple[str, str]], rows=None) -> str:
+    """A grouped report table as Markdown (mean ± std over seeds); with the per-run `rows`, a column of the
+    success pooled over seeds with its 95% interval."""
     from raysad.report import cell
 
+    pooled = pooled_success(rows, [k for k, _ in keys]) if rows is not None else None
     head = [label for _, label in keys] + ["n"] + [label for _, label in COLUMNS]
+    head += ["pooled success [95% CI]"] if pooled else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, row in table.iterrows():
         cells = [str(row[k]) for k, _ in keys] + [str(int(row["n"]))]
         cells += [cell(row.get(m), row.get(f"{m}_std"), m) for m, _ in COLUMNS]
+        cells += [pooled.get(tuple(str(row[k]) for k, _ in keys), "-")] if pooled else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -364,12 +391,14 @@ def write_results(cfg: ReplicateConfig, results: list[dict], seconds: float, uri
         env = result["env"]
         lines += [f"## {env}", "", teacher_line(result), "",
                   "### Students: method x size (mean ± std over seeds)", "",
-                  markdown_table(result["main"], [(report.P_METHOD, "method"), (report.P_STUDENT_SIZE, "student")]),
+                  markdown_table(result["main"], [(report.P_METHOD, "method"), (report.P_STUDENT_SIZE, "student")],
+                                 result["main_rows"]),
                   "", f"### λ sweep (sad, {result['best_sad'][report.P_STUDENT_SIZE]})", ""]
-        lines += [markdown_table(result["lambda"], [(report.P_LAMBDA_REASON, "λ_r"), (report.P_LAMBDA_ACT, "λ_a")])
+        lines += [markdown_table(result["lambda"], [(report.P_LAMBDA_REASON, "λ_r"), (report.P_LAMBDA_ACT, "λ_a")],
+                                 result["lambda_rows"])
                   if result["lambda"] is not None else "not run", ""]
         lines += [f"### Pruning sweep ({result['best'][report.P_METHOD]}, {result['best'][report.P_STUDENT_SIZE]})",
-                  "", markdown_table(result["prune"], [(report.P_PRUNE_RATIO, "prune ratio")])
+                  "", markdown_table(result["prune"], [(report.P_PRUNE_RATIO, "prune ratio")], result["prune_rows"])
                   if result["prune"] is not None else "not run", "",
                   "Wall seconds (stages run by this invocation): "
                   + ", ".join(f"{k} {v:.0f}" for k, v in result["wall_s"].items()), ""]
