@@ -49,7 +49,9 @@ class ReplicateConfig:
     students: list[str] = field(default_factory=lambda: ["tiny-1m", "derive:keep_every=2"])
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     seeds: int = 3
-    # what to run now: the sweeps main, lambda, prune (steps 1-3 always come first); `teacher`: steps 1-3 only
+    # what to run now: the sweeps main, lambda, prune (steps 1-3 always come first); `teacher`: steps 1-3 only;
+    # `online` (not by default): sad and token_kd again at SAD's best size, from the teacher's full logits
+    # computed on the training sequence instead of the stored top-k (a diagnostic of the offline KD path)
     stages: list[str] = field(default_factory=lambda: ["main", "lambda", "prune"])
     lambda_seeds: int | None = None        # seeds of the λ sweep (None = seeds)
     prune_seeds: int | None = None         # seeds of the pruning sweep (None = seeds)
@@ -136,7 +138,7 @@ def write_sweep(cfg: ReplicateConfig, env: str, kind: str, space: dict | list, i
     sweep.update(name=f"{cfg.experiment}-{env}-{kind}", envs=[env], experiment=f"{cfg.experiment}-{env}",
                  trajectories={env: inputs["trajectories"]}, teacher=inputs["teacher"], space=space,
                  test_episodes=cfg.test_episodes, storage=str(path.parent / "tune"), tracking_uri=inputs["uri"],
-                 report=False)
+                 report=False, online_teacher=kind == "online")
     sweep["distill"] = {**sweep.get("distill", {}), "max_length": cfg.max_length,
                         **({"max_steps": cfg.distill_steps} if cfg.distill_steps else {})}
     sweep["prune"] = {**sweep.get("prune", {}), "max_length": cfg.max_length}
@@ -216,7 +218,8 @@ def run_env(cfg: ReplicateConfig, env: str, uri: str) -> dict[str, Any] | None:
     result = {"env": env, "teacher": inputs["teacher_test"], "teacher_size": cfg.teacher,
               "teacher_train_success": inputs["teacher_train_success"],
               "teacher_train_episodes": inputs["teacher_train_episodes"], "main_rows": main_rows, "main": main_table,
-              "lambda": None, "lambda_rows": None, "prune": None, "prune_rows": None, "wall_s": wall}
+              "lambda": None, "lambda_rows": None, "prune": None, "prune_rows": None, "online": None,
+              "online_rows": None, "wall_s": wall}
 
     # λ sweep: SAD at its best size; one space per (λ_r, λ_a) pair, so only those pairs run (not their grid)
     sad_best = best_of(main_table, "sad")
@@ -246,6 +249,14 @@ def run_env(cfg: ReplicateConfig, env: str, uri: str) -> dict[str, Any] | None:
                               & (main_rows[report.P_SEED].astype(float) < len(seeds))]
         result["prune_rows"] = pd.concat([best_rows, prune_rows])
         result["prune"] = group(result["prune_rows"], [report.P_PRUNE_RATIO]).sort_values(report.P_PRUNE_RATIO)
+    online_rows = sweep_rows("online", {"student": [spec], "method": [m for m in cfg.methods if m != "sft"],
+                                        "seed": list(range(cfg.seeds))})
+    if online_rows is not None:
+        offline = main_rows[(main_rows[report.P_METHOD] != "sft")
+                            & (main_rows[report.P_STUDENT_SIZE] == sad_best[report.P_STUDENT_SIZE])]
+        rows = pd.concat([offline.assign(teacher="top-k stored"), online_rows.assign(teacher="full logits, online")])
+        result["online_rows"] = rows
+        result["online"] = group(rows, [report.P_METHOD, "teacher"])
     wall["total_s"] = time.perf_counter() - began
     return result
 
@@ -400,6 +411,10 @@ def write_results(cfg: ReplicateConfig, results: list[dict], seconds: float, uri
         lines += [f"### Pruning sweep ({result['best'][report.P_METHOD]}, {result['best'][report.P_STUDENT_SIZE]})",
                   "", markdown_table(result["prune"], [(report.P_PRUNE_RATIO, "prune ratio")], result["prune_rows"])
                   if result["prune"] is not None else "not run", "",
+                  f"### KD from the stored top-{cfg.topk} vs the teacher's full logits "
+                  f"({result['best_sad'][report.P_STUDENT_SIZE]})", "",
+                  markdown_table(result["online"], [(report.P_METHOD, "method"), ("teacher", "teacher signal")],
+                                 result["online_rows"]) if result["online"] is not None else "not run", "",
                   "Wall seconds (stages run by this invocation): "
                   + ", ".join(f"{k} {v:.0f}" for k, v in result["wall_s"].items()), ""]
     lines += ["Plots: " + ", ".join(str(p.relative_to(out)) for p in made if p.exists()), ""]
@@ -408,7 +423,7 @@ def write_results(cfg: ReplicateConfig, results: list[dict], seconds: float, uri
     summary = [{"env": r["env"], "teacher": r["teacher"], "teacher_train_success": r["teacher_train_success"],
                 "best": r["best"], "best_sad": r["best_sad"], "wall_s": r["wall_s"],
                 **{k: None if r[k] is None else json.loads(r[k].to_json(orient="records"))
-                   for k in ("main", "lambda", "prune")}}
+                   for k in ("main", "lambda", "prune", "online")}}
                for r in results]
     (out / "results.json").write_text(json.dumps({"seconds": seconds, "config": dataclasses.asdict(cfg),
                                                   "envs": summary}, indent=1) + "\n")
