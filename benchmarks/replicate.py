@@ -376,7 +376,8 @@ def plot_prune(results: list[dict], path: Path) -> Path | None:
                         capsize=3, label=f"{result['env']} ({result['best'][report.P_METHOD]}, "
                                          f"{result['best'][report.P_STUDENT_SIZE]})")
         ax.set_xlabel("pruning ratio (MLP channels and heads removed)")
-        ax.set_ylabel(f"test {metric.split('/')[1]} (mean ± std over seeds)")
+        ax.set_ylabel(f"test {metric.split('/')[1]}")
+        ax.set_title("mean ± std over seeds", fontsize=9)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

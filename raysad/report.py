@@ -320,7 +320,7 @@ def plot_lambda_heatmap(rows, path: str | Path) -> Path | None:
             ax.text(j, i, cell(value), ha="center", va="center", color="black" if bright else "white")
     ax.set_xlabel("λ_act")
     ax.set_ylabel("λ_reason")
-    ax.set_title("Success rate by λ (mean over the other settings)")
+    ax.set_title("Success rate by λ\n(mean over the other settings)", fontsize=9)  # fits a 1x1 grid too
     fig.colorbar(image, ax=ax)
     return _save(fig, path)
 
