@@ -17,13 +17,14 @@ whole run <out>/results.md (tables), <out>/results.json and PNG plots under <out
 
     python benchmarks/replicate.py                           # the full run: ~1-2 h per env on a 2-core CPU
     python benchmarks/replicate.py --envs hotpotqa --seeds 2 # a part of it
-    python benchmarks/replicate.py --small                   # the smoke version the tests run (~2 min)
+    python benchmarks/replicate.py --small                   # the smoke version the tests run (~3 min)
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ class ReplicateConfig:
     teacher_lr: float = 2e-3
     teacher_episodes: int = 120            # teacher train episodes per env: the students' data
     topk: int = 16
-    students: list[str] = field(default_factory=lambda: ["tiny-1m", "derive:keep_every=2"])
+    students: list[str] = field(default_factory=lambda: ["derive:keep_every=2", "derive:keep_every=4"])
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     seeds: int = 3
     # what to run now: the sweeps main, lambda, prune (steps 1-3 always come first); `teacher`: steps 1-3 only;
@@ -58,8 +59,7 @@ class ReplicateConfig:
     distill_steps: int | None = None       # None = the sweep file's
     test_episodes: int = 100
     cot_reference: int = 25                # teacher test trajectories the CoT match rate replays
-    lambda_pairs: list[list[float]] = field(default_factory=lambda: [[0.0, 1.0], [0.5, 1.0], [2.0, 1.0],
-                                                                     [1.0, 0.5], [1.0, 2.0]])
+    lambda_pairs: list[list[float]] = field(default_factory=lambda: [[0.0, 1.0], [2.0, 1.0], [1.0, 2.0]])
     prune_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5])
     max_steps: int = 8                     # per episode
     max_new_tokens: int = 48
@@ -177,6 +177,14 @@ def best_of(table, method: str | None = None) -> dict:
     return table.sort_values([report.M_SUCCESS, report.M_SCORE], ascending=False, kind="stable").iloc[0].to_dict()
 
 
+def select(rows, size: str, methods: list[str], seeds: int):
+    """The main sweep's runs of one student size, of these methods, with seed < seeds (the sweeps' seeds)."""
+    from raysad import report
+
+    return rows[(rows[report.P_STUDENT_SIZE] == size) & rows[report.P_METHOD].isin(methods)
+                & (rows[report.P_SEED].astype(float) < seeds)]
+
+
 def student_spec(size_label: str, students: list[str]) -> str:
     from raysad.tune import student_size
 
@@ -230,9 +238,7 @@ def run_env(cfg: ReplicateConfig, env: str, uri: str) -> dict[str, Any] | None:
                                          "lambda_reason": [float(r)], "lambda_act": [float(a)]}
                                         for r, a in cfg.lambda_pairs])
     if lambda_rows is not None:
-        sad_rows = main_rows[(main_rows[report.P_METHOD] == "sad")
-                             & (main_rows[report.P_STUDENT_SIZE] == sad_best[report.P_STUDENT_SIZE])
-                             & (main_rows[report.P_SEED].astype(float) < len(seeds))]
+        sad_rows = select(main_rows, sad_best[report.P_STUDENT_SIZE], ["sad"], len(seeds))
         result["lambda_rows"] = pd.concat([sad_rows, lambda_rows])
         result["lambda"] = group(result["lambda_rows"], [report.P_LAMBDA_REASON, report.P_LAMBDA_ACT])
 
@@ -244,16 +250,13 @@ def run_env(cfg: ReplicateConfig, env: str, uri: str) -> dict[str, Any] | None:
                                       "method": [best[report.P_METHOD]], "seed": seeds,
                                       "prune_ratio": list(cfg.prune_ratios)})
     if prune_rows is not None:
-        best_rows = main_rows[(main_rows[report.P_METHOD] == best[report.P_METHOD])
-                              & (main_rows[report.P_STUDENT_SIZE] == best[report.P_STUDENT_SIZE])
-                              & (main_rows[report.P_SEED].astype(float) < len(seeds))]
+        best_rows = select(main_rows, best[report.P_STUDENT_SIZE], [best[report.P_METHOD]], len(seeds))
         result["prune_rows"] = pd.concat([best_rows, prune_rows])
         result["prune"] = group(result["prune_rows"], [report.P_PRUNE_RATIO]).sort_values(report.P_PRUNE_RATIO)
-    online_rows = sweep_rows("online", {"student": [spec], "method": [m for m in cfg.methods if m != "sft"],
-                                        "seed": list(range(cfg.seeds))})
+    online_methods = [m for m in cfg.methods if m != "sft"]  # KD methods: the teacher signal matters
+    online_rows = sweep_rows("online", {"student": [spec], "method": online_methods, "seed": list(range(cfg.seeds))})
     if online_rows is not None:
-        offline = main_rows[(main_rows[report.P_METHOD] != "sft")
-                            & (main_rows[report.P_STUDENT_SIZE] == sad_best[report.P_STUDENT_SIZE])]
+        offline = select(main_rows, sad_best[report.P_STUDENT_SIZE], online_methods, cfg.seeds)
         rows = pd.concat([offline.assign(teacher="top-k stored"), online_rows.assign(teacher="full logits, online")])
         result["online_rows"] = rows
         result["online"] = group(rows, [report.P_METHOD, "teacher"])
@@ -453,36 +456,47 @@ def run(cfg: ReplicateConfig) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> Path:
+LIST_HELP = {"envs": "comma-separated", "students": "comma-separated (size names, derive:..., HF dirs)",
+             "methods": "comma-separated", "stages": "comma-separated: main, lambda, prune, online, teacher",
+             "prune_ratios": "comma-separated (0 is the main sweep's row)",
+             "lambda_pairs": "λ_r:λ_a pairs, e.g. 0:1,2:1"}
+STAGES = ("main", "lambda", "prune", "online", "teacher")
+
+
+def parse_config(argv: list[str] | None = None) -> ReplicateConfig:
+    """Flags -> ReplicateConfig, typed and checked by raysad.config.build_config (a bad value raises
+    ConfigError naming the field), over the --small values when asked."""
+    import raysad_envs
+    from raysad.config import ConfigError, build_config
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--small", action="store_true", help="the smoke version (one env, tiny, ~2 min)")
+    parser.add_argument("--small", action="store_true", help="the smoke version (one env, tiny, ~3 min)")
     for f in dataclasses.fields(ReplicateConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "envs":
-            parser.add_argument(flag, help="comma-separated (default: all three)")
-        elif f.name == "lambda_pairs":
-            parser.add_argument(flag, help="λ_r:λ_a pairs, comma-separated, e.g. 0:1,2:1")
-        elif f.name in ("students", "methods", "stages"):
-            parser.add_argument(flag, help="comma-separated")
-        elif f.name == "prune_ratios":
-            parser.add_argument(flag, help="comma-separated, e.g. 0.25,0.5 (0 is the main sweep's)")
-        else:
-            kind = {int: int, float: float}.get(type(f.default), str) if f.default is not None else \
-                (int if f.name in ("distill_steps", "lambda_seeds", "prune_seeds") else str)
-            parser.add_argument(flag, type=kind, help=f"default: {f.default}")
-    args = vars(parser.parse_args(argv))
-    values = dict(SMALL) if args.pop("small") else {}
-    for name, value in args.items():
-        if value is None:
-            continue
-        if name in ("envs", "students", "methods", "stages"):
-            value = [v for v in value.split(",") if v]
-        elif name == "prune_ratios":
-            value = [float(v) for v in value.split(",")]
-        elif name == "lambda_pairs":
-            value = [[float(x) for x in pair.split(":")] for pair in value.split(",")]
-        values[name] = value
-    return run(ReplicateConfig(**values))
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        parser.add_argument("--" + f.name.replace("_", "-"), help=f"{LIST_HELP.get(f.name, '')} (default: {default})")
+    flags = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    if "lambda_pairs" in flags:  # "0:1,2:1" -> [["0", "1"], ["2", "1"]]; build_config makes the floats
+        flags["lambda_pairs"] = [pair.split(":") for pair in flags["lambda_pairs"].split(",") if pair]
+    cfg = build_config(ReplicateConfig, None, **{**(SMALL if flags.pop("small") else {}), **flags})
+    cfg.envs = [raysad_envs.canonical(env) for env in cfg.envs]
+    for name, values, known in (("stages", cfg.stages, STAGES), ("methods", cfg.methods, METHODS)):
+        if set(values) - set(known):
+            raise ConfigError(f"flags: field '{name}': unknown {sorted(set(values) - set(known))}; known: "
+                              + ", ".join(known))
+    if any(len(pair) != 2 for pair in cfg.lambda_pairs):
+        raise ConfigError(f"flags: field 'lambda_pairs': expected λ_r:λ_a pairs, got {cfg.lambda_pairs}")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from raysad.config import ConfigError
+
+    try:
+        cfg = parse_config(argv)
+    except (ConfigError, ValueError) as err:  # bad input exits 2, as the raysad commands do
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return run(cfg)
 
 
 if __name__ == "__main__":

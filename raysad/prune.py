@@ -25,7 +25,8 @@ GQA reshape/repeat_kv is not usable (building the q_proj group ran for minutes a
 with their k/v heads), so heads are scored and sliced here, with torch-pruning's Linear slicing functions.
 
 Optional recovery: `recover_steps > 0` distils the pruned model from the unpruned one (online teacher,
-full logits) for that many steps with raysad.distill.run_distill, in this process (workers=0; recover_workers >= 1 runs it on Ray Train, as Tune trials must).
+full logits) for that many steps with raysad.distill.run_distill: in this process with recover_workers=0, on
+Ray Train with recover_workers >= 1 (what Tune trials must use: Ray Train refuses in-process mode inside Tune).
 """
 from __future__ import annotations
 
