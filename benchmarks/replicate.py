@@ -221,7 +221,10 @@ def run_env(cfg: ReplicateConfig, env: str, uri: str) -> dict[str, Any] | None:
             return None
         return rows_of(experiment, uri, f"{experiment}-{kind}")
 
-    main_rows = sweep_rows("main", {"student": cfg.students, "method": cfg.methods, "seed": list(range(cfg.seeds))})
+    # one space per (student, seed), run in that order: the methods of a seed run side by side, so a sweep cut
+    # short (it resumes where it stopped) has whole method comparisons for the first student(s) done
+    main_rows = sweep_rows("main", [{"student": [student], "seed": [seed], "method": cfg.methods}
+                                    for student in cfg.students for seed in range(cfg.seeds)])
     main_table = group(main_rows, [report.P_METHOD, report.P_STUDENT_SIZE])
     result = {"env": env, "teacher": inputs["teacher_test"], "teacher_size": cfg.teacher,
               "teacher_train_success": inputs["teacher_train_success"],

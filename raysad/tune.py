@@ -37,7 +37,8 @@ config as distill.* params, per-step `distill/*` curves, `valid/*` after each ch
 Resume: an interrupted sweep (Ctrl-C, a lost driver, trials that errored) continues when the same command runs
 again (Tuner.restore with resume_unfinished and resume_errored); finished trials are not run again, a trial
 cut short continues from its last finished chunk (Tune checkpoint) and inside the chunk from distill's own
-checkpoint; its MLflow run is reopened. `--no-resume` starts the sweep again from nothing.
+checkpoint; its MLflow run is reopened. `--no-resume` starts the sweep again from nothing. A sweep whose
+settings changed since it started (sweep.json in its folder) is not resumed: that is refused, naming the fields.
 """
 from __future__ import annotations
 
@@ -58,6 +59,10 @@ from raysad.config import ConfigError
 
 TUNE_DIR = "tune"                          # Ray Tune's experiment folder under the sweep folder
 PARENT_RUN_FILE = "mlflow_sweep_run_id"
+SETTINGS_FILE = "sweep.json"               # the settings the sweep started with: a resume must match them
+# SweepConfig fields a resumed sweep may change: where and how it runs, not what its trials compute
+RESUME_MAY_CHANGE = ("ray_address", "num_cpus", "max_concurrent_trials", "max_failures", "report",
+                     "report_group_by", "tracking_uri")
 TRIAL_MEMORY_TOKEN = 2**20                 # bytes a trial with cpus/gpus_per_trial 0 reserves instead
 RANGES = ("uniform", "loguniform", "randint", "choice")
 # DistillConfig fields a sweep sets itself (per trial): not allowed in the `distill:` section or the space
@@ -783,6 +788,23 @@ def _trainable(sweep: SweepConfig, inputs: dict, parent_run_id: str | None):
     return tune.with_resources(fn, resources)
 
 
+def check_resume(sweep: SweepConfig, sweep_dir: Path) -> None:
+    """A sweep resumes the Tune experiment it finds, with the grid it was started with: when this sweep's settings
+    differ from those (a new space, other distill settings), resuming would silently run the old sweep, so refuse
+    and say what changed. A sweep folder from before SETTINGS_FILE existed resumes unchecked."""
+    stored_file = sweep_dir / SETTINGS_FILE
+    if not stored_file.exists():
+        return
+    stored = json.loads(stored_file.read_text())
+    current = json.loads(json.dumps(dataclasses.asdict(sweep), default=str))
+    changed = sorted(k for k in set(stored) | set(current)
+                     if k not in RESUME_MAY_CHANGE and stored.get(k) != current.get(k))
+    if changed:
+        raise ConfigError(f"{sweep_dir} holds sweep {sweep.name!r} started with other settings (changed: "
+                          f"{', '.join(changed)}); resuming would run the old one. Rerun with --no-resume to start "
+                          "it again, or give the new sweep another `name`")
+
+
 def _tuner(sweep: SweepConfig, trainable, tune_dir: Path, resume: bool):
     from ray import tune
 
@@ -849,7 +871,14 @@ def run_sweep(sweep: SweepConfig, resume: bool = True) -> SweepResult:
     if not resume and sweep_dir.exists():
         _say(f"--no-resume: removing {sweep_dir}")
         shutil.rmtree(sweep_dir)
+    from ray import tune
+
+    resuming = resume and tune.Tuner.can_restore(str(tune_dir))
+    if resuming:
+        check_resume(sweep, sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    if not resuming:
+        (sweep_dir / SETTINGS_FILE).write_text(json.dumps(dataclasses.asdict(sweep), indent=1, default=str) + "\n")
     uri = _absolute_uri(sweep.tracking_uri)
     experiment = sweep.experiment or sweep.name
     started_ray = init_ray(sweep.ray_address, sweep.num_cpus)

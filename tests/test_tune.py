@@ -7,6 +7,7 @@ Data helpers (expert trajectories, the teacher's top-k) are test_distill's.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,8 +17,8 @@ import yaml
 
 from raysad import models
 from raysad.config import ConfigError
-from raysad.tune import (SweepConfig, check_sweep, chunk_config, grid_points, load_sweep, run_sweep,
-                         student_size)
+from raysad.tune import (SETTINGS_FILE, SweepConfig, check_resume, check_sweep, chunk_config, grid_points,
+                         load_sweep, run_sweep, student_size)
 from test_distill import expert_trajectories, with_teacher_topk
 
 CONFIGS = Path(__file__).resolve().parents[1] / "tune_configs"
@@ -225,6 +226,19 @@ def test_a_sweep_logs_one_nested_run_per_trial_and_prints_the_report(ray_cluster
     assert student["method"] == "sad" and student["prune_ratio"] == "0.25"
 
 
+def test_a_sweep_resumes_only_with_the_settings_it_started_with(tmp_path):
+    sweep = SweepConfig(name="t", envs=["hotpotqa"], space={"student": ["tiny-1m"], "method": ["sad"]},
+                        distill={"max_steps": 3})
+    (tmp_path / SETTINGS_FILE).write_text(json.dumps(dataclasses.asdict(sweep)))
+    check_resume(sweep, tmp_path)  # the same settings
+    check_resume(dataclasses.replace(sweep, num_cpus=2, report=False), tmp_path)  # how it runs, not what
+    for changed, field in ((dict(space={"student": ["tiny-1m"], "method": ["sad", "sft"]}), "space"),
+                           (dict(distill={"max_steps": 4}), "distill"), (dict(test_episodes=5), "test_episodes")):
+        with pytest.raises(ConfigError, match=rf"changed: {field}\)"):
+            check_resume(dataclasses.replace(sweep, **changed), tmp_path)
+    check_resume(dataclasses.replace(sweep, test_episodes=5), tmp_path / "older")  # no settings file: unchecked
+
+
 @pytest.mark.slow
 def test_an_interrupted_sweep_resumes_and_runs_nothing_twice(ray_cluster, data, tmp_path):
     # token_kd's distillation dies once at step 2 (distill's fail_once_at_step hook, no Train retries): the first
@@ -259,6 +273,10 @@ def test_an_interrupted_sweep_resumes_and_runs_nothing_twice(ray_cluster, data, 
     assert all(r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == first.run_id for r in trials)
     assert all("eval/success_rate" in r.data.metrics for r in trials)
     assert len([r for r in runs if r.data.tags.get("stage") == "tune"]) == 1
+
+    changed = load_sweep(path, space=[{"student": ["tiny-1m"], "method": ["sft"]}])  # not what the folder holds
+    with pytest.raises(ConfigError, match=r"changed: space\).*--no-resume"):
+        run_sweep(changed)
 
 
 @pytest.mark.slow
