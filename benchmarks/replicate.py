@@ -52,7 +52,8 @@ class ReplicateConfig:
     seeds: int = 3
     # what to run now: the sweeps main, lambda, prune (steps 1-3 always come first); `teacher`: steps 1-3 only;
     # `online` (not by default): sad and token_kd again at SAD's best size, from the teacher's full logits
-    # computed on the training sequence instead of the stored top-k (a diagnostic of the offline KD path)
+    # computed on the training sequence instead of the stored top-k (a diagnostic of the offline KD path);
+    # `report` alone: run nothing, rewrite the results from what earlier runs left (sweeps cut short included)
     stages: list[str] = field(default_factory=lambda: ["main", "lambda", "prune"])
     lambda_seeds: int | None = None        # seeds of the λ sweep (None = seeds)
     prune_seeds: int | None = None         # seeds of the pruning sweep (None = seeds)
@@ -199,6 +200,7 @@ def run_env(cfg: ReplicateConfig, env: str, uri: str) -> dict[str, Any] | None:
     from raysad import report
 
     out = Path(cfg.out).resolve() / env
+    report_only = cfg.stages == ["report"]
     if "main" not in cfg.stages and not (out / "sweep_main.yaml").exists():
         if "teacher" in cfg.stages:  # steps 1-3 only
             out.mkdir(parents=True, exist_ok=True)
@@ -209,8 +211,8 @@ def run_env(cfg: ReplicateConfig, env: str, uri: str) -> dict[str, Any] | None:
     inputs = prepare_env(cfg, env, out, uri)
     experiment = f"{cfg.experiment}-{env}"
     wall = dict(inputs["times"])
-    if cfg.stages:  # the settings this env's sweeps ran with (invocations may differ per env)
-        (out / f"config_{'_'.join(cfg.stages)}.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+    for stage in [] if report_only else cfg.stages:  # the settings each sweep ran with (they may differ per env)
+        (out / f"config_{stage}.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
 
     def sweep_rows(kind: str, space: dict | list):
         path = out / f"sweep_{kind}.yaml"
@@ -225,8 +227,14 @@ def run_env(cfg: ReplicateConfig, env: str, uri: str) -> dict[str, Any] | None:
     # short (it resumes where it stopped) has whole method comparisons for the first student(s) done
     main_rows = sweep_rows("main", [{"student": [student], "seed": [seed], "method": cfg.methods}
                                     for student in cfg.students for seed in range(cfg.seeds)])
+    if main_rows is None or main_rows.empty:
+        say(f"{env}: no trial of the main sweep has finished yet")
+        return None
     main_table = group(main_rows, [report.P_METHOD, report.P_STUDENT_SIZE])
-    result = {"env": env, "teacher": inputs["teacher_test"], "teacher_size": cfg.teacher,
+    main_config = out / "config_main.json"  # what this env's main sweep ran with (flags may differ per env)
+    settings = json.loads(main_config.read_text()) if main_config.exists() else dataclasses.asdict(cfg)
+    result = {"env": env, "teacher": inputs["teacher_test"], "teacher_size": settings["teacher"],
+              "settings": {k: settings[k] for k in RUN_SETTINGS},
               "teacher_train_success": inputs["teacher_train_success"],
               "teacher_train_episodes": inputs["teacher_train_episodes"], "main_rows": main_rows, "main": main_table,
               "lambda": None, "lambda_rows": None, "prune": None, "prune_rows": None, "online": None,
@@ -263,11 +271,14 @@ def run_env(cfg: ReplicateConfig, env: str, uri: str) -> dict[str, Any] | None:
         rows = pd.concat([offline.assign(teacher="top-k stored"), online_rows.assign(teacher="full logits, online")])
         result["online_rows"] = rows
         result["online"] = group(rows, [report.P_METHOD, "teacher"])
-    wall["total_s"] = time.perf_counter() - began
+    if not report_only:
+        wall["total_s"] = time.perf_counter() - began
     return result
 
 
 # ------------------------------------------------------------------------------------------ results ----
+RUN_SETTINGS = ("expert_episodes", "teacher", "teacher_steps", "teacher_episodes", "topk", "students", "seeds",
+                "distill_steps", "test_episodes", "max_steps", "max_new_tokens", "max_length")
 COLUMNS = [("eval/success_rate", "success"), ("eval/score", "score"), ("eval/f1", "F1"),
            ("eval/cot_match_rate", "CoT match"), ("eval/thought_f1", "thought F1"),
            ("eval/reasoning_tokens", "reason tok/ep"), ("eval/latency_per_step_s", "s/step"), ("eval/params", "params")]
@@ -407,7 +418,8 @@ def write_results(cfg: ReplicateConfig, results: list[dict], seconds: float, uri
              f"(experiments {cfg.experiment}-<env>).", ""]
     for result in results:
         env = result["env"]
-        lines += [f"## {env}", "", teacher_line(result), "",
+        lines += [f"## {env}", "", "Settings of its main sweep: "
+                  + ", ".join(f"{k}={v}" for k, v in result["settings"].items()), "", teacher_line(result), "",
                   "### Students: method x size (mean ± std over seeds)", "",
                   markdown_table(result["main"], [(report.P_METHOD, "method"), (report.P_STUDENT_SIZE, "student")],
                                  result["main_rows"]),
@@ -423,12 +435,12 @@ def write_results(cfg: ReplicateConfig, results: list[dict], seconds: float, uri
                   markdown_table(result["online"], [(report.P_METHOD, "method"), ("teacher", "teacher signal")],
                                  result["online_rows"]) if result["online"] is not None else "not run", "",
                   "Wall seconds (stages run by this invocation): "
-                  + ", ".join(f"{k} {v:.0f}" for k, v in result["wall_s"].items()), ""]
+                  + (", ".join(f"{k} {v:.0f}" for k, v in result["wall_s"].items()) or "none run"), ""]
     lines += ["Plots: " + ", ".join(str(p.relative_to(out)) for p in made if p.exists()), ""]
     path = out / "results.md"
     path.write_text("\n".join(lines))
     summary = [{"env": r["env"], "teacher": r["teacher"], "teacher_train_success": r["teacher_train_success"],
-                "best": r["best"], "best_sad": r["best_sad"], "wall_s": r["wall_s"],
+                "settings": r["settings"], "best": r["best"], "best_sad": r["best_sad"], "wall_s": r["wall_s"],
                 **{k: None if r[k] is None else json.loads(r[k].to_json(orient="records"))
                    for k in ("main", "lambda", "prune", "online")}}
                for r in results]
@@ -447,7 +459,7 @@ def run(cfg: ReplicateConfig) -> Path:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # Tune trials run in other folders
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
     began = time.perf_counter()
-    started = init_ray()
+    started = init_ray() if cfg.stages != ["report"] else False  # a report reads MLflow only
     try:
         results = [r for r in (run_env(cfg, env, uri) for env in cfg.envs) if r is not None]
     finally:
@@ -460,10 +472,11 @@ def run(cfg: ReplicateConfig) -> Path:
 
 
 LIST_HELP = {"envs": "comma-separated", "students": "comma-separated (size names, derive:..., HF dirs)",
-             "methods": "comma-separated", "stages": "comma-separated: main, lambda, prune, online, teacher",
+             "methods": "comma-separated",
+             "stages": "comma-separated: main, lambda, prune, online, teacher; or report (rewrite the results only)",
              "prune_ratios": "comma-separated (0 is the main sweep's row)",
              "lambda_pairs": "λ_r:λ_a pairs, e.g. 0:1,2:1"}
-STAGES = ("main", "lambda", "prune", "online", "teacher")
+STAGES = ("main", "lambda", "prune", "online", "teacher", "report")
 
 
 def parse_config(argv: list[str] | None = None) -> ReplicateConfig:
@@ -486,6 +499,8 @@ def parse_config(argv: list[str] | None = None) -> ReplicateConfig:
         if set(values) - set(known):
             raise ConfigError(f"flags: field '{name}': unknown {sorted(set(values) - set(known))}; known: "
                               + ", ".join(known))
+    if "report" in cfg.stages and cfg.stages != ["report"]:
+        raise ConfigError("flags: field 'stages': report runs alone (every other stage writes the results too)")
     if any(len(pair) != 2 for pair in cfg.lambda_pairs):
         raise ConfigError(f"flags: field 'lambda_pairs': expected λ_r:λ_a pairs, got {cfg.lambda_pairs}")
     return cfg

@@ -59,3 +59,21 @@ def test_small_replication_runs_every_sweep_and_writes_tables_plots_and_mlflow(t
     sad = next(r for r in by_sweep["replicate-small-hotpotqa-main"] if r.data.params["method"] == "sad")
     row = next(row for row in main if row["method"] == "sad")
     assert sad.data.metrics["eval/success_rate"] == pytest.approx(row["eval/success_rate"])
+
+    # `--stages report` runs nothing and writes the same tables back from MLflow and the run's files
+    before = json.loads((out / "results.json").read_text())["envs"]
+    replicate.main(["--stages", "report", "--out", str(out), "--tracking-uri", uri, "--experiment",
+                    "replicate-small"])
+    [again] = json.loads((out / "results.json").read_text())["envs"]
+    assert {k: v for k, v in again.items() if k != "wall_s"} == {k: v for k, v in before[0].items() if k != "wall_s"}
+    assert again["settings"]["teacher_steps"] == replicate.SMALL["teacher_steps"]  # the run's, not the flags'
+    assert len(mlflow.search_runs(experiment_names=["replicate-small-hotpotqa"], output_format="list")) == len(runs)
+
+
+def test_bad_flags_exit_2_naming_the_field(capsys):
+    replicate = load_script()
+    for argv, words in ((["--stages", "report,main"], "report runs alone"), (["--seeds", "three"], "seeds"),
+                        (["--stages", "mian"], "unknown ['mian']")):
+        with pytest.raises(SystemExit) as exit_:
+            replicate.main(argv)
+        assert exit_.value.code == 2 and words in capsys.readouterr().err
