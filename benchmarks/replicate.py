@@ -15,7 +15,9 @@ Per environment (each stage skipped when a rerun finds its files, so an interrup
 Then per env a report (MLflow experiment `<experiment>-<env>`, the same numbers as the tables), and for the
 whole run <out>/results.md (tables), <out>/results.json and PNG plots under <out>/plots.
 
-    python benchmarks/replicate.py                           # the full run: ~1-2 h per env on a 2-core CPU
+    python benchmarks/replicate.py                           # the full run, on a 2-core CPU: ~2 h for HotPotQA,
+                                                             # 3+ h per env for WebShop and ALFWorld
+    python benchmarks/replicate.py --stages report           # the tables again from what has finished
     python benchmarks/replicate.py --envs hotpotqa --seeds 2 # a part of it
     python benchmarks/replicate.py --small                   # the smoke version the tests run (~3 min)
 """
