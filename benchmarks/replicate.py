@@ -229,7 +229,7 @@ def run_env(cfg: ReplicateConfig, env: str, uri: str) -> dict[str, Any] | None:
     # short (it resumes where it stopped) has whole method comparisons for the first student(s) done
     main_rows = sweep_rows("main", [{"student": [student], "seed": [seed], "method": cfg.methods}
                                     for student in cfg.students for seed in range(cfg.seeds)])
-    if main_rows is None or main_rows.empty:
+    if main_rows.empty:
         say(f"{env}: no trial of the main sweep has finished yet")
         return None
     main_table = group(main_rows, [report.P_METHOD, report.P_STUDENT_SIZE])

@@ -788,6 +788,11 @@ def _trainable(sweep: SweepConfig, inputs: dict, parent_run_id: str | None):
     return tune.with_resources(fn, resources)
 
 
+def _settings(sweep: SweepConfig) -> str:
+    """The sweep's settings as SETTINGS_FILE holds them."""
+    return json.dumps(dataclasses.asdict(sweep), indent=1, default=str) + "\n"
+
+
 def check_resume(sweep: SweepConfig, sweep_dir: Path) -> None:
     """A sweep resumes the Tune experiment it finds, with the grid it was started with: when this sweep's settings
     differ from those (a new space, other distill settings), resuming would silently run the old sweep, so refuse
@@ -795,8 +800,7 @@ def check_resume(sweep: SweepConfig, sweep_dir: Path) -> None:
     stored_file = sweep_dir / SETTINGS_FILE
     if not stored_file.exists():
         return
-    stored = json.loads(stored_file.read_text())
-    current = json.loads(json.dumps(dataclasses.asdict(sweep), default=str))
+    stored, current = json.loads(stored_file.read_text()), json.loads(_settings(sweep))
     changed = sorted(k for k in set(stored) | set(current)
                      if k not in RESUME_MAY_CHANGE and stored.get(k) != current.get(k))
     if changed:
@@ -805,10 +809,10 @@ def check_resume(sweep: SweepConfig, sweep_dir: Path) -> None:
                           "it again, or give the new sweep another `name`")
 
 
-def _tuner(sweep: SweepConfig, trainable, tune_dir: Path, resume: bool):
+def _tuner(sweep: SweepConfig, trainable, tune_dir: Path, restore: bool):
     from ray import tune
 
-    if resume and tune.Tuner.can_restore(str(tune_dir)):
+    if restore:
         _say(f"resuming the sweep in {tune_dir}")
         return tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
     metric = tune_metric(sweep)
@@ -860,6 +864,7 @@ def _summarize(results) -> list[dict]:
 def run_sweep(sweep: SweepConfig, resume: bool = True) -> SweepResult:
     """Prepare the shared inputs, run (or resume) the Tune experiment, log the sweep run, print the report."""
     import ray
+    from ray import tune
 
     from raysad import tracking
     from raysad.cluster import init_ray
@@ -871,14 +876,12 @@ def run_sweep(sweep: SweepConfig, resume: bool = True) -> SweepResult:
     if not resume and sweep_dir.exists():
         _say(f"--no-resume: removing {sweep_dir}")
         shutil.rmtree(sweep_dir)
-    from ray import tune
-
     resuming = resume and tune.Tuner.can_restore(str(tune_dir))
     if resuming:
         check_resume(sweep, sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if not resuming:
-        (sweep_dir / SETTINGS_FILE).write_text(json.dumps(dataclasses.asdict(sweep), indent=1, default=str) + "\n")
+        (sweep_dir / SETTINGS_FILE).write_text(_settings(sweep))
     uri = _absolute_uri(sweep.tracking_uri)
     experiment = sweep.experiment or sweep.name
     started_ray = init_ray(sweep.ray_address, sweep.num_cpus)
@@ -887,7 +890,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = True) -> SweepResult:
                          {names.STAGE_TAG: "tune", "sweep": sweep.name}) as parent:
             run_id = parent.info.run_id
             inputs = prepare_inputs(sweep, sweep_dir, uri)
-            tuner = _tuner(sweep, _trainable(sweep, inputs, run_id), tune_dir, resume)
+            tuner = _tuner(sweep, _trainable(sweep, inputs, run_id), tune_dir, resuming)
             _say(f"sweep {sweep.name!r}: trials in {sweep_dir / 'trials'}, MLflow experiment {experiment!r} at {uri}")
             trials = _summarize(tuner.fit())
             table = None
