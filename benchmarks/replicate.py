@@ -363,6 +363,7 @@ def plot_main(results: list[dict], path: Path) -> Path:
             teacher = result["teacher"].get(metric)
             if teacher is not None:
                 ax.axhline(teacher, color="black", linestyle="--", linewidth=1, label="teacher")
+            ax.set_ylim(bottom=0)  # rates and scores: a whisker below 0 (mean < std) means nothing
             ax.set_xticks(range(len(sizes)), sizes)
             ax.set_title(f"{result['env']}: {metric.split('/')[1]}")
             if row == 0 and col == 0:
