@@ -112,80 +112,82 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     started_ray = init_ray()  # one Ray for every stage (they reuse a running one)
     common = dict(experiment=cfg.experiment, tracking_uri=uri)
     results: dict[str, dict] = {}
-    with tracking.start_run(cfg.experiment, "quickstart", flatten(cfg), tags={"stage": "quickstart"}, uri=uri):
-        t = _stage(1, "expert trajectories (generated tasks, Ray env actors)")
-        expert_files = []
-        for env in cfg.envs:
-            path = out / "data" / f"{env}_expert.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            run_rollout(RolloutConfig(env=env, split="train", policy="expert", episodes=cfg.expert_episodes,
-                                      out=str(path), only_success=True, seed=cfg.seed,
-                                      run_name=f"rollout-expert-{env}", **common))
-            expert_files.append(path)
-        expert_all = _merge(expert_files, out / "data" / "expert_all.jsonl")
-        _done(t, str(expert_all))
-
-        t = _stage(2, f"tokenizer + SFT of a {cfg.teacher} teacher on the expert trajectories")
-        teacher_dir = out / "teacher"
-        if not (teacher_dir / "config.json").exists():
-            run_sft(SFTConfig(trajectories=str(expert_all), model=cfg.teacher, out=str(teacher_dir),
-                              max_steps=cfg.teacher_steps, lr=cfg.teacher_lr, vocab_size=cfg.vocab_size,
-                              max_length=cfg.max_length, seed=cfg.seed, run_name="sft-teacher", **common))
-        _done(t, str(teacher_dir))
-
-        t = _stage(3, f"teacher rollouts with top-{cfg.topk} log-probs (Ray env actors + hf engine actor)")
-        teacher_files = []
-        for env in cfg.envs:
-            path = out / "data" / f"{env}_teacher.jsonl"
-            summary = run_rollout(RolloutConfig(
-                env=env, split="train", policy="hf", model=str(teacher_dir), episodes=cfg.teacher_episodes,
-                topk=cfg.topk, max_new_tokens=cfg.max_new_tokens, max_steps=cfg.max_steps, out=str(path),
-                seed=cfg.seed, env_actors=1, envs_per_actor=8, run_name=f"rollout-teacher-{env}", **common))
-            teacher_files.append(path)
-            console.print(f"teacher on {env} (train): success {summary.successes}/{max(summary.episodes, 1)}")
-        teacher_all = _merge(teacher_files, out / "data" / "teacher_all.jsonl")
-        _done(t, str(teacher_all))
-
-        t = _stage(4, f"students distilled with {', '.join(cfg.methods)} (Ray Train)")
-        student_spec, size = build_student(cfg, teacher_dir, out / "student_init")
-        students = {}
-        for method in cfg.methods:
-            student_dir = out / "students" / method
-            if not (student_dir / "config.json").exists():
-                run_distill(DistillConfig(
-                    trajectories=str(teacher_all), student=student_spec, tokenizer=str(teacher_dir),
-                    out=str(student_dir), method=method, lambda_reason=cfg.lambda_reason,
-                    lambda_act=cfg.lambda_act, max_steps=cfg.distill_steps, lr=cfg.distill_lr,
-                    max_length=cfg.max_length, seed=cfg.seed, workers=1, run_name=f"distill-{method}",
-                    **common))
-            students[method] = student_dir
-        _done(t, ", ".join(str(p) for p in students.values()))
-
-        t = _stage(5, f"evaluation on held-out test tasks ({cfg.eval_episodes} per env)")
-        models = {"teacher": teacher_dir, **students}
-        for name, model_dir in models.items():
+    try:
+        with tracking.start_run(cfg.experiment, "quickstart", flatten(cfg), tags={"stage": "quickstart"}, uri=uri):
+            t = _stage(1, "expert trajectories (generated tasks, Ray env actors)")
+            expert_files = []
             for env in cfg.envs:
-                metrics = run_evaluate(EvalConfig(
-                    env=env, split="test", policy="hf", model=str(model_dir), episodes=cfg.eval_episodes,
-                    max_new_tokens=cfg.max_new_tokens, max_steps=cfg.max_steps, seed=cfg.seed,
-                    out=str(out / "eval" / name / env),
-                    method=name, student_size=cfg.teacher if name == "teacher" else size,
-                    env_actors=1, envs_per_actor=8, run_name=f"evaluate-{name}-{env}", **common),
-                    progress=True)
-                results.setdefault(name, {})[env] = metrics
-        _done(t, str(out / "eval"))
+                path = out / "data" / f"{env}_expert.jsonl"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                run_rollout(RolloutConfig(env=env, split="train", policy="expert", episodes=cfg.expert_episodes,
+                                          out=str(path), only_success=True, seed=cfg.seed,
+                                          run_name=f"rollout-expert-{env}", **common))
+                expert_files.append(path)
+            expert_all = _merge(expert_files, out / "data" / "expert_all.jsonl")
+            _done(t, str(expert_all))
 
-        t = _stage(6, "report")
-        report = run_report(ReportConfig(experiment=cfg.experiment, group_by=["method", "env"],
-                                         plots=str(out / "plots"), out=str(out / "report.csv"),
-                                         tracking_uri=uri))
-        params = {name: next(iter(per_env.values())).get("eval/params") for name, per_env in results.items()}
-        summary = {"results": results, "params": params, "seconds": time.monotonic() - began,
-                   "plots": [str(p) for p in report.plots]}
-        (out / "quickstart.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        _done(t, str(out / "report.csv"))
-    if started_ray:
-        ray.shutdown()
+            t = _stage(2, f"tokenizer + SFT of a {cfg.teacher} teacher on the expert trajectories")
+            teacher_dir = out / "teacher"
+            if not (teacher_dir / "config.json").exists():
+                run_sft(SFTConfig(trajectories=str(expert_all), model=cfg.teacher, out=str(teacher_dir),
+                                  max_steps=cfg.teacher_steps, lr=cfg.teacher_lr, vocab_size=cfg.vocab_size,
+                                  max_length=cfg.max_length, seed=cfg.seed, run_name="sft-teacher", **common))
+            _done(t, str(teacher_dir))
+
+            t = _stage(3, f"teacher rollouts with top-{cfg.topk} log-probs (Ray env actors + hf engine actor)")
+            teacher_files = []
+            for env in cfg.envs:
+                path = out / "data" / f"{env}_teacher.jsonl"
+                summary = run_rollout(RolloutConfig(
+                    env=env, split="train", policy="hf", model=str(teacher_dir), episodes=cfg.teacher_episodes,
+                    topk=cfg.topk, max_new_tokens=cfg.max_new_tokens, max_steps=cfg.max_steps, out=str(path),
+                    seed=cfg.seed, env_actors=1, envs_per_actor=8, run_name=f"rollout-teacher-{env}", **common))
+                teacher_files.append(path)
+                console.print(f"teacher on {env} (train): success {summary.successes}/{max(summary.episodes, 1)}")
+            teacher_all = _merge(teacher_files, out / "data" / "teacher_all.jsonl")
+            _done(t, str(teacher_all))
+
+            t = _stage(4, f"students distilled with {', '.join(cfg.methods)} (Ray Train)")
+            student_spec, size = build_student(cfg, teacher_dir, out / "student_init")
+            students = {}
+            for method in cfg.methods:
+                student_dir = out / "students" / method
+                if not (student_dir / "config.json").exists():
+                    run_distill(DistillConfig(
+                        trajectories=str(teacher_all), student=student_spec, tokenizer=str(teacher_dir),
+                        out=str(student_dir), method=method, lambda_reason=cfg.lambda_reason,
+                        lambda_act=cfg.lambda_act, max_steps=cfg.distill_steps, lr=cfg.distill_lr,
+                        max_length=cfg.max_length, seed=cfg.seed, workers=1, run_name=f"distill-{method}",
+                        **common))
+                students[method] = student_dir
+            _done(t, ", ".join(str(p) for p in students.values()))
+
+            t = _stage(5, f"evaluation on held-out test tasks ({cfg.eval_episodes} per env)")
+            models = {"teacher": teacher_dir, **students}
+            for name, model_dir in models.items():
+                for env in cfg.envs:
+                    metrics = run_evaluate(EvalConfig(
+                        env=env, split="test", policy="hf", model=str(model_dir), episodes=cfg.eval_episodes,
+                        max_new_tokens=cfg.max_new_tokens, max_steps=cfg.max_steps, seed=cfg.seed,
+                        out=str(out / "eval" / name / env),
+                        method=name, student_size=cfg.teacher if name == "teacher" else size,
+                        env_actors=1, envs_per_actor=8, run_name=f"evaluate-{name}-{env}", **common),
+                        progress=True)
+                    results.setdefault(name, {})[env] = metrics
+            _done(t, str(out / "eval"))
+
+            t = _stage(6, "report")
+            report = run_report(ReportConfig(experiment=cfg.experiment, group_by=["method", "env"],
+                                             plots=str(out / "plots"), out=str(out / "report.csv"),
+                                             tracking_uri=uri))
+            params = {name: next(iter(per_env.values())).get("eval/params") for name, per_env in results.items()}
+            summary = {"results": results, "params": params, "seconds": time.monotonic() - began,
+                       "plots": [str(p) for p in report.plots]}
+            (out / "quickstart.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            _done(t, str(out / "report.csv"))
+    finally:  # also when a stage fails: the next thing this process runs may want a Ray of its own
+        if started_ray:
+            ray.shutdown()
     print_summary(cfg, results, params, time.monotonic() - began, out)
     return summary
 
