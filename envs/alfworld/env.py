@@ -44,7 +44,7 @@ class ALFWorldEnv(TextEnv):
         """split: train/valid/test. data: None = offline generated games (deterministic, the default; the
         ALFWORLD_DATA variable is NOT read unless data="env"), or a path to a real ALFWorld data root.
         seed: draws the generated pool and its split. num_tasks: generated pool size over all splits
-        (default 600), or for real data the first num_tasks games of the split."""
+        (default 1000), or for real data the first num_tasks games of the split."""
         super().__init__(split=split, max_steps=max_steps, render_mode=render_mode)
         # unseeded resets follow the constructor's seed, so a run replays from its config
         self._np_random, _ = gym.utils.seeding.np_random(seed)

@@ -24,7 +24,7 @@ from .generator import GENERATOR_VERSION, TASK_TYPES, generate_task, write_trial
 
 log = logging.getLogger(__name__)
 
-DEFAULT_NUM_TASKS = 600
+DEFAULT_NUM_TASKS = 1000  # 80/10/10 -> a test split of 100 games, what a comparison needs
 REAL_SPLITS = {"train": ("train", "valid_train"), "valid": ("valid_seen",), "test": ("valid_unseen",)}
 SKIP_REASONS = {
     "no_game_file": "no game.tw-pddl",
