@@ -120,6 +120,28 @@ def test_sampling_is_seeded(engine):
     assert [g.token_ids for g in a] != [g.token_ids for g in greedy]
 
 
+def test_prefix_cache_reuses_keys_and_values_exactly(model, tokenizer):
+    """An agent-like sequence of calls, each prompt extending an earlier prompt + its generation, gives the same
+    tokens and top-k log-probs with the cache as without, while most prompt tokens come from the cache."""
+    cached = HFEngine(model, tokenizer, batch_size=8, prefix_cache=8)
+    plain = HFEngine(model, tokenizer, batch_size=8, prefix_cache=0)
+    contexts = list(PROMPTS)
+    for turn in range(3):
+        outs = [e.generate(contexts, stop=["."], max_tokens=10, topk=3) for e in (cached, plain)]
+        for with_cache, without in zip(*outs):
+            assert with_cache.token_ids == without.token_ids and with_cache.text == without.text
+            torch.testing.assert_close(torch.tensor(with_cache.topk_logprobs),
+                                       torch.tensor(without.topk_logprobs), atol=1e-4, rtol=1e-4)
+        # rows move on by different amounts, and one row starts afresh: a batch mixes cached prefixes of
+        # different lengths with a row that has none
+        contexts = [c + g.text + f" obs {turn}{'!' * i}\n" for i, (c, g) in enumerate(zip(contexts, outs[0]))]
+        contexts[turn % 3] = f"Observation {turn}: a new prompt"
+    stats = cached.prefix_cache.stats()
+    assert stats["hits"] >= 6 and stats["reused_token_fraction"] > 0.25
+    assert stats["entries"] <= 8
+    assert plain.prefix_cache is None
+
+
 def test_cut_at_stop(tokenizer):
     ids = tokenizer.encode("Search[item 7]\nObservation 1: x", add_special_tokens=False)
     out, keep, text, reason = cut_at_stop(tokenizer, ids, ["]"])

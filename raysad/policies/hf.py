@@ -1,38 +1,116 @@
-"""A text engine on transformers `generate`: batched (left padding), greedy or sampled, stop strings, top-k
-log-probs of every generated token. Runs on CPU and GPU; the default engine of the tests and the quickstart.
-See policies/base.py for the contract it keeps."""
+"""A text engine on transformers models: batched (left padding), greedy or sampled, stop strings, top-k
+log-probs of every generated token, and a prefix cache. Runs on CPU and GPU; the default engine of the tests
+and the quickstart. See policies/base.py for the contract it keeps.
+
+The prefix cache is what makes agent rollouts affordable: a ReAct episode asks for the thought, then for the
+action on a prompt that extends the thought's (prompt + thought + delimiters), then for the next thought on a
+prompt that extends that (+ action + observation), and so on. Without a cache every call re-reads the whole
+context (two full prefills per turn, growing with the episode); with it a call reads only what is new since
+the longest cached token prefix. Keys and values of a prefix depend only on its tokens and their positions, so
+reusing them is exact (up to float rounding of a different batch shape). The decoding loop is ours, not
+`model.generate`, because a batch then mixes rows whose cached prefixes have different lengths:
+
+    columns:  [ cached KV, right-aligned | new prompt tokens, right-aligned | generated tokens ]
+    row 0:      . . c c c c c c            . . p p                          g g g
+    row 1:      c c c c c c c c            p p p p                          g g g
+
+('.' is padding, masked out.) Every token keeps its true position (position_ids), so padding in the middle of
+a row changes nothing. The mask is a 4D additive one we build, which eager and SDPA attention both take.
+Models whose cache is not a plain per-layer key/value store (sliding windows, recurrent layers) run the same
+loop without reuse.
+"""
 from __future__ import annotations
 
+import inspect
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from raysad.policies.base import Generation, call_settings, cut_at_stop
 
 
-class _StopOnStrings(StoppingCriteria):
-    """StoppingCriteria: a row is done once its generated text (not the prompt) contains a stop string."""
+class PrefixCache:
+    """Per-sequence keys/values keyed by their token ids; `longest(ids)` finds the longest reusable prefix.
 
-    def __init__(self, tokenizer, stops: list[str], prompt_length: int):
-        super().__init__()
-        self.tokenizer, self.stops, self.prompt_length = tokenizer, stops, prompt_length
-        # a stop string of n bytes lies within the last n + 1 tokens the step it completes
-        self.window = max(len(s.encode()) for s in stops) + 1
+    LRU with `capacity` entries. An entry whose every token a newer entry extends is dropped (that row moved
+    on), so an agent loop keeps about one entry per episode in flight and `capacity` should exceed the number
+    of episodes an engine serves at once (rollout: env_actors x envs_per_actor).
+    """
 
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        tail = input_ids[:, self.prompt_length:][:, -self.window:]
-        texts = self.tokenizer.batch_decode(tail, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.entries: OrderedDict[int, tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]] = OrderedDict()
+        self.next_key = 0
+        self.hits = self.lookups = self.reused_tokens = self.prompt_tokens = 0
+
+    def longest(self, ids: list[int]) -> tuple[int | None, int]:
+        """(entry key, n): the entry sharing the longest token prefix with `ids`, capped at len(ids) - 1 (the
+        last prompt token is always run: its logits give the first new token); (None, 0) when none."""
+        query = torch.tensor(ids)
+        best, best_n = None, 0
+        for key, (entry_ids, _) in self.entries.items():
+            m = min(len(entry_ids), len(ids) - 1)
+            if m <= best_n:
+                continue
+            same = entry_ids[:m] == query[:m]
+            n = m if bool(same.all()) else int(same.int().argmin())
+            if n > best_n:
+                best, best_n = key, n
+        self.lookups += 1
+        self.prompt_tokens += len(ids)
+        if best is not None:
+            self.hits += 1
+            self.reused_tokens += best_n
+            self.entries.move_to_end(best)
+        return best, best_n
+
+    def kv(self, key: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first n positions of an entry's keys/values, one (k, v) per layer, each [heads, n, head_dim]."""
+        return [(k[:, :n], v[:, :n]) for k, v in self.entries[key][1]]
+
+    def add(self, ids: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]], extends: tuple[int | None, int]):
+        source, n = extends
+        if source is not None and source in self.entries and n >= len(self.entries[source][0]):
+            del self.entries[source]  # fully contained in the new entry
+        self.entries[self.next_key] = (torch.tensor(ids), kv)
+        self.next_key += 1
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+
+    def stats(self) -> dict[str, float]:
+        return {"lookups": self.lookups, "hits": self.hits, "entries": len(self.entries),
+                "reused_token_fraction": self.reused_tokens / max(self.prompt_tokens, 1)}
+
+
+def _cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """A transformers cache as (keys, values) per layer ([batch, heads, seq, head_dim]), or None when it is not
+    a plain full-attention store whose tensors can be cut and stitched (then no prefix reuse)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:  # transformers >= 4.56
+        if all(type(layer).__name__ == "DynamicLayer" for layer in layers):
+            return [(layer.keys, layer.values) for layer in layers]
+        return None
+    if hasattr(cache, "key_cache"):
+        return list(zip(cache.key_cache, cache.value_cache))
+    return None
+
+
+def _hit_stop(tokenizer, ids: list[int], stops: list[str], window: int) -> bool:
+    """Whether the generated ids (a row's own, not the prompt) end in text containing a stop string; a stop of
+    n bytes lies within the last n + 1 tokens the step it completes."""
+    text = tokenizer.decode(ids[-window:], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return any(s in text for s in stops)
 
 
 class HFEngine:
-    """`model` is a directory (the tokenizer then defaults to the same directory) or a loaded model."""
+    """`model` is a directory (the tokenizer then defaults to the same directory) or a loaded model.
+    `prefix_cache` is how many sequences' keys/values to keep for reuse (0: none)."""
 
     def __init__(self, model: Any, tokenizer: Any = None, device: str | None = None, dtype: Any = None,
                  batch_size: int = 16, max_new_tokens: int = 128, temperature: float = 0.0,
-                 seed: int | None = None):
+                 seed: int | None = None, prefix_cache: int = 128):
         from raysad import models
 
         if isinstance(model, (str, Path)):
@@ -50,6 +128,7 @@ class HFEngine:
         self.device = next(model.parameters()).device
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.temperature, self.seed, self.calls = temperature, seed, 0
+        self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache > 0 else None
         eos = model.generation_config.eos_token_id
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
@@ -58,6 +137,10 @@ class HFEngine:
         plain = tokenizer("a", add_special_tokens=False)["input_ids"]
         full = tokenizer("a", add_special_tokens=True)["input_ids"]
         self.prefix_ids = full[:full.index(plain[0])] if plain and plain[0] in full else []
+        # transformers renamed past_key_values to cache (5.x); older releases know only the first
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     def encode(self, prompts: list[str]) -> list[list[int]]:
         """Prompt token ids as the model sees them (leading special tokens included)."""
@@ -73,36 +156,99 @@ class HFEngine:
                                         temperature, seed)
         return out
 
+    def _forward(self, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, cache):
+        """Run the new columns `ids` [B, q] against the cache; `valid` [B, kv] marks the real (non-pad) columns
+        of cache + new. Returns (last position's logits [B, V], cache)."""
+        q, kv = ids.shape[1], valid.shape[1]
+        causal = torch.ones(q, kv, dtype=torch.bool, device=ids.device).tril(kv - q)
+        allowed = causal[None] & valid[:, None, :]
+        mask = torch.zeros(allowed.shape, dtype=self.model.dtype, device=ids.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(self.model.dtype).min)[:, None]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{self._cache_kwarg: cache}, **self._keep_last)
+        return out.logits[:, -1].float(), getattr(out, self._cache_kwarg)
+
+    def _stitched_cache(self, rows: list[list[tuple[torch.Tensor, torch.Tensor]] | None], width: int):
+        """A batch cache of `width` columns from per-row cached keys/values (right-aligned, left-padded)."""
+        from transformers import DynamicCache
+
+        template = next(r for r in rows if r is not None)
+        cache = DynamicCache()
+        for layer, (k0, v0) in enumerate(template):
+            keys = k0.new_zeros(len(rows), k0.shape[0], width, k0.shape[-1])
+            values = v0.new_zeros(len(rows), v0.shape[0], width, v0.shape[-1])
+            for b, row in enumerate(rows):
+                if row is not None:
+                    k, v = row[layer]
+                    keys[b, :, width - k.shape[1]:], values[b, :, width - v.shape[1]:] = k, v
+            cache.update(keys, values, layer)
+        return cache
+
     @torch.no_grad()
     def _generate_batch(self, prompts, stop, max_tokens, topk, temperature, seed) -> list[Generation]:
-        tok = self.tokenizer
+        tok, device = self.tokenizer, self.device
         prompt_ids = self.encode(prompts)
         if any(not p for p in prompt_ids):
             raise ValueError("generate: an empty prompt (no tokens) has nothing to continue from")
-        prompt_length = max(len(p) for p in prompt_ids)
-        ids = torch.full((len(prompts), prompt_length), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompt_ids):  # left padding: every row's next token is at the same column
-            ids[i, prompt_length - len(p):], mask[i, prompt_length - len(p):] = torch.tensor(p), 1
-        enc = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
-        if seed is not None:
-            torch.manual_seed(seed)
-        sampling = temperature > 0
-        options = dict(max_new_tokens=max_tokens, do_sample=sampling, pad_token_id=tok.pad_token_id,
-                       eos_token_id=sorted(self.eos_ids) or None, return_dict_in_generate=True,
-                       output_logits=topk > 0)
-        if sampling:  # plain sampling from softmax(logits / T): no top-k/top-p truncation
-            options.update(temperature=temperature, top_k=0, top_p=1.0)
-        else:
-            options.update(temperature=None, top_k=None, top_p=None)
-        criteria = StoppingCriteriaList([_StopOnStrings(tok, stop, prompt_length)]) if stop else None
-        result = self.model.generate(**enc, stopping_criteria=criteria, **options)
-        generated = result.sequences[:, prompt_length:].tolist()
-        rows = None
-        if topk > 0:  # (batch, steps, k) from the raw logits of every step
-            logprobs = torch.stack(result.logits, dim=1).float().log_softmax(-1)
-            values, indices = logprobs.topk(min(topk, logprobs.shape[-1]), dim=-1)
-            rows = (indices.tolist(), values.tolist())
+        batch = len(prompt_ids)
+        pc = self.prefix_cache
+        matches = [pc.longest(p) for p in prompt_ids] if pc is not None else [(None, 0)] * batch
+        reused = [n for _, n in matches]
+        width = max(reused)  # cached columns
+        new = max(len(p) - n for p, n in zip(prompt_ids, reused))  # new prompt columns
+        cache = self._stitched_cache([pc.kv(key, n) if key is not None else None for key, n in matches],
+                                     width) if width else None
+        ids = torch.full((batch, new), tok.pad_token_id, dtype=torch.long)
+        valid = torch.zeros(batch, width + new, dtype=torch.bool)
+        positions = torch.zeros(batch, new, dtype=torch.long)
+        for b, (p, n) in enumerate(zip(prompt_ids, reused)):
+            fresh = p[n:]
+            ids[b, new - len(fresh):] = torch.tensor(fresh)
+            valid[b, width - n:width] = True
+            valid[b, width + new - len(fresh):] = True
+            positions[b, new - len(fresh):] = torch.arange(n, len(p))
+        ids, valid, positions = ids.to(device), valid.to(device), positions.to(device)
+        logits, cache = self._forward(ids, valid, positions, cache)
+
+        generator = None
+        if temperature > 0:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(seed if seed is not None else torch.seed())
+        window = max((len(s.encode()) for s in stop), default=0) + 1
+        generated = [[] for _ in range(batch)]
+        done = [False] * batch
+        fed = [0] * batch  # generated tokens run through the model before the row finished (their KV exists)
+        decoded = 0  # generated columns run through the model
+        rows_topk: list[tuple[list, list]] = [([], []) for _ in range(batch)]
+        next_position = torch.tensor([len(p) for p in prompt_ids], device=device)
+        for step in range(max_tokens):
+            if topk > 0:
+                values, indices = logits.log_softmax(-1).topk(min(topk, logits.shape[-1]), dim=-1)
+                values, indices = values.tolist(), indices.tolist()
+            if generator is not None:  # plain sampling from softmax(logits / T): no top-k/top-p truncation
+                choice = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)[:, 0]
+            else:
+                choice = logits.argmax(-1)
+            for b, token in enumerate(choice.tolist()):
+                if done[b]:
+                    continue
+                generated[b].append(token)
+                if topk > 0:
+                    rows_topk[b][0].append(indices[b])
+                    rows_topk[b][1].append(values[b])
+                if token in self.eos_ids or (stop and _hit_stop(tok, generated[b], stop, window)):
+                    done[b] = True
+            if all(done) or step == max_tokens - 1:
+                break
+            for b in range(batch):
+                fed[b] += not done[b]
+            decoded += 1
+            valid = torch.cat([valid, torch.ones(batch, 1, dtype=torch.bool, device=device)], dim=1)
+            logits, cache = self._forward(choice[:, None], valid, next_position[:, None], cache)
+            next_position = next_position + 1
+
+        if pc is not None:
+            self._remember(prompt_ids, generated, fed, valid.shape[1] - decoded, valid, cache, matches)
 
         gens, rescore = [], []
         for b, ids in enumerate(generated):
@@ -111,8 +257,8 @@ class HFEngine:
             ids = ids[:cut] if eos else ids
             ids, keep, text, reason = cut_at_stop(tok, ids, stop)
             gen = Generation(text=text, token_ids=ids, finish_reason="eos" if eos and reason == "length" else reason)
-            if rows is not None:
-                gen.topk_ids, gen.topk_logprobs = rows[0][b][:keep], rows[1][b][:keep]
+            if topk > 0:
+                gen.topk_ids, gen.topk_logprobs = rows_topk[b][0][:keep], rows_topk[b][1][:keep]
                 if keep < len(ids):
                     rescore.append((b, keep))
             gens.append(gen)
@@ -122,6 +268,19 @@ class HFEngine:
                 gens[b].topk_ids += ids_rows[keep:]
                 gens[b].topk_logprobs += lp_rows[keep:]
         return gens
+
+    def _remember(self, prompt_ids, generated, fed, prompt_columns, valid, cache, matches) -> None:
+        """Store each row's keys/values (prompt + the generated tokens that were run) in the prefix cache."""
+        layers = _cache_layers(cache)
+        if layers is None:
+            self.prefix_cache = None  # this model's cache cannot be stitched: stop trying
+            return
+        for b, p in enumerate(prompt_ids):
+            columns = valid[b, :prompt_columns].nonzero()[:, 0]
+            columns = torch.cat([columns, torch.arange(prompt_columns, prompt_columns + fed[b],
+                                                       device=columns.device)])
+            kv = [(k[b][:, columns], v[b][:, columns]) for k, v in layers]
+            self.prefix_cache.add(p + generated[b][:fed[b]], kv, matches[b])
 
     # ---------------------------------------------------------------------------------------- score ---
     @torch.no_grad()
