@@ -15,8 +15,8 @@ Per environment (each stage skipped when a rerun finds its files, so an interrup
 Then per env a report (MLflow experiment `<experiment>-<env>`, the same numbers as the tables), and for the
 whole run <out>/results.md (tables), <out>/results.json and PNG plots under <out>/plots.
 
-    python benchmarks/replicate.py                           # the full run, on a 2-core CPU: ~2 h for HotPotQA,
-                                                             # 3+ h per env for WebShop and ALFWorld
+    python benchmarks/replicate.py                           # the full run, on a 2-core CPU: 2-3 h per env
+                                                             # (ALFWorld's main sweep: 78 min, teacher: 1 h)
     python benchmarks/replicate.py --stages report           # the tables again from what has finished
     python benchmarks/replicate.py --envs hotpotqa --seeds 2 # a part of it
     python benchmarks/replicate.py --small                   # the smoke version the tests run (~3 min)
@@ -454,7 +454,7 @@ def write_results(cfg: ReplicateConfig, results: list[dict], seconds: float, uri
     return path
 
 
-def run(cfg: ReplicateConfig) -> Path:
+def run(cfg: ReplicateConfig) -> Path | None:
     import ray
 
     from raysad import tracking
@@ -470,6 +470,10 @@ def run(cfg: ReplicateConfig) -> Path:
     finally:
         if started:
             ray.shutdown()
+    if not results:  # e.g. --stages teacher: keep the results an earlier run wrote
+        say(f"done in {(time.perf_counter() - began) / 60:.1f} min; no env has a finished main sweep, so "
+            f"{Path(cfg.out) / 'results.md'} is left as it was")
+        return None
     path = write_results(cfg, results, time.perf_counter() - began, uri)
     say(f"done in {(time.perf_counter() - began) / 60:.1f} min: {path}")
     print(path.read_text())
@@ -511,7 +515,7 @@ def parse_config(argv: list[str] | None = None) -> ReplicateConfig:
     return cfg
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> Path | None:
     from raysad.config import ConfigError
 
     try:

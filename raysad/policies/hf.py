@@ -213,7 +213,7 @@ class HFEngine:
         generator = None
         if temperature > 0:
             generator = torch.Generator(device=device)
-            generator.manual_seed(seed if seed is not None else torch.seed())
+            generator.manual_seed(seed) if seed is not None else generator.seed()  # (the global RNG untouched)
         window = max((len(s.encode()) for s in stop), default=0) + 1
         generated = [[] for _ in range(batch)]
         done = [False] * batch
