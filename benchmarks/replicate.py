@@ -84,7 +84,6 @@ def say(text: str) -> None:
 # ------------------------------------------------------------------------------------- data + teacher ----
 def prepare_env(cfg: ReplicateConfig, env: str, out: Path, uri: str) -> dict[str, Any]:
     """Steps 1-3: expert trajectories, the SFT teacher, its train rollouts and its test evaluation."""
-    import raysad_envs
     from raysad.evaluate import EvalConfig, run_evaluate
     from raysad.rollout import RolloutConfig, run_rollout
     from raysad.sft import SFTConfig, run_sft
@@ -117,12 +116,12 @@ def prepare_env(cfg: ReplicateConfig, env: str, out: Path, uri: str) -> dict[str
               RolloutConfig(env=env, split="train", policy="hf", model=str(teacher), episodes=cfg.teacher_episodes,
                             topk=cfg.topk, max_steps=cfg.max_steps, max_new_tokens=cfg.max_new_tokens, env_actors=2,
                             envs_per_actor=16, out=str(data), run_name="rollout-teacher", **common), progress=False))
-    test_tasks = min(cfg.test_episodes, len(raysad_envs.list_tasks(env, "test")))  # what evaluate will play
-    stage("teacher_eval_s", test_dir / "eval.json", f"teacher on {test_tasks} test tasks", lambda: run_evaluate(
-        EvalConfig(env=env, split="test", policy="hf", model=str(teacher), episodes=cfg.test_episodes,
-                   max_steps=cfg.max_steps, max_new_tokens=cfg.max_new_tokens, env_actors=2, envs_per_actor=16,
-                   method="teacher", student_size=cfg.teacher, out=str(test_dir), run_name="evaluate-teacher",
-                   **common), progress=False))
+    stage("teacher_eval_s", test_dir / "eval.json", f"teacher on the test split (up to {cfg.test_episodes} tasks)",
+          lambda: run_evaluate(EvalConfig(
+              env=env, split="test", policy="hf", model=str(teacher), episodes=cfg.test_episodes,
+              max_steps=cfg.max_steps, max_new_tokens=cfg.max_new_tokens, env_actors=2, envs_per_actor=16,
+              method="teacher", student_size=cfg.teacher, out=str(test_dir), run_name="evaluate-teacher",
+              **common), progress=False))
     reference = out / "teacher_test_reference.jsonl"
     if not reference.exists():
         with TrajectoryWriter(reference) as writer:

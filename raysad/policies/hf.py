@@ -217,8 +217,6 @@ class HFEngine:
         window = max((len(s.encode()) for s in stop), default=0) + 1
         generated = [[] for _ in range(batch)]
         done = [False] * batch
-        fed = [0] * batch  # generated tokens run through the model before the row finished (their KV exists)
-        decoded = 0  # generated columns run through the model
         rows_topk: list[tuple[list, list]] = [([], []) for _ in range(batch)]
         next_position = torch.tensor([len(p) for p in prompt_ids], device=device)
         for step in range(max_tokens):
@@ -240,15 +238,12 @@ class HFEngine:
                     done[b] = True
             if all(done) or step == max_tokens - 1:
                 break
-            for b in range(batch):
-                fed[b] += not done[b]
-            decoded += 1
             valid = torch.cat([valid, torch.ones(batch, 1, dtype=torch.bool, device=device)], dim=1)
             logits, cache = self._forward(choice[:, None], valid, next_position[:, None], cache)
             next_position = next_position + 1
 
         if pc is not None:
-            self._remember(prompt_ids, generated, fed, valid.shape[1] - decoded, valid, cache, matches)
+            self._remember(prompt_ids, generated, width + new, valid, cache, matches)
 
         gens, rescore = [], []
         for b, ids in enumerate(generated):
@@ -269,18 +264,20 @@ class HFEngine:
                 gens[b].topk_logprobs += lp_rows[keep:]
         return gens
 
-    def _remember(self, prompt_ids, generated, fed, prompt_columns, valid, cache, matches) -> None:
-        """Store each row's keys/values (prompt + the generated tokens that were run) in the prefix cache."""
+    def _remember(self, prompt_ids, generated, prompt_columns, valid, cache, matches) -> None:
+        """Store each row's keys/values (prompt + the generated tokens that were run) in the prefix cache.
+        A row's last generated token was never run (the row finished on it, or the budget ran out), so its
+        first len - 1 generated tokens have keys/values, in the columns after the prompt's."""
         layers = _cache_layers(cache)
         if layers is None:
             self.prefix_cache = None  # this model's cache cannot be stitched: stop trying
             return
         for b, p in enumerate(prompt_ids):
+            run = max(len(generated[b]) - 1, 0)
             columns = valid[b, :prompt_columns].nonzero()[:, 0]
-            columns = torch.cat([columns, torch.arange(prompt_columns, prompt_columns + fed[b],
-                                                       device=columns.device)])
+            columns = torch.cat([columns, torch.arange(prompt_columns, prompt_columns + run, device=columns.device)])
             kv = [(k[b][:, columns], v[b][:, columns]) for k, v in layers]
-            self.prefix_cache.add(p + generated[b][:fed[b]], kv, matches[b])
+            self.prefix_cache.add(p + generated[b][:run], kv, matches[b])
 
     # ---------------------------------------------------------------------------------------- score ---
     @torch.no_grad()
