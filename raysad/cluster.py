@@ -19,8 +19,20 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         ray.init(address=address, logging_level=logging.WARNING)
         return False
     # "local": always a fresh Ray of our own, never another user's that happens to run on this machine
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+             runtime_env={"worker_process_setup_hook": "raysad.cluster.quiet_local_workers"})
     return True
+
+
+# Ray Train's placement-group cleaner asks the State API, which lives in the dashboard, whether the trainer still
+# runs; without a dashboard it warns about once a second for the whole run. A local Ray dies with its driver, so
+# the cleaner has nothing to clean and its warning is noise.
+_NOISY_WITHOUT_DASHBOARD = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_local_workers() -> None:
+    """Runs in every worker process of a local Ray (worker_process_setup_hook)."""
+    logging.getLogger(_NOISY_WITHOUT_DASHBOARD).setLevel(logging.ERROR)
 
 
 def check_custom_resources(field: str, resources: dict[str, float]) -> None:
