@@ -300,28 +300,35 @@ def plot_pareto(rows, path: str | Path) -> Path | None:
 
 
 def plot_lambda_heatmap(rows, path: str | Path) -> Path | None:
-    """Mean success over the (λ_r, λ_a) grid, for the SAD runs (or every run with both lambdas)."""
+    """Mean success and, where measured, mean CoT match over the (λ_r, λ_a) grid, one panel each, for the SAD
+    runs (or every run with both lambdas). CoT match still ranks the λs when no student succeeds."""
     data = rows.dropna(subset=[P_LAMBDA_REASON, P_LAMBDA_ACT, M_SUCCESS])
     if (data[P_METHOD] == "sad").any():
         data = data[data[P_METHOD] == "sad"]
     if data.empty:
         return None
-    grid = data.pivot_table(index=P_LAMBDA_REASON, columns=P_LAMBDA_ACT, values=M_SUCCESS, aggfunc="mean")
+    titles = {M_SUCCESS: "Success rate", M_COT_MATCH: "CoT match rate"}
+    metrics = [m for m in titles if m in data.columns and data[m].notna().any()]
+    grids = [data.pivot_table(index=P_LAMBDA_REASON, columns=P_LAMBDA_ACT, values=m, aggfunc="mean")
+             for m in metrics]
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * grid.shape[1], 1.4 + 0.8 * grid.shape[0]))
-    image = ax.imshow(grid.to_numpy(dtype=float), origin="lower", cmap="viridis", aspect="auto")
-    ax.set_xticks(range(grid.shape[1]), [f"{v:g}" for v in grid.columns])
-    ax.set_yticks(range(grid.shape[0]), [f"{v:g}" for v in grid.index])
-    low, high = image.get_clim()
-    for i in range(grid.shape[0]):
-        for j in range(grid.shape[1]):
-            value = float(grid.iat[i, j])
-            bright = high > low and (value - low) / (high - low) > 0.6  # dark text on the yellow end
-            ax.text(j, i, cell(value), ha="center", va="center", color="black" if bright else "white")
-    ax.set_xlabel("λ_act")
-    ax.set_ylabel("λ_reason")
-    ax.set_title("Success rate by λ\n(mean over the other settings)", fontsize=9)  # fits a 1x1 grid too
-    fig.colorbar(image, ax=ax)
+    shape = grids[0].shape
+    fig, axes = plt.subplots(1, len(grids), figsize=(len(grids) * (1.6 + 1.1 * shape[1]), 1.4 + 0.8 * shape[0]),
+                             squeeze=False)
+    for ax, metric, grid in zip(axes[0], metrics, grids):
+        image = ax.imshow(grid.to_numpy(dtype=float), origin="lower", cmap="viridis", aspect="auto")
+        ax.set_xticks(range(grid.shape[1]), [f"{v:g}" for v in grid.columns])
+        ax.set_yticks(range(grid.shape[0]), [f"{v:g}" for v in grid.index])
+        low, high = image.get_clim()
+        for i in range(grid.shape[0]):
+            for j in range(grid.shape[1]):
+                value = float(grid.iat[i, j])
+                bright = high > low and (value - low) / (high - low) > 0.6  # dark text on the yellow end
+                ax.text(j, i, cell(value), ha="center", va="center", color="black" if bright else "white")
+        ax.set_xlabel("λ_act")
+        ax.set_ylabel("λ_reason")
+        ax.set_title(f"{titles[metric]} by λ\n(mean over the other settings)", fontsize=9)  # fits a 1x1 grid too
+        fig.colorbar(image, ax=ax)
     return _save(fig, path)
 
 

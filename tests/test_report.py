@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from matplotlib import image as plt_image
 
 from raysad import report as rp
 
@@ -214,6 +215,11 @@ def test_lambda_heatmap_values(store, tmp_path):
     assert grid.loc[1.0, 2.0] == pytest.approx(want)
     assert math.isnan(grid.loc[0.5, 2.0])  # never run: a hole in the grid, not a zero
     assert rp.plot_lambda_heatmap(sad, tmp_path / "h.png").is_file()
+    # with CoT match measured, a second panel ranks the λs even where no student succeeds
+    with_cot = sad.assign(**{rp.M_COT_MATCH: 0.3})
+    one = plt_image.imread(rp.plot_lambda_heatmap(sad, tmp_path / "one.png"))
+    two = plt_image.imread(rp.plot_lambda_heatmap(with_cot, tmp_path / "two.png"))
+    assert two.shape[1] > 1.8 * one.shape[1] and two.shape[0] == one.shape[0]
 
 
 def test_empty_and_unknown_inputs(store, tmp_path):
