@@ -25,8 +25,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
 
 
 # Ray Train's placement-group cleaner asks the State API, which lives in the dashboard, whether the trainer still
-# runs; without a dashboard it warns about once a second for the whole run. A local Ray dies with its driver, so
-# the cleaner has nothing to clean and its warning is noise.
+# runs. Without a dashboard it cannot tell, so it never cleans anything and warns about once a second for the
+# whole run instead: silencing it loses nothing.
 _NOISY_WITHOUT_DASHBOARD = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 

@@ -265,9 +265,9 @@ class HFEngine:
         return gens
 
     def _remember(self, prompt_ids, generated, prompt_columns, valid, cache, matches) -> None:
-        """Store each row's keys/values (prompt + the generated tokens that were run) in the prefix cache.
-        A row's last generated token was never run (the row finished on it, or the budget ran out), so its
-        first len - 1 generated tokens have keys/values, in the columns after the prompt's."""
+        """Store each row's keys/values (prompt + its first len - 1 generated tokens) in the prefix cache.
+        Those ran while the row was live, in the columns right after the prompt's. Its last token ran only if
+        other rows went on, and the columns after it hold tokens that are not the row's, so it is left out."""
         layers = _cache_layers(cache)
         if layers is None:
             self.prefix_cache = None  # this model's cache cannot be stitched: stop trying
