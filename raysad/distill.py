@@ -141,25 +141,84 @@ class DistillResult:
 
 
 # --------------------------------------------------------------------------------------------- data ----
-def load_examples(config, tokenizer) -> list[dict]:
+def load_examples(config, tokenizer, stats: dict | None = None) -> list[dict]:
     """Encode every trajectory to ids + masks (+ teacher top-k when stored). Any config with
-    `trajectories` and `max_length` (the sft stage uses it too)."""
+    `trajectories` and `max_length` (the sft stage uses it too).
+
+    Nothing is lost in silence: `stats` (when given) receives the counts of what the data holds and what the
+    length limit dropped (data/... metrics: trajectories, examples, skipped_no_loss_tokens, reason_tokens,
+    act_tokens, empty_thoughts, truncated_turns, truncated_examples, dropped_prompt_tokens, dropped_loss_tokens,
+    dropped_turns, loss_tokens_without_teacher), and each loss is also a warning. A run whose examples hold no
+    reason token, or no act token, fails: its loss would be meaningless.
+    """
     from raysad.segments import encode_trajectory, get_format
     from raysad.trajectory import read_trajectories
     import raysad_envs
 
     examples = []
     formats: dict[str, object] = {}
+    counts = dict.fromkeys(DATA_COUNTS, 0)
     for traj in read_trajectories(config.trajectories):
         if traj.env not in formats:
             formats[traj.env] = get_format(_format_name(traj.env, raysad_envs))
         example = encode_trajectory(traj, tokenizer, formats[traj.env], max_length=config.max_length)
-        if sum(example["reason_mask"]) + sum(example["act_mask"]) == 0:
+        counts["trajectories"] += 1
+        counts["empty_thoughts"] += sum(1 for t in traj.turns if t.token_ids is not None and not t.thought.strip())
+        counts["truncated_turns"] += sum(1 for t in traj.turns if t.extra.get("truncated"))
+        counts["truncated_examples"] += bool(example["truncated"])
+        for key in ("dropped_prompt_tokens", "dropped_loss_tokens", "dropped_turns"):
+            counts[key] += int(example[key])
+        n_reason, n_act = int(example["reason_mask"].sum()), int(example["act_mask"].sum())
+        if n_reason + n_act == 0:
+            counts["skipped_no_loss_tokens"] += 1
             continue
+        counts["reason_tokens"] += n_reason
+        counts["act_tokens"] += n_act
+        if example.get("topk_mask") is not None:
+            loss = example["reason_mask"] | example["act_mask"]
+            counts["loss_tokens_without_teacher"] += int((loss & ~example["topk_mask"]).sum())
         examples.append(example)
+    counts["examples"] = len(examples)
+    if stats is not None:
+        stats.update({f"data/{k}": v for k, v in counts.items()})
+    where = config.trajectories
     if not examples:
-        raise ValueError(f"{config.trajectories}: no trajectory with reason/act tokens to train on")
+        raise ValueError(f"{where}: no trajectory with reason/act tokens to train on")
+    if counts["reason_tokens"] == 0 or counts["act_tokens"] == 0:
+        raise ValueError(f"{where}: {counts['reason_tokens']} reason and {counts['act_tokens']} act tokens after "
+                         f"encoding (max_length {config.max_length}): a segment with no tokens makes the loss "
+                         "meaningless; check the trajectories' thoughts/actions and --max-length")
+    _warn_data(counts, where, config.max_length)
     return examples
+
+
+DATA_COUNTS = ("trajectories", "examples", "skipped_no_loss_tokens", "reason_tokens", "act_tokens", "empty_thoughts",
+               "truncated_turns", "truncated_examples", "dropped_prompt_tokens", "dropped_loss_tokens",
+               "dropped_turns", "loss_tokens_without_teacher")
+
+
+def _warn_data(counts: dict, where: str, max_length: int | None) -> None:
+    import logging
+
+    log = logging.getLogger(__name__)
+    n = counts["trajectories"]
+    if counts["skipped_no_loss_tokens"]:
+        log.warning("%s: %d of %d trajectories have no reason/act token (after --max-length %s) and are skipped",
+                    where, counts["skipped_no_loss_tokens"], n, max_length)
+    if counts["truncated_examples"]:
+        log.warning("%s: %d of %d trajectories exceed --max-length %s: %d prompt tokens cut from the left, "
+                    "%d loss tokens (%d whole turns) dropped from the end", where, counts["truncated_examples"], n,
+                    max_length, counts["dropped_prompt_tokens"], counts["dropped_loss_tokens"],
+                    counts["dropped_turns"])
+    if counts["empty_thoughts"]:
+        log.warning("%s: %d model turns have an empty thought (their reason segment is only the delimiter)",
+                    where, counts["empty_thoughts"])
+    if counts["truncated_turns"]:
+        log.warning("%s: %d turns were cut by the rollout's token budget (closed with their delimiter)",
+                    where, counts["truncated_turns"])
+    if counts["loss_tokens_without_teacher"]:
+        log.warning("%s: %d reason/act tokens have no stored teacher top-k (text-only turns): sad/token_kd skip "
+                    "them while sft trains on them", where, counts["loss_tokens_without_teacher"])
 
 
 def _format_name(env: str, raysad_envs) -> str:
@@ -774,6 +833,22 @@ class _RankZeroLog:
 
 
 # ---------------------------------------------------------------------------------------- the driver ----
+def derive_student(config: DistillConfig) -> DistillConfig:
+    """A `derive:...` student is cut from --teacher once, into <out>/derived-student (with the teacher's
+    tokenizer), and trained from there; a rerun (resume) reuses it."""
+    from raysad import models
+
+    if not models.is_derive_spec(config.student):
+        return config
+    if not config.teacher:
+        raise ValueError(f"--student {config.student}: a derived student is cut from --teacher DIR; give it")
+    models.parse_derive_spec(config.student)  # a bad spec fails here, in one line
+    out = Path(config.out) / "derived-student"
+    if not (out / "config.json").is_file():
+        models.derive_student_dir(config.teacher, out, config.student)
+    return dataclasses.replace(config, student=str(out))
+
+
 def _absolute(config: DistillConfig) -> DistillConfig:
     """Workers run in their own folder: every path in the config becomes absolute."""
     fix = {}
@@ -804,12 +879,14 @@ def prepare(config: DistillConfig) -> tuple[DistillConfig, dict]:
         raise ValueError(f"--trajectories {config.trajectories}: file not found")
     if config.method == "sft" and config.teacher:
         print("distill: --method sft imitates the trajectories' tokens; --teacher is not used")
+    config = derive_student(config)
     tokenizer = load_tokenizer(config)
     if config.teacher and config.method != "sft":  # fail here, not in every worker
         from raysad import models
 
         models.check_same_tokenizer(models.load_tokenizer(config.teacher), tokenizer)
-    examples = load_examples(config, tokenizer)
+    data_stats: dict = {}
+    examples = load_examples(config, tokenizer, data_stats)
     check_teacher_signal(examples, config)
     storage = config.storage or str(Path(config.out) / "checkpoints")
     run_dir = storage.rstrip("/") + "/" + RUN_NAME
@@ -822,7 +899,8 @@ def prepare(config: DistillConfig) -> tuple[DistillConfig, dict]:
             resume_from = str(found)
     batches = step_batches(examples, config)
     args = {"examples": examples, "batches": batches, "counts": [example_counts(e, config) for e in examples],
-            "storage": storage, "run_dir": run_dir, "resume_from": resume_from if not config.workers else None}
+            "storage": storage, "run_dir": run_dir, "resume_from": resume_from if not config.workers else None,
+            "data_stats": data_stats}
     return config, args
 
 
@@ -831,6 +909,7 @@ def run_distill(config: DistillConfig, track: bool = True) -> DistillResult:
     config.out. Logs params, per-step metrics and small artifacts to MLflow when `track`."""
     import contextlib
 
+    spec = config.student  # a size name, a folder, or a derive: spec (prepare cuts that one into a folder)
     config, args = prepare(config)
     Path(config.out).mkdir(parents=True, exist_ok=True)
     run = contextlib.nullcontext()
@@ -839,13 +918,16 @@ def run_distill(config: DistillConfig, track: bool = True) -> DistillResult:
         from raysad.config import flatten
 
         uri = _tracking_uri(config)
-        student_size = config.student if not Path(config.student).is_dir() else Path(config.student).name
-        run = tracking.start_run(config.experiment, config.run_name or f"distill-{config.method}", flatten(config),
+        student_size = spec if not Path(spec).is_dir() else Path(spec).name
+        run = tracking.start_run(config.experiment, config.run_name or f"distill-{config.method}",
+                                 {**flatten(config), "student": spec},
                                  tags={"stage": config.stage, "method": config.method, "student_size": student_size},
                                  uri=uri)
+    data_stats = args.pop("data_stats")
     with run as active:
         if active is not None:
             args["mlflow"] = {"run_id": active.info.run_id, "uri": uri}
+            tracking.log_metrics(data_stats)
         result = _fit(config, args)
         checkpoint = result.checkpoint.path if result.checkpoint is not None else None
         out = Path(config.out)
@@ -858,6 +940,7 @@ def run_distill(config: DistillConfig, track: bool = True) -> DistillResult:
         workers = json.loads((out / WORKERS_FILE).read_text()) if (out / WORKERS_FILE).exists() else []
         if active is not None:
             _log_artifacts(out, config)
+    metrics.update(data_stats)
     return DistillResult(out=Path(config.out), metrics=metrics, steps=len(args["batches"]),
                          checkpoint=summary.get("checkpoint") or checkpoint,
                          run_id=active.info.run_id if active is not None else None, log=log, workers=workers)
@@ -918,4 +1001,8 @@ def main(config_path: str | Path | None = None, **flags: Any) -> DistillResult:
     m = result.metrics
     Console().print(f"[green]distill[/green] ({config.method}): {result.steps} steps, final loss "
                     f"{m.get('distill/loss', float('nan')):.4f}, student saved to [bold]{result.out}[/bold]")
+    Console().print(f"data: {m.get('data/examples', 0):.0f} examples, {m.get('data/reason_tokens', 0):.0f} reason "
+                    f"and {m.get('data/act_tokens', 0):.0f} act tokens; dropped by --max-length "
+                    f"{config.max_length}: {m.get('data/dropped_loss_tokens', 0):.0f} loss tokens, "
+                    f"{m.get('data/dropped_prompt_tokens', 0):.0f} prompt tokens")
     return result

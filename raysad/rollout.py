@@ -56,9 +56,13 @@ class RolloutConfig:
     task_ids: list[str] | None = None      # or exactly these tasks
     policy: Literal["expert", "random", "hf", "vllm", "openai"] = "expert"
     model: str | None = None               # HF model directory (hf, vllm) or a served model's name (openai)
+    tokenizer: str | None = None           # the model's tokenizer directory; None = --model (openai: required
+    #                                        for a served model's name: contexts go to every engine as token ids)
     few_shot: int = 0                      # ReAct examples in the prompt
+    chat_template: bool = False            # wrap the prompt in the tokenizer's chat template (instruct models)
     topk: int = 0                          # keep the teacher's top-k logprobs per generated token (0 = none)
-    max_new_tokens: int = 128              # per segment (thought, action)
+    max_new_tokens: int | None = None      # token budget per segment (thought, action); None = the env's
+    #                                        (env.token_budget: fits its expert's longest thought and action)
     temperature: float = 0.0               # 0 = greedy
     env_actors: int = 2
     envs_per_actor: int = 4
@@ -88,10 +92,13 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         if self.policy not in ENV_SIDE_POLICIES and not self.model:
             raise ValueError(f"--policy {self.policy} needs --model")
+        if self.policy == "openai" and not self.tokenizer and not (self.model and Path(self.model).is_dir()):
+            raise ValueError("--policy openai needs --tokenizer DIR (the served model's tokenizer, a local copy): "
+                             "contexts go to the server as token ids and come back as token ids")
         for name in ("env_actors", "envs_per_actor", "engines", "tensor_parallel", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"field '{name}' must be >= 1, got {getattr(self, name)}")
-        if self.topk < 0 or self.few_shot < 0 or self.max_new_tokens < 1:
+        if self.topk < 0 or self.few_shot < 0 or (self.max_new_tokens is not None and self.max_new_tokens < 1):
             raise ValueError("fields 'topk', 'few_shot' must be >= 0 and 'max_new_tokens' >= 1")
         from raysad.cluster import check_custom_resources
 
@@ -109,6 +116,12 @@ class RolloutSummary:
     errors: int = 0
     steps: int = 0
     tokens_generated: int = 0
+    turns_truncated: int = 0     # turns with a segment the engine closed (token budget or EOS before the delimiter)
+    thoughts_truncated: int = 0
+    actions_truncated: int = 0
+    empty_thoughts: int = 0      # model turns whose thought came back empty
+    turns_reencoded: int = 0     # turns whose ids a text-only server made us re-derive
+    model_turns: int = 0         # turns written by a text engine (the denominators of the three above)
     total_reward: float = 0.0
     actor_failures: int = 0
     given_up: list[str] = dataclasses.field(default_factory=list)  # tasks whose actor failed max_attempts times
@@ -126,6 +139,10 @@ class RolloutSummary:
                 "rollout/episodes_per_s": self.episodes / wall, "rollout/steps_per_s": self.steps / wall,
                 "rollout/episodes": self.episodes, "rollout/skipped": self.skipped, "rollout/errors": self.errors,
                 "rollout/actor_failures": self.actor_failures,
+                "rollout/turns_truncated": self.turns_truncated, "rollout/thoughts_truncated": self.thoughts_truncated,
+                "rollout/actions_truncated": self.actions_truncated, "rollout/empty_thoughts": self.empty_thoughts,
+                "rollout/turns_reencoded": self.turns_reencoded,
+                "rollout/truncated_turn_frac": self.turns_truncated / max(self.model_turns, 1),
                 "rollout/engine_mean_batch": self.engine_prompts / max(self.engine_calls, 1),
                 "rollout/engine_busy_frac": self.engine_busy_s / wall}
 
@@ -151,7 +168,8 @@ def default_env_factory(cfg: RolloutConfig) -> Callable[[], Any]:
 def default_engine_factory(cfg: RolloutConfig) -> Callable[[], Any]:
     """A function that builds the text engine of cfg.policy (called inside the engine actor)."""
     backend, model = cfg.policy, cfg.model
-    kwargs = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "seed": cfg.seed}
+    kwargs = {"temperature": cfg.temperature, "seed": cfg.seed}
+    kwargs |= {"tokenizer": cfg.tokenizer} if cfg.tokenizer else {}
     kwargs |= {"batch_size": cfg.engine_batch_size} if backend == "hf" else {}
     kwargs |= {"tensor_parallel": cfg.tensor_parallel} if backend == "vllm" else {}
     kwargs |= cfg.engine_args
@@ -264,8 +282,16 @@ class EnvWorker:
         self.pending: collections.deque[str] = collections.deque()
         self.engine = None
         self.return_after_s = return_after_s
-        self.fmt = get_format(self.free[0].unwrapped.agent_format) if cfg.policy not in ENV_SIDE_POLICIES else None
         self.env_policy = make_policy(cfg.policy, seed=cfg.seed) if cfg.policy in ENV_SIDE_POLICIES else None
+        if self.env_policy is None:  # a text engine: contexts are encoded here, as training encodes them
+            from raysad.models import load_tokenizer
+            from raysad.segments import check_piecewise
+
+            self.fmt = get_format(self.free[0].unwrapped.agent_format)
+            self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+            check_piecewise(self.tokenizer)
+            budget = getattr(self.free[0].unwrapped, "token_budget", None) or (128, 128)
+            self.budget = (cfg.max_new_tokens, cfg.max_new_tokens) if cfg.max_new_tokens else tuple(budget)
 
     def ready(self) -> bool:
         return True
@@ -305,6 +331,10 @@ class EnvWorker:
             seed = int(stable_hash(self.cfg.seed, task_id), 16) % 2**31
             obs, info = env.reset(seed=seed, options={"task_id": task_id})
             prompt = env.unwrapped.prompt(obs, few_shot=self.cfg.few_shot)
+            if self.cfg.chat_template and self.env_policy is None:
+                from raysad.segments import chat_prompt
+
+                prompt = chat_prompt(self.tokenizer, prompt)
             instruction = info.get("instruction") or info.get("question") or obs  # the task, as the env words it
             return _Episode(task_id, env, prompt, str(instruction), info=info)
         except Exception as err:  # noqa: BLE001 -- a broken task ends its episode, not the job
@@ -322,15 +352,13 @@ class EnvWorker:
                     turns.append(None)
         else:
             from raysad.policies.base import next_turns
-            from raysad.segments import render_context
 
             cfg = self.cfg
 
             def generate(episodes):
-                return next_turns(self.engine, [render_context(e.prompt, e.turns, self.fmt) for e in episodes],
-                                  [len(e.turns) + 1 for e in episodes], self.fmt, topk=cfg.topk,
-                                  max_thought_tokens=cfg.max_new_tokens, max_action_tokens=cfg.max_new_tokens,
-                                  temperature=cfg.temperature)
+                return next_turns(self.engine, self.tokenizer, self.fmt, [e.prompt for e in episodes],
+                                  [e.turns for e in episodes], topk=cfg.topk, max_thought_tokens=self.budget[0],
+                                  max_action_tokens=self.budget[1], temperature=cfg.temperature)
             try:
                 turns = generate(self.active)
             except ray.exceptions.RayActorError:
@@ -512,7 +540,9 @@ def run_rollout(cfg: RolloutConfig, *, env_factory: Callable[[], Any] | None = N
     from raysad.config import flatten
 
     if not track:
-        return _run(cfg, env_factory, engine_factory, progress, _on_write)
+        summary = _run(cfg, env_factory, engine_factory, progress, _on_write)
+        warn_turns(summary, cfg)
+        return summary
     samples: list[str] = []
 
     def on_write(traj) -> None:
@@ -524,6 +554,7 @@ def run_rollout(cfg: RolloutConfig, *, env_factory: Callable[[], Any] | None = N
     with tracking.start_run(cfg.experiment, cfg.run_name, flatten(cfg), uri=cfg.tracking_uri,
                             tags={"stage": "rollout", "env": cfg.env, "policy": cfg.policy}):
         summary = _run(cfg, env_factory, engine_factory, progress, on_write)
+        warn_turns(summary, cfg)
         metrics = summary.metrics()
         if summary.episodes == 0:  # all done already (resume): rates of nothing would read as zeros
             metrics = {k: metrics[k] for k in ("rollout/episodes", "rollout/skipped")}
@@ -573,6 +604,7 @@ def _run(cfg, env_factory, engine_factory, progress, on_write) -> RolloutSummary
                 summary.successes += bool(traj.success)
                 summary.errors += "error" in traj.extra
                 summary.total_reward += traj.reward
+                count_turns(summary, traj)
                 if traj.success or not cfg.only_success:
                     writer.write(traj)
                     summary.written += 1
@@ -596,6 +628,39 @@ def _run(cfg, env_factory, engine_factory, progress, on_write) -> RolloutSummary
         if started_here:
             ray.shutdown()
     return summary
+
+
+def count_turns(summary: RolloutSummary, traj) -> None:
+    """Add a trajectory's model turns to the summary's counts of truncated, empty and re-encoded segments."""
+    for turn in traj.turns:
+        if turn.token_ids is None:
+            continue
+        summary.model_turns += 1
+        closed = turn.extra.get("truncated") or []
+        summary.turns_truncated += bool(closed)
+        summary.thoughts_truncated += "thought" in closed
+        summary.actions_truncated += "action" in closed
+        summary.empty_thoughts += not turn.thought.strip()
+        summary.turns_reencoded += bool(turn.extra.get("reencoded"))
+
+
+def warn_turns(summary: RolloutSummary, cfg) -> None:
+    """Say loudly what a model's turns lost: truncated segments, empty thoughts, re-encoded ids."""
+    n = summary.model_turns
+    if not n:
+        return
+    if summary.turns_truncated:
+        log.warning("%d of %d turns (%.0f%%) hit the token budget or EOS before their delimiter and were closed "
+                    "(thoughts %d, actions %d); raise --max-new-tokens if the env's budget is too small",
+                    summary.turns_truncated, n, 100 * summary.turns_truncated / n, summary.thoughts_truncated,
+                    summary.actions_truncated)
+    if summary.empty_thoughts:
+        log.warning("%d of %d turns have an empty thought (%.0f%%): the model wrote the thought's delimiter "
+                    "first; try --few-shot or a stronger teacher", summary.empty_thoughts, n,
+                    100 * summary.empty_thoughts / n)
+    if summary.turns_reencoded:
+        log.warning("%d of %d turns carry re-encoded ids (the server took text, not token ids)",
+                    summary.turns_reencoded, n)
 
 
 def _wait_ready(actors: list, engines: list, progress: bool) -> None:
@@ -739,7 +804,11 @@ def print_summary(summary: RolloutSummary, cfg: RolloutConfig) -> None:
             ("success rate", f"{m['rollout/success_rate']:.1%}"), ("mean reward", f"{m['rollout/mean_reward']:.3f}"),
             ("mean steps", f"{m['rollout/mean_steps']:.1f}"), ("tokens generated", f"{summary.tokens_generated}"),
             ("episodes/s", f"{m['rollout/episodes_per_s']:.2f}"), ("env steps/s", f"{m['rollout/steps_per_s']:.1f}"),
-            ("errors", f"{summary.errors}"), ("env actor failures", f"{summary.actor_failures}"),
+            ("errors", f"{summary.errors}"),
+            ("turns truncated (thought / action)",
+             f"{summary.turns_truncated} of {summary.model_turns} ({summary.thoughts_truncated} / "
+             f"{summary.actions_truncated})"),
+            ("empty thoughts", f"{summary.empty_thoughts}"), ("env actor failures", f"{summary.actor_failures}"),
             ("given up (rerun retries)", f"{len(summary.given_up)}")]
     if summary.engine_calls:
         rows += [("engine: prompts per call", f"{m['rollout/engine_mean_batch']:.1f}"),

@@ -5,22 +5,26 @@ An `AgentFormat` says how a ReAct turn is written (docs/architecture.md, "Agent 
     <reason_prefix>{thought}<reason_end><ack><act_prefix>{action}<act_end><observation>
 
 Templates may use `{i}` (the turn number, from 1) and `{observation}`; they are filled by plain replacement
-(`fmt.fill`), so other braces are literal, except that `{name}` for any other name is refused as a typo. A turn with an empty thought is written without reason prefix, reason and ack.
+(`fmt.fill`), so other braces are literal, except that `{name}` for any other name is refused as a typo.
+A turn with no thought (and no generated thought ids) is written without reason prefix, reason and ack.
 
 Span kinds: `prompt` (the prompt, plus a newline when it lacks one), `reason` (thought + reason_end),
 `act` (action + act_end) and `obs` (the observation AND the fixed scaffolding inside turns: prefixes and
 acks). Only reason and act carry loss. Spans are contiguous, cover the whole text, and adjacent spans of the
 same kind are merged.
 
-How a policy generates turn i (two phases, each stopping at a delimiter that belongs to its segment):
+How a policy generates turn i (token-in, token-out: this module is THE encoder of contexts, for engines and
+training alike):
 
-    context = render_context(prompt, turns, fmt)                    # turns so far, with observations
-    thought = generate(reason_context(context, i, fmt), stop=fmt.reason_stop)
-    action  = generate(act_context(context, i, thought, fmt), stop=fmt.act_stop)
-    turn    = parse_turn(thought, action, fmt)                      # cut at the delimiters
+    ids     = encode_context(prompt, turns + [pending], "thought", tokenizer, fmt)   # ... "Thought 3:"
+    thought = generate(ids, stop=fmt.reason_stop)           # " I should ...\n": lead + thought + reason_end
+    ids     = encode_context(prompt, turns + [pending with the thought's ids], "action", tokenizer, fmt)
+    action  = generate(ids, stop=fmt.act_stop)
+    turn    = parse_turn(thought, action, fmt) + the generated ids (thought's, then action's)
 
-and `render(traj)` then writes exactly those texts back (render_context(prompt, turns[:n]) is a prefix of
-render(traj).text). Training examples come from `encode_trajectory`.
+encode_trajectory(traj) then yields exactly those context ids followed by the generated ids, turn after turn
+(each piece of fixed text tokenised on its own, generated ids spliced in as they were), so a model is trained
+on the very token sequence it read and wrote. render(traj) gives the same text.
 """
 from __future__ import annotations
 
@@ -214,24 +218,49 @@ def _format_of(fmt: str | Path | AgentFormat | None, traj: Trajectory | None = N
 
 # --- rendering -------------------------------------------------------------------------------------------
 
-def _pieces(prompt: str, turns: list[Turn], fmt: AgentFormat) -> list[tuple[str, str, int, str | None]]:
-    """The text in order as (kind, text, turn index, role) with role 'thought'/'action' for generated text.
+def _lead(prefix: str) -> tuple[str, str]:
+    """A prefix split into (fixed text, lead): the lead is its trailing spaces. Byte-level BPE tokenizers
+    attach a space to the word after it ("Thought 1: I" is ['Thought', ' 1', ':', ' I']), so the lead is
+    tokenised with the text the model writes, never on its own: a pretrained model continues "Thought 1:"
+    with " I", while after a lone " " token its likeliest next token is a newline."""
+    fixed = prefix.rstrip(" ")
+    return fixed, prefix[len(fixed):]
 
-    The one place that decides what a rendered turn looks like: render, render_context and
-    encode_trajectory all build on it, so they agree by construction.
+
+def has_reason(turn: Turn) -> bool:
+    """Whether a turn is written with its reason part: a thought, or generated thought ids (an empty thought
+    the model wrote is still what it saw when it wrote the action)."""
+    return bool(turn.thought) or bool(turn.token_ids is not None and turn.num_thought_tokens)
+
+
+def _pieces(prompt: str, turns: list[Turn], fmt: AgentFormat,
+            until: str | None = None) -> list[tuple[str, str, int, str | None]]:
+    """The text in order as (kind, text, turn index, role); role 'thought'/'action' marks generated text and
+    'thought_lead'/'action_lead' the prefix's trailing spaces that go with it (see `_lead`).
+
+    The one place that decides what a rendered turn looks like: render, encode_context and encode_trajectory
+    all build on it, so they agree by construction. `until` ('thought' or 'action') stops in the last turn
+    right before that role's lead: what the model sees when it is asked to write it.
     """
     out: list[tuple[str, str, int, str | None]] = []
     if prompt:
         out.append(("prompt", prompt if prompt.endswith("\n") else prompt + "\n", -1, None))
+    last = len(turns) - 1
     for n, turn in enumerate(turns):
         i = n + 1
-        if turn.thought:
-            out.append(("obs", fmt.fill(fmt.reason_prefix, i), n, None))
-            out.append(("reason", turn.thought + fmt.reason_end, n, "thought"))
-            out.append(("obs", fmt.fill(fmt.ack, i), n, None))
-        out.append(("obs", fmt.fill(fmt.act_prefix, i), n, None))
-        out.append(("act", turn.action + fmt.act_end, n, "action"))
-        out.append(("obs", fmt.fill(fmt.observation, i, turn.observation), n, None))
+        stop_at = until if n == last else None
+        parts = []
+        if stop_at == "thought" or has_reason(turn):
+            fixed, lead = _lead(fmt.fill(fmt.reason_prefix, i))
+            parts += [("obs", fixed, None), ("obs", lead, "thought_lead"),
+                      ("reason", turn.thought + fmt.reason_end, "thought"), ("obs", fmt.fill(fmt.ack, i), None)]
+        fixed, lead = _lead(fmt.fill(fmt.act_prefix, i))
+        parts += [("obs", fixed, None), ("obs", lead, "action_lead"), ("act", turn.action + fmt.act_end, "action"),
+                  ("obs", fmt.fill(fmt.observation, i, turn.observation), None)]
+        for kind, text, role in parts:
+            if stop_at is not None and role in (stop_at + "_lead", stop_at):
+                return out
+            out.append((kind, text, n, role))
     return out
 
 
@@ -266,20 +295,6 @@ def render_context(prompt: str, turns: list[Turn], fmt: str | Path | AgentFormat
     return "".join(text for _, text, _, _ in _pieces(prompt, turns, get_format(fmt)))
 
 
-def reason_context(context: str, i: int, fmt: str | Path | AgentFormat) -> str:
-    """What the model continues to write turn i's thought: context + reason prefix."""
-    fmt = get_format(fmt)
-    return context + fmt.fill(fmt.reason_prefix, i)
-
-
-def act_context(context: str, i: int, thought: str, fmt: str | Path | AgentFormat) -> str:
-    """What the model continues to write turn i's action: context [+ reason prefix, thought, reason_end, ack]
-    + act prefix (the thought part only when `thought` is non-empty, as render writes it)."""
-    fmt = get_format(fmt)
-    reason = fmt.fill(fmt.reason_prefix, i) + thought + fmt.reason_end + fmt.fill(fmt.ack, i) if thought else ""
-    return context + reason + fmt.fill(fmt.act_prefix, i)
-
-
 def split_at(text: str, end: str) -> tuple[str, bool]:
     """(text before the first `end`, whether `end` was found). Engines drop or keep the stop string; both work."""
     cut = text.find(end)
@@ -287,13 +302,16 @@ def split_at(text: str, end: str) -> tuple[str, bool]:
 
 
 def parse_turn(thought_text: str, action_text: str, fmt: str | Path | AgentFormat, observation: str = "") -> Turn:
-    """A Turn from two generated texts, each cut at its end delimiter (reason_end / act_end).
+    """A Turn from two generated texts, each cut at its end delimiter (reason_end / act_end), without the
+    lead the model wrote first (the prefix's trailing space, see `_lead`; render writes it back).
 
-    Nothing is stripped, so the texts stay what the model wrote (and agree with stored token ids). The policy
-    sets token_ids / num_thought_tokens / topk_* on the returned turn when it has them.
+    Nothing else is stripped, so the texts stay what the model wrote. The policy sets token_ids /
+    num_thought_tokens / topk_* on the returned turn when it has them (they hold lead and delimiters).
     """
     fmt = get_format(fmt)
-    return Turn(thought=split_at(thought_text, fmt.reason_end)[0], action=split_at(action_text, fmt.act_end)[0],
+    thought, action = split_at(thought_text, fmt.reason_end)[0], split_at(action_text, fmt.act_end)[0]
+    reason_lead, act_lead = _lead(fmt.fill(fmt.reason_prefix, 1))[1], _lead(fmt.fill(fmt.act_prefix, 1))[1]
+    return Turn(thought=thought.removeprefix(reason_lead), action=action.removeprefix(act_lead),
                 observation=observation)
 
 
@@ -382,9 +400,8 @@ def token_masks(text: str, spans: list[Span], tokenizer, max_length: int | None 
     A token belongs to the span holding most of its characters; a tie goes to reason, then act, then the
     rest (so a BPE token ' I' made of a prefix's space and a thought's 'I' carries loss). Tokens without
     characters (special tokens) carry none. mask[t] marks token t as a target: the loss at position t-1
-    predicts it. max_length keeps the first max_length tokens (the prompt's start and the earliest turns);
-    `num_tokens` is the length before truncation.
-    Returns input_ids int64[T], reason_mask bool[T], act_mask bool[T], num_tokens, truncated.
+    predicts it. max_length: see `fit_to_length` (the prompt is cut from the left first).
+    Returns input_ids int64[T], reason_mask bool[T], act_mask bool[T] and fit_to_length's counts.
     """
     _require_fast(tokenizer)
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=add_special_tokens)
@@ -401,17 +418,50 @@ def token_masks(text: str, spans: list[Span], tokenizer, max_length: int | None 
     n_o = (e - s) - n_r - n_a
     reason = (n_r > 0) & (n_r >= n_a) & (n_r >= n_o)
     act = (n_a > 0) & ~reason & (n_a >= n_o)
-    return _truncate({"input_ids": ids, "reason_mask": reason, "act_mask": act}, max_length)
+    head = len(_special_ids(tokenizer)[0]) if add_special_tokens else 0
+    return fit_to_length({"input_ids": ids, "reason_mask": reason, "act_mask": act}, max_length, head)
 
 
-def _truncate(out: dict[str, Any], max_length: int | None) -> dict[str, Any]:
+LENGTH_COUNTS = ("num_tokens", "truncated", "dropped_prompt_tokens", "dropped_loss_tokens", "dropped_turns")
+
+
+def fit_to_length(out: dict[str, Any], max_length: int | None, head: int = 0,
+                  boundaries: list[int] | None = None) -> dict[str, Any]:
+    """Cut an encoded example to at most `max_length` tokens without cutting into what carries loss first.
+
+    1. The prompt is cut from the left: tokens after the first `head` ones (special tokens such as BOS, kept)
+       and before the first loss token (reason/act), keeping the one right before it (it predicts that token).
+       The few-shot examples and the start of a long prompt go; the question and the turns stay.
+    2. If that is not enough, the example ends at the last of `boundaries` (positions where a turn starts, or
+       the end) that fits: whole turns are dropped from the end, never part of one, unless the first turn
+       alone is too long (then it is cut at max_length).
+    Arrays of `out` are cut alike. Adds the counts of LENGTH_COUNTS: num_tokens (before), truncated,
+    dropped_prompt_tokens, dropped_loss_tokens (reason + act tokens dropped), dropped_turns.
+    """
     n = len(out["input_ids"])
-    out["num_tokens"] = n
-    out["truncated"] = max_length is not None and n > max_length
-    if out["truncated"]:
-        for key, value in out.items():
-            if isinstance(value, np.ndarray):
-                out[key] = value[:max_length]
+    counts = dict(num_tokens=n, truncated=False, dropped_prompt_tokens=0, dropped_loss_tokens=0, dropped_turns=0)
+    if max_length is None or n <= max_length:
+        out.update(counts)
+        return out
+    if max_length <= head + 1:
+        raise ValueError(f"max_length {max_length} leaves no room after the {head} leading special token(s)")
+    loss = out["reason_mask"] | out["act_mask"]
+    first_loss = int(np.argmax(loss)) if loss.any() else n
+    cut = max(0, min(n - max_length, first_loss - 1 - head))
+    keep = np.ones(n, dtype=bool)
+    keep[head:head + cut] = False
+    end = n
+    if n - cut > max_length:
+        # the end of the last whole turn that fits (positions shift left by `cut` once the prompt is cut)
+        fitting = [b for b in (boundaries or []) if head + cut < b and b - cut <= max_length]
+        end = max(fitting) if fitting else max_length + cut
+        keep[end:] = False
+        counts["dropped_turns"] = sum(1 for b in (boundaries or []) if b >= end and b < n)
+    counts.update(truncated=True, dropped_prompt_tokens=cut, dropped_loss_tokens=int(loss[~keep].sum()))
+    for key, value in out.items():
+        if isinstance(value, np.ndarray) and value.shape[:1] == (n,):
+            out[key] = value[keep]
+    out.update(counts)
     return out
 
 
@@ -425,28 +475,131 @@ def _special_ids(tokenizer) -> tuple[list[int], list[int]]:
     return [], []
 
 
+def check_piecewise(tokenizer) -> None:
+    """Fail unless pieces tokenised on their own concatenate to their text: agent text is encoded piece by
+    piece (a tokenizer that adds a space before every piece, as SentencePiece's dummy prefix does, would
+    write text the model never saw)."""
+    _require_fast(tokenizer)
+    a, b = "Observation 1: a\n", "Thought 2:"
+    ids = tokenizer(a, add_special_tokens=False)["input_ids"] + tokenizer(b, add_special_tokens=False)["input_ids"]
+    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    if text != a + b:
+        raise ValueError(f"{type(tokenizer).__name__} adds text around pieces tokenised on their own "
+                         f"({a + b!r} came back as {text!r}, e.g. a SentencePiece dummy prefix); raysad encodes "
+                         "agent text piecewise and needs a tokenizer without one (load it with "
+                         "add_prefix_space=False / legacy=False)")
+
+
+def _encode_pieces(pieces, turns: list[Turn], tokenizer, add_special_tokens: bool, where: str):
+    """Token ids of `pieces` (from _pieces): each run of fixed text tokenised on its own, each generated
+    segment (a turn's lead + thought + reason_end, or lead + action + act_end) as the ids the model generated
+    (turn.token_ids, split at num_thought_tokens) or, for a turn without them, its text tokenised on its own.
+
+    Returns (ids, kinds, rows, turn_starts): kinds 0 no loss, 1 reason, 2 act per token; rows (position, topk
+    ids, topk logprobs) for generated tokens with a stored top-k; turn_starts the position where each turn's
+    first piece starts.
+    """
+    segments: list[list[Any]] = []  # [kind, text or None, ids or None, topk or None, turn index]
+    lead = ""
+    for kind, text, n, role in pieces:
+        turn = turns[n] if n >= 0 else None
+        if role in ("thought_lead", "action_lead"):
+            lead = "" if turn.token_ids is not None else text  # stored ids hold the lead the model wrote
+            continue
+        if role is not None and turn.token_ids is not None:
+            k = turn.num_thought_tokens
+            if k is None:
+                raise ValueError(f"{where}: turns[{n}] has token_ids but no num_thought_tokens")
+            cut = slice(0, k) if role == "thought" else slice(k, None)
+            topk = (turn.topk_ids[cut], turn.topk_logprobs[cut]) if turn.topk_ids is not None else None
+            segments.append([kind, None, list(turn.token_ids[cut]), topk, n])
+        elif role is not None:
+            segments.append([kind, lead + text, None, None, n])
+        elif segments and segments[-1][0] in ("prompt", "obs") and segments[-1][1] is not None:
+            segments[-1][1] += text  # one run of fixed text (kind: whatever started it; both carry no loss)
+        else:
+            segments.append([kind, text, None, None, n])
+        lead = ""
+    to_tokenize = [seg[1] for seg in segments if seg[2] is None and seg[1]]
+    encoded = iter(tokenizer(to_tokenize, add_special_tokens=False)["input_ids"] if to_tokenize else [])
+    for seg in segments:
+        if seg[2] is None:
+            seg[2] = list(next(encoded)) if seg[1] else []
+    before, after = _special_ids(tokenizer) if add_special_tokens else ([], [])
+
+    ids = list(before)
+    kinds = [0] * len(before)
+    rows: list[tuple[int, list[int], list[float]]] = []
+    turn_starts: list[int] = []
+    for kind, _, seg_ids, topk, n in segments:
+        if n >= len(turn_starts):
+            turn_starts.append(len(ids))
+        code = 1 if kind == "reason" else 2 if kind == "act" else 0
+        if topk is not None:
+            rows.extend((len(ids) + j, tid, tlp) for j, (tid, tlp) in enumerate(zip(*topk)))
+        ids.extend(seg_ids)
+        kinds.extend([code] * len(seg_ids))
+    ids.extend(after)
+    kinds.extend([0] * len(after))
+    return ids, kinds, rows, turn_starts
+
+
+def chat_prompt(tokenizer, prompt: str) -> str:
+    """`prompt` as the user's message in the tokenizer's chat template, with the assistant's turn opened: the
+    agent's turns follow as the assistant's text. The templated text is the trajectory's prompt, so training
+    encodes exactly what the model read (its special tokens are matched as such when tokenised). A leading
+    BOS the template writes is left to the tokenizer (encode_context adds it), so it is not doubled."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')}: has no chat template; "
+                         "drop --chat-template (use --few-shot for a base model)")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt.rstrip("\n")}], tokenize=False,
+                                         add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and _special_ids(tokenizer)[0]:
+        text = text[len(bos):]
+    return text
+
+
+def encode_context(prompt: str, turns: list[Turn], role: str, tokenizer, fmt: str | Path | AgentFormat,
+                   add_special_tokens: bool = True) -> list[int]:
+    """The token ids a model is given to write `role` ('thought' or 'action') of the last turn in `turns`:
+    exactly the ids that encode_trajectory puts before that segment once the turn is finished (token-in,
+    token-out: engines and training share this encoding). For 'thought' the last turn is a placeholder (its
+    fields are not read); for 'action' it carries the thought as generated (token_ids = the thought's ids,
+    num_thought_tokens = their count), or a thought text for a turn without ids.
+    """
+    fmt = get_format(fmt)
+    if role not in ("thought", "action"):
+        raise ValueError(f"role must be 'thought' or 'action', got {role!r}")
+    if not turns:
+        raise ValueError("encode_context: `turns` must end with the turn being written")
+    pieces = _pieces(prompt, turns, fmt, until=role)
+    ids, _, _, _ = _encode_pieces(pieces, turns, tokenizer, add_special_tokens, "context")
+    _, after = _special_ids(tokenizer) if add_special_tokens else ([], [])
+    return ids[:len(ids) - len(after)] if after else ids
+
+
 def encode_trajectory(traj: Trajectory, tokenizer, fmt: str | Path | AgentFormat | None = None,
                       max_length: int | None = None, add_special_tokens: bool = True,
                       whole_text: bool = False) -> dict[str, Any]:
     """A training example: token ids, reason/act masks and (when turns carry them) the teacher's top-k.
 
-    Tokenisation is piecewise, as at generation time: each stretch of fixed text (prompt, observations,
-    prefixes, acks) is tokenised on its own, and each generated segment (thought + reason_end,
-    action + act_end) is either the ids the model generated (turn.token_ids, split at num_thought_tokens) or,
-    for turns without them, its text tokenised on its own. So the student trains on the token boundaries
-    it meets when generating after "Thought 1: ", and masks are exact (no token straddles two pieces).
-    whole_text=True instead tokenises render(traj).text in one go and masks by offsets (token_masks); it
-    needs turns without token_ids.
+    Tokenisation is piecewise, exactly as engines are given their contexts (encode_context): each run of
+    fixed text (prompt, observations, prefixes, acks) is tokenised on its own, and each generated segment
+    (lead + thought + reason_end, lead + action + act_end) is either the ids the model generated
+    (turn.token_ids, split at num_thought_tokens) or, for turns without them, its text tokenised on its own.
+    So the student trains on the very ids the teacher read and wrote, and masks are exact (no token straddles
+    two pieces). whole_text=True instead tokenises render(traj).text in one go and masks by offsets
+    (token_masks); it needs turns without token_ids.
 
     Stored ids must come from the same tokenizer (teacher and student share it for logit distillation).
-    A turn with an empty thought renders no reason part, so its thought ids (num_thought_tokens) are dropped.
 
-    Returns: input_ids int64[T], reason_mask bool[T], act_mask bool[T], num_tokens (before truncation),
-    truncated, id; and, when any turn has top-k, topk_ids int64[T,k], topk_logprobs float32[T,k],
-    topk_mask bool[T] (else None). Row t holds the teacher's distribution for predicting token t (it
-    generated token t from tokens < t), so it lines up with the student's logits at position t-1; rows of
-    tokens without teacher top-k, and padding when turns differ in k, hold id 0 and TOPK_PAD_LOGPROB.
-    max_length keeps the first max_length tokens.
+    Returns: input_ids int64[T], reason_mask bool[T], act_mask bool[T], id, the counts of fit_to_length
+    (max_length: the prompt is cut from the left, then whole turns from the end), and, when any turn has
+    top-k, topk_ids int64[T,k], topk_logprobs float32[T,k], topk_mask bool[T] (else None). Row t holds the
+    teacher's distribution for predicting token t (it generated token t from tokens < t), so it lines up with
+    the student's logits at position t-1; rows of tokens without teacher top-k, and padding when turns differ
+    in k, hold id 0 and TOPK_PAD_LOGPROB (the losses give padded slots no mass on either side).
     """
     _require_fast(tokenizer)
     fmt = _format_of(fmt, traj)
@@ -457,46 +610,13 @@ def encode_trajectory(traj: Trajectory, tokenizer, fmt: str | Path | AgentFormat
         out = token_masks(r.text, r.spans, tokenizer, max_length, add_special_tokens)
         return {**out, "topk_ids": None, "topk_logprobs": None, "topk_mask": None, "id": traj.id}
 
-    # segments: (kind, text or None, ids or None, topk rows or None); fixed text runs are merged first
-    segments: list[list[Any]] = []
-    for kind, text, n, role in _pieces(traj.prompt, traj.turns, fmt):
-        turn = traj.turns[n] if n >= 0 else None
-        if role is not None and turn.token_ids is not None:
-            k = turn.num_thought_tokens
-            if k is None:
-                raise ValueError(f"trajectory {traj.id!r}: turns[{n}] has token_ids but no num_thought_tokens")
-            if role == "thought" and k == 0:
-                raise ValueError(f"trajectory {traj.id!r}: turns[{n}] has a thought but num_thought_tokens=0")
-            cut = slice(0, k) if role == "thought" else slice(k, None)
-            topk = (turn.topk_ids[cut], turn.topk_logprobs[cut]) if turn.topk_ids is not None else None
-            segments.append([kind, None, list(turn.token_ids[cut]), topk])
-        elif role is None and segments and segments[-1][0] in ("prompt", "obs") and segments[-1][1] is not None:
-            segments[-1][1] += text  # one run of fixed text (kind: whatever started it; both carry no loss)
-        else:
-            segments.append([kind, text, None, None])
-    to_tokenize = [seg[1] for seg in segments if seg[2] is None and seg[1]]
-    encoded = iter(tokenizer(to_tokenize, add_special_tokens=False)["input_ids"] if to_tokenize else [])
-    for seg in segments:
-        if seg[2] is None:
-            seg[2] = list(next(encoded)) if seg[1] else []
-    before, after = _special_ids(tokenizer) if add_special_tokens else ([], [])
-
-    ids = list(before)
-    kinds = [0] * len(before)  # 0 no loss, 1 reason, 2 act
-    rows: list[tuple[int, list[int], list[float]]] = []  # (position, topk ids, topk logprobs)
-    for kind, _, seg_ids, topk in segments:
-        code = 1 if kind == "reason" else 2 if kind == "act" else 0
-        if topk is not None:
-            rows.extend((len(ids) + j, tid, tlp) for j, (tid, tlp) in enumerate(zip(*topk)))
-        ids.extend(seg_ids)
-        kinds.extend([code] * len(seg_ids))
-    ids.extend(after)
-    kinds.extend([0] * len(after))
-
+    where = f"trajectory {traj.id!r}"
+    ids, kinds, rows, turn_starts = _encode_pieces(_pieces(traj.prompt, traj.turns, fmt), traj.turns, tokenizer,
+                                                   add_special_tokens, where)
     ids_arr = np.asarray(ids, dtype=np.int64)
     outside = (ids_arr < 0) | (ids_arr >= len(tokenizer))
     if outside.any():
-        raise ValueError(f"trajectory {traj.id!r}: stored token id {int(ids_arr[outside][0])} is outside this "
+        raise ValueError(f"{where}: stored token id {int(ids_arr[outside][0])} is outside this "
                          f"tokenizer's {len(tokenizer)} ids; the trajectories were generated with another tokenizer")
     kinds_arr = np.asarray(kinds, dtype=np.int8)
     out: dict[str, Any] = {"input_ids": ids_arr,
@@ -512,6 +632,7 @@ def encode_trajectory(traj: Trajectory, tokenizer, fmt: str | Path | AgentFormat
             topk_lp[pos, :len(tlp)] = tlp
             topk_mask[pos] = True
         out.update(topk_ids=topk_ids, topk_logprobs=topk_lp, topk_mask=topk_mask)
-    out = _truncate(out, max_length)
+    before, after = _special_ids(tokenizer) if add_special_tokens else ([], [])
+    out = fit_to_length(out, max_length, len(before), [*turn_starts[1:], len(ids) - len(after)])
     out["id"] = traj.id
     return out

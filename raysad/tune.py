@@ -355,29 +355,13 @@ def check_student_spec(spec: str, sweep: SweepConfig, where: str, source: str) -
         if not (sweep.teacher or sweep.teacher_sft is not None):
             raise _fail(source, where, f"{spec!r} is cut from the teacher: set teacher (or teacher_sft)")
         try:
-            parse_derive(spec)
+            models.parse_derive_spec(spec)
         except ValueError as err:
             raise _fail(source, where, str(err)) from None
         return
     if not re.search(r"[/\\]", spec):  # not a size name, not derive:, not a path: most likely a typo
         raise _fail(source, where, f"{spec!r}: neither a tiny size ({', '.join(models.TINY_SIZES)}), "
                     "derive:keep_every=K[,width_factor=F], nor a path to an HF model directory")
-
-
-def parse_derive(spec: str) -> dict[str, float]:
-    """'derive:keep_every=2,width_factor=0.5' -> {'keep_every': 2, 'width_factor': 0.5}."""
-    body = spec.removeprefix("derive:")
-    args: dict[str, Any] = {}
-    for part in filter(None, (p.strip() for p in body.split(","))):
-        key, _, value = part.partition("=")
-        if key not in ("keep_every", "width_factor") or not value:
-            raise ValueError(f"{spec!r}: expected derive:keep_every=K[,width_factor=F]")
-        args[key] = int(value) if key == "keep_every" else float(value)
-    if "keep_every" not in args:
-        raise ValueError(f"{spec!r}: keep_every is required (derive:keep_every=2)")
-    if args["keep_every"] < 1 or not 0 < args.get("width_factor", 1.0) <= 1:
-        raise ValueError(f"{spec!r}: keep_every >= 1 and 0 < width_factor <= 1")
-    return args
 
 
 def student_size(spec: str) -> str:
@@ -387,7 +371,7 @@ def student_size(spec: str) -> str:
     if spec in models.TINY_SIZES:
         return spec
     if spec.startswith("derive:"):
-        args = parse_derive(spec)
+        args = models.parse_derive_spec(spec)
         width = args.get("width_factor", 1.0)
         return f"derived-k{args['keep_every']}" + (f"-w{width:g}" if width < 1 else "")
     return Path(spec).name
@@ -508,7 +492,7 @@ def prepare_inputs(sweep: SweepConfig, sweep_dir: Path, uri: str) -> dict[str, A
             if not (out / "config.json").is_file():
                 _say(f"student {spec}: cut from the teacher -> {out}")
                 teacher_model = models.load_model(teacher, device="cpu")
-                derived = models.derive_student(teacher_model, **parse_derive(spec))
+                derived = models.derive_student(teacher_model, **models.parse_derive_spec(spec))
                 derived.save_pretrained(out)
                 models.save_tokenizer(models.load_tokenizer(teacher), out)
             students[spec] = str(out.resolve())

@@ -89,8 +89,9 @@ def _tokenizer() -> PreTrainedTokenizerFast:
 
 def test_trajectories_with_stored_ids_need_no_tokenizer_and_agree_with_encoding():
     tok, fmt = _tokenizer(), get_format("alfworld")
-    t_ids = tok("find the mug\n", add_special_tokens=False)["input_ids"]
-    a_ids = tok("go to desk 1\n", add_special_tokens=False)["input_ids"]
+    # as a model writes them after "> think:" and ">": the prefixes' lead space comes with the text
+    t_ids = tok(" find the mug\n", add_special_tokens=False)["input_ids"]
+    a_ids = tok(" go to desk 1\n", add_special_tokens=False)["input_ids"]
     ids = t_ids + a_ids
     half = [math.log(0.5), math.log(0.5)]
     turn = Turn("find the mug", "go to desk 1", "You see a mug 1.", token_ids=ids, num_thought_tokens=len(t_ids),

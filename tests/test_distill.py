@@ -272,6 +272,7 @@ def two_workers(data, tmp_path_factory, ray_cluster):
     return run_distill(ray_config(data, tmp_path_factory.mktemp("two"), 2), track=False)
 
 
+@pytest.mark.multiworker
 def test_two_workers_match_one_on_the_same_global_batch(data, tmp_path_factory, two_workers):
     # one worker (in-process) accumulates 4 micro-batches; two Ray workers take examples 0, 2 and 1, 3 of
     # each batch, accumulate 2 micro-batches each and average their gradients (DDP over gloo)
@@ -285,6 +286,7 @@ def test_two_workers_match_one_on_the_same_global_batch(data, tmp_path_factory, 
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.multiworker
 def test_a_failing_worker_is_replaced_and_training_resumes(data, tmp_path_factory, two_workers):
     out = tmp_path_factory.mktemp("fault")
     result = run_distill(ray_config(data, out, 2, fail_once_at_step=3, max_failures=1), track=False)
@@ -294,7 +296,7 @@ def test_a_failing_worker_is_replaced_and_training_resumes(data, tmp_path_factor
     assert losses(result) == pytest.approx(losses(two_workers), rel=1e-4)
 
 
-@pytest.mark.slow
+@pytest.mark.multiworker
 def test_fsdp_two_workers_match_one(data, tmp_path_factory, ray_cluster):
     one = run_distill(ray_config(data, tmp_path_factory.mktemp("fsdp_one"), 0), track=False)
     two = run_distill(ray_config(data, tmp_path_factory.mktemp("fsdp_two"), 2, strategy="fsdp"), track=False)

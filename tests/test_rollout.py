@@ -193,7 +193,11 @@ def test_engine_actor_merges_concurrent_requests_into_one_call(tiny_model):
     from raysad.policies.hf import HFEngine
     from raysad.rollout import EngineActor
 
-    prompts = ["Action: think[count", "Observation: count is 3\n", "Action: inc\n", "Say inc"]
+    from raysad.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_model)
+    prompts = [tok.encode(p, add_special_tokens=False)
+               for p in ["Action: think[count", "Observation: count is 3\n", "Action: inc\n", "Say inc"]]
     served = EngineActor(functools.partial(HFEngine, tiny_model), max_batch=4, batch_wait_s=5.0)
 
     async def two_callers():

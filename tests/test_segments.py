@@ -9,8 +9,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 import raysad
-from raysad.segments import (TOPK_PAD_LOGPROB, FormatError, act_context, encode_trajectory, get_format,
-                             parse_turn, reason_context, render, render_context, segment_text, token_masks)
+from raysad.segments import (TOPK_PAD_LOGPROB, FormatError, _lead, check_piecewise, encode_context,
+                             encode_trajectory, fit_to_length, get_format, parse_turn, render, render_context,
+                             segment_text, token_masks)
 from raysad.trajectory import Trajectory, Turn
 
 # --- hand-written trajectories and their expected spans --------------------------------------------------
@@ -166,21 +167,58 @@ def test_few_shot_examples_in_the_prompt_stay_prompt_with_prompt_end():
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_generation_contexts_agree_with_render(name):
+def test_render_context_is_a_prefix_of_render(name):
     traj, _ = CASES[name]
     fmt = get_format(name)
     full = render(traj, fmt).text
-    for n, turn in enumerate(traj.turns):
-        context = render_context(traj.prompt, traj.turns[:n], fmt)
-        assert full.startswith(context)
-        i = n + 1
-        if turn.thought:
-            assert full.startswith(reason_context(context, i, fmt) + turn.thought + fmt.reason_end)
-        after_action = act_context(context, i, turn.thought, fmt) + turn.action + fmt.act_end
-        assert full.startswith(after_action)
-        assert render_context(traj.prompt, traj.turns[:i], fmt) == after_action + fmt.fill(
-            fmt.observation, i, turn.observation)
+    for n in range(len(traj.turns) + 1):
+        assert full.startswith(render_context(traj.prompt, traj.turns[:n], fmt))
     assert render_context(traj.prompt, traj.turns, fmt) == full
+
+
+def _leads(fmt) -> dict[str, str]:
+    return {"reason": _lead(fmt.reason_prefix)[1], "act": _lead(fmt.act_prefix)[1]}
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("stored", [False, True])
+def test_context_ids_are_exactly_the_training_ids_before_each_segment(tokenizer, name, stored):
+    """Token-in, token-out: what an engine is given to write a thought / an action is, id for id, what the
+    training example holds before that segment (with stored ids and with text-only turns)."""
+    traj, _ = CASES[name]
+    fmt = get_format(name)
+    if stored:
+        traj = Trajectory(**{**traj.__dict__, "turns": [
+            _generated(tokenizer, fmt, t.thought, t.action, t.observation, k=2, seed=n)
+            for n, t in enumerate(traj.turns)]})
+    example = list(encode_trajectory(traj, tokenizer, fmt)["input_ids"])
+    for n, turn in enumerate(traj.turns):
+        placeholder = Turn("", "", "")
+        thought_ctx = encode_context(traj.prompt, [*traj.turns[:n], placeholder], "thought", tokenizer, fmt)
+        action_ctx = encode_context(traj.prompt, [*traj.turns[:n], turn], "action", tokenizer, fmt)
+        assert example[:len(action_ctx)] == action_ctx
+        if stored:
+            k = turn.num_thought_tokens
+            if k:  # the thought phase ran: its context, then the generated ids, then the action's context
+                assert example[:len(thought_ctx) + k] == thought_ctx + turn.token_ids[:k]
+            assert example[len(action_ctx):len(action_ctx) + len(turn.token_ids) - k] == turn.token_ids[k:]
+        elif turn.thought:
+            assert example[:len(thought_ctx)] == thought_ctx
+    with pytest.raises(ValueError, match="role must be"):
+        encode_context(traj.prompt, [Turn("", "", "")], "observation", tokenizer, fmt)
+
+
+def test_prefix_lead_goes_with_the_generated_text(tokenizer):
+    """'Thought 1: ' is never tokenised with its trailing space alone: the context ends at 'Thought 1:' and
+    the thought's ids start with ' I' (as a pretrained BPE model writes it)."""
+    fmt = get_format("hotpotqa")
+    ctx = encode_context("Question: q\n", [Turn("", "", "")], "thought", tokenizer, fmt)
+    assert tokenizer.decode(ctx) == "Question: q\nThought 1:"
+    out = encode_trajectory(HOTPOT, tokenizer, fmt)
+    first = _runs(out["reason_mask"])[0]
+    assert tokenizer.decode(out["input_ids"][first[0]:first[1]]) == " I should search Colorado orogeny.\n"
+    turn = parse_turn(" I think.\n", " Search[x]\n", fmt)
+    assert (turn.thought, turn.action) == ("I think.", "Search[x]")
 
 
 def test_parse_turn_cuts_at_the_end_delimiters():
@@ -188,7 +226,7 @@ def test_parse_turn_cuts_at_the_end_delimiters():
     turn = parse_turn("the cheaper one is better]\nObservation: OK.", "click[buy now]\nObservation:", fmt)
     assert (turn.thought, turn.action, turn.observation) == ("the cheaper one is better", "click[buy now]", "")
     assert fmt.reason_stop == ["]"] and fmt.act_stop == ["\n"]
-    hot = parse_turn("no delimiter because the engine dropped it", " Search[x]", "hotpotqa")
+    hot = parse_turn("no delimiter because the engine dropped it", "  Search[x]", "hotpotqa")
     assert (hot.thought, hot.action) == ("no delimiter because the engine dropped it", " Search[x]")
 
 
@@ -315,7 +353,13 @@ def test_token_masks_on_raw_text_and_truncation(tokenizer):
     full = token_masks(text, spans, tokenizer)
     cut = token_masks(text, spans, tokenizer, max_length=5)
     assert cut["truncated"] and cut["num_tokens"] == len(full["input_ids"]) > 5
-    assert list(cut["input_ids"]) == list(full["input_ids"][:5]) and len(cut["reason_mask"]) == 5
+    first_loss = int(np.argmax(full["reason_mask"] | full["act_mask"]))
+    # the prompt goes from the left (all but the token before the first target), then the end is cut
+    assert cut["dropped_prompt_tokens"] == first_loss - 1
+    kept = full["input_ids"][first_loss - 1:first_loss - 1 + 5]
+    assert list(cut["input_ids"]) == list(kept) and len(cut["reason_mask"]) == 5
+    loss = full["reason_mask"] | full["act_mask"]
+    assert cut["dropped_loss_tokens"] == int(loss.sum()) - int((cut["reason_mask"] | cut["act_mask"]).sum())
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -324,8 +368,10 @@ def test_encode_trajectory_without_stored_ids_is_exact_per_segment(tokenizer, na
     out = encode_trajectory(traj, tokenizer, name)
     ids = out["input_ids"]
     assert tokenizer.decode(ids) == render(traj, name).text  # pieces concatenate to the rendered text
+    leads = _leads(get_format(name))
     for mask, kind in ((out["reason_mask"], "reason"), (out["act_mask"], "act")):
-        assert [tokenizer.decode(ids[a:b]) for a, b in _runs(mask)] == [t for k, t in expected if k == kind]
+        assert [tokenizer.decode(ids[a:b]) for a, b in _runs(mask)] == [leads[kind] + t for k, t in expected
+                                                                        if k == kind]
     assert out["topk_ids"] is None and out["topk_mask"] is None and out["id"] == traj.id
     whole = encode_trajectory(traj, tokenizer, name, whole_text=True)
     assert tokenizer.decode(whole["input_ids"]) == render(traj, name).text
@@ -335,8 +381,10 @@ def _generated(tokenizer, fmt, thought, action, observation, k, seed):
     """A turn as a model would record it: ids of thought+end and action+end, with synthetic top-k rows whose
     first entry is the chosen token and whose log-probs encode (seed, position)."""
     fmt = get_format(fmt)
-    t_ids = tokenizer(thought + fmt.reason_end, add_special_tokens=False)["input_ids"] if thought else []
-    a_ids = tokenizer(action + fmt.act_end, add_special_tokens=False)["input_ids"]
+    leads = _leads(fmt)
+    t_ids = tokenizer(leads["reason"] + thought + fmt.reason_end, add_special_tokens=False)["input_ids"] \
+        if thought else []
+    a_ids = tokenizer(leads["act"] + action + fmt.act_end, add_special_tokens=False)["input_ids"]
     ids = t_ids + a_ids
     topk_ids = [[tid] + [(tid + m) % 50 + 2 for m in range(1, k)] for tid in ids]
     topk_lp = [[-(seed + j / 100)] + [-10.0 - m for m in range(1, k)] for j in range(len(ids))]
@@ -365,28 +413,62 @@ def test_encode_trajectory_splices_stored_ids_and_aligns_topk():
     assert (out["topk_logprobs"][~tmask] == TOPK_PAD_LOGPROB).all() and (out["topk_ids"][~tmask] == 0).all()
     # masks: stored thought ids are reason, stored action ids act; the expert turn's action is tokenised
     runs = [(tok.decode(ids[s:e]), "reason" if reason[s] else "act") for s, e in _runs(reason | act)]
-    assert runs == [("I should search Colorado orogeny.\n", "reason"), ("Search[Colorado orogeny]\n", "act"),
-                    ("Lookup[eastern sector]\n", "act"), ("So the answer is 1,800 ft.\n", "reason"),
-                    ("Finish[1,800 ft]\n", "act")]
+    assert runs == [(" I should search Colorado orogeny.\n", "reason"), (" Search[Colorado orogeny]\n", "act"),
+                    (" Lookup[eastern sector]\n", "act"), (" So the answer is 1,800 ft.\n", "reason"),
+                    (" Finish[1,800 ft]\n", "act")]
     first_thought = np.flatnonzero(reason)[: a.num_thought_tokens]
     assert list(ids[first_thought]) == a.token_ids[: a.num_thought_tokens]
     # truncation keeps every array aligned
     cut = encode_trajectory(traj, tok, fmt, max_length=20)
-    assert cut["truncated"] and all(len(cut[key]) == 20 for key in
+    assert cut["truncated"] and all(len(cut[key]) <= 20 for key in
                                     ("input_ids", "reason_mask", "act_mask", "topk_ids", "topk_logprobs", "topk_mask"))
+    assert len({len(cut[key]) for key in ("input_ids", "reason_mask", "topk_ids", "topk_mask")}) == 1
 
 
-def test_stored_thought_ids_of_an_empty_thought_are_dropped(tokenizer):
+def test_stored_thought_ids_of_an_empty_thought_are_kept(tokenizer):
+    """A model that wrote only the delimiter as its thought still saw '> think: \n' when it wrote the action:
+    the example keeps those ids (reason tokens) and render shows the same text."""
     fmt = get_format("alfworld")
     t = _generated(tokenizer, fmt, "x", "go to desk 1", "You arrive at desk 1.", k=2, seed=0)
-    t.thought = ""  # the model wrote only the delimiter: render shows no reason part
+    delim = tokenizer(fmt.reason_end, add_special_tokens=False)["input_ids"]
+    t.thought = ""
+    t.token_ids = delim + t.token_ids[t.num_thought_tokens:]
+    t.topk_ids = [[i, 3] for i in t.token_ids]
+    t.topk_logprobs = [[-0.1, -3.0] for _ in t.token_ids]
+    t.num_thought_tokens = len(delim)
     traj = Trajectory(**{**ALF.__dict__, "turns": [t]})
     out = encode_trajectory(traj, tokenizer, fmt)
-    assert not out["reason_mask"].any()
-    assert tokenizer.decode(out["input_ids"][out["act_mask"]]) == "go to desk 1\n"
-    assert out["topk_mask"].sum() == len(t.token_ids) - t.num_thought_tokens
-    assert tokenizer.decode(out["input_ids"]) == render(traj, fmt).text
+    assert list(out["input_ids"][out["reason_mask"]]) == delim
+    assert tokenizer.decode(out["input_ids"][out["act_mask"]]) == " go to desk 1\n"
+    assert out["topk_mask"].sum() == len(t.token_ids)
+    # the ids are what the model wrote (no lead space before its newline); render writes the prefix as is
+    assert tokenizer.decode(out["input_ids"]) == render(traj, fmt).text.replace("> think: \n", "> think:\n")
 
+
+def test_fit_to_length_cuts_the_prompt_from_the_left_and_whole_turns_from_the_end():
+    n = 12  # [bos] p p p p T T T | turn 2 starts at 8: T T T T
+    out = {"input_ids": np.arange(n), "reason_mask": np.zeros(n, bool), "act_mask": np.zeros(n, bool)}
+    out["reason_mask"][[5, 6, 9, 10]] = True
+    out["act_mask"][[7, 11]] = True
+    short = fit_to_length({k: v.copy() for k, v in out.items()}, 10, head=1, boundaries=[8, 12])
+    assert list(short["input_ids"]) == [0, 3, 4, 5, 6, 7, 8, 9, 10, 11]  # bos kept, 2 prompt tokens gone
+    assert (short["dropped_prompt_tokens"], short["dropped_loss_tokens"], short["dropped_turns"]) == (2, 0, 0)
+    shorter = fit_to_length({k: v.copy() for k, v in out.items()}, 6, head=1, boundaries=[8, 12])
+    # all of the prompt but the token before the first target goes, then turn 2 (whole) goes from the end
+    assert list(shorter["input_ids"]) == [0, 4, 5, 6, 7]
+    assert (shorter["dropped_prompt_tokens"], shorter["dropped_loss_tokens"], shorter["dropped_turns"]) == (3, 3, 1)
+    same = fit_to_length({k: v.copy() for k, v in out.items()}, 12, head=1)
+    assert not same["truncated"] and same["num_tokens"] == 12 and len(same["input_ids"]) == 12
+
+
+def test_a_tokenizer_that_adds_a_prefix_space_to_every_piece_is_refused():
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "Observation": 1, "1": 2, ":": 3, "a": 4, "Thought": 5, "2": 6},
+                                     unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()  # joins words with spaces: the pieces do not concatenate to their text
+    with pytest.raises(ValueError, match="piecewise"):
+        check_piecewise(PreTrainedTokenizerFast(tokenizer_object=tok))
+    check_piecewise(tiny_tokenizer())
 
 
 def test_stored_ids_from_another_tokenizer_fail_clearly(tokenizer):

@@ -43,6 +43,15 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def ids(model_dir):
+    """PROMPTS as token ids: engines take ids (segments.encode_context builds them in a rollout)."""
+    from raysad import models
+
+    tok = models.load_tokenizer(model_dir)
+    return [tok.encode(p, add_special_tokens=False) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
 def engine(model_dir):
     from raysad.policies.vllm import VLLMEngine
 
@@ -57,10 +66,8 @@ def reference(model_dir):
     from raysad import models
 
     model = models.load_model(model_dir, dtype="float32", device="cpu")
-    tokenizer = models.load_tokenizer(model_dir)
 
-    def rows(prompt: str, ids: list[int]) -> torch.Tensor:
-        p = tokenizer.encode(prompt, add_special_tokens=False)
+    def rows(p: list[int], ids: list[int]) -> torch.Tensor:
         with torch.no_grad():
             logits = model(torch.tensor([p + ids])).logits[0].float()
         return logits[len(p) - 1:len(p) - 1 + len(ids)].log_softmax(-1)
@@ -80,10 +87,10 @@ def check_topk(gen, prompt, reference, vocab_size):
         assert ref[j].topk(TOPK).values[-1].item() == pytest.approx(lps[-1], abs=1e-3)
 
 
-def test_greedy_topk_matches_transformers(engine, reference, model_dir):
-    gens = engine.generate(PROMPTS, max_tokens=12, topk=TOPK, temperature=0.0)
+def test_greedy_topk_matches_transformers(engine, reference, model_dir, ids):
+    gens = engine.generate(ids, max_tokens=12, topk=TOPK, temperature=0.0)
     assert len(gens) == len(PROMPTS)
-    for prompt, gen in zip(PROMPTS, gens):
+    for prompt, gen in zip(ids, gens):
         assert gen.finish_reason in ("length", "eos")
         assert engine.tokenizer.decode(gen.token_ids) == gen.text
         check_topk(gen, prompt, reference, len(engine.tokenizer))
@@ -93,25 +100,25 @@ def test_greedy_topk_matches_transformers(engine, reference, model_dir):
         assert ref.argmax(-1).tolist() == gen.token_ids
 
 
-def test_greedy_is_deterministic_and_batch_independent(engine):
-    batch = engine.generate(PROMPTS, max_tokens=10, temperature=0.0)
-    again = engine.generate(PROMPTS, max_tokens=10, temperature=0.0)
-    alone = engine.generate(PROMPTS[1:2], max_tokens=10, temperature=0.0)
+def test_greedy_is_deterministic_and_batch_independent(engine, ids):
+    batch = engine.generate(ids, max_tokens=10, temperature=0.0)
+    again = engine.generate(ids, max_tokens=10, temperature=0.0)
+    alone = engine.generate(ids[1:2], max_tokens=10, temperature=0.0)
     assert [g.token_ids for g in batch] == [g.token_ids for g in again]
     assert alone[0].token_ids == batch[1].token_ids
     assert batch[0].topk_ids is None and batch[0].topk_logprobs is None
 
 
-def test_sampling_is_seeded(engine):
-    a = engine.generate(PROMPTS, max_tokens=10, temperature=1.0, seed=7)
-    b = engine.generate(PROMPTS, max_tokens=10, temperature=1.0, seed=7)
-    c = engine.generate(PROMPTS, max_tokens=10, temperature=1.0, seed=8)
+def test_sampling_is_seeded(engine, ids):
+    a = engine.generate(ids, max_tokens=10, temperature=1.0, seed=7)
+    b = engine.generate(ids, max_tokens=10, temperature=1.0, seed=7)
+    c = engine.generate(ids, max_tokens=10, temperature=1.0, seed=8)
     assert [g.token_ids for g in a] == [g.token_ids for g in b]
     assert [g.token_ids for g in a] != [g.token_ids for g in c]
 
 
-def test_stop_string_is_honoured_and_kept(engine, reference):
-    prompt = PROMPTS[0]
+def test_stop_string_is_honoured_and_kept(engine, reference, ids):
+    prompt = ids[0]
     free = engine.generate([prompt], max_tokens=16, temperature=0.0)[0].text
     assert len(free) >= 6, free
     stop = free[3:5]  # a piece of what the model writes anyway (may straddle a token boundary)
@@ -122,8 +129,8 @@ def test_stop_string_is_honoured_and_kept(engine, reference):
     check_topk(gen, prompt, reference, len(engine.tokenizer))
 
 
-def test_text_without_stop_is_closed_with_scored_stop_tokens(engine, reference):
-    prompt = PROMPTS[2]
+def test_text_without_stop_is_closed_with_scored_stop_tokens(engine, reference, ids):
+    prompt = ids[2]
     free = engine.generate([prompt], max_tokens=8, temperature=0.0)[0]
     stop = "]\n"
     assert stop not in free.text
@@ -141,7 +148,7 @@ def test_missing_model_dir_is_a_clear_error(tmp_path):
         VLLMEngine(tmp_path / "nope")
 
 
-def test_engine_in_a_ray_actor(model_dir):
+def test_engine_in_a_ray_actor(model_dir, ids):
     ray = pytest.importorskip("ray")
     from raysad.policies.vllm import make_engine_actor
 
@@ -153,7 +160,7 @@ def test_engine_in_a_ray_actor(model_dir):
                                          kv_cache_memory_bytes=64 << 20, actor_options=options)
         assert group is None
         assert ray.get(actor.ready.remote(), timeout=300) == str(model_dir)
-        gens = ray.get(actor.generate.remote(PROMPTS, stop=["\n"], max_tokens=6, topk=TOPK), timeout=300)
+        gens = ray.get(actor.generate.remote(ids, stop=["\n"], max_tokens=6, topk=TOPK), timeout=300)
         assert len(gens) == len(PROMPTS)
         assert all(len(g.topk_ids) == len(g.token_ids) > 0 for g in gens)
         ray.kill(actor)

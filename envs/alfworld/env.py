@@ -38,6 +38,7 @@ class ALFWorldEnv(TextEnv):
     env_name = "alfworld"
     agent_format = "alfworld"
     default_max_steps = 50
+    token_budget = (192, 32)  # expert, 300 train episodes, SmolLM2's tokenizer: thought max 118, action max 13
 
     def __init__(self, split: str = "train", data=None, seed: int = 0, num_tasks: int | None = None,
                  max_steps: int | None = None, render_mode: str | None = None):

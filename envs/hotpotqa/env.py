@@ -15,11 +15,11 @@ The episode is truncated after `max_steps` (7, as ReAct) without a Finish; info 
 """
 from __future__ import annotations
 
-import random
 import re
 
-from ..core import InvalidAction, TextEnv, stable_hash, to_text
-from .data import Dataset, Hop, Task, load_dataset
+from ..core import InvalidAction, TextEnv, to_text
+from .data import Dataset, Task, load_dataset
+from .expert import expert_turn
 from .metrics import em_f1
 
 INSTRUCTION = (
@@ -97,46 +97,9 @@ Observation 4: Episode finished, reward = 1
 
 _ACTION = re.compile(r"(search|lookup|finish)\[(.*)\]", re.IGNORECASE | re.DOTALL)
 
-_PLAN = {
-    "bridge": ["I need to search {t0}, find {g0}, then find {g1}.",
-               "To answer this, I first need {g0}, then {g1}. Let me search {t0}.",
-               "The question needs two facts: {g0}, and then {g1}. I will start by searching {t0}."],
-    "comparison": ["I need to search {t0} and {t1}, find {g0} and {g1}, then compare.",
-                   "I need to find {g0} and {g1}. Let me search {t0} first.",
-                   "To compare them I should search both {t0} and {t1}. I will start with {t0}."],
-    "other": ["I need to search {titles}, and find the facts the question asks about.",
-              "Let me start by searching {t0}.",
-              "The answer should follow from {titles}. I will search {t0} first."],
-}
-_NEXT_PAGE = ["{fact}. I need to search {t} and find {aim}.",
-              "{fact}. Next, I need to search {t} to find {aim}.",
-              "So {inner}. Now let me search {t} and find {aim}.",
-              "The observation says {inner}. Now I need to find {aim}, so I will search {t}."]
-_RECOVER = ["I still need to find {goal}. Let me search {t}.", "I have not found {goal} yet, so I will search {t}."]
-_LOOKUP = ["The first paragraph does not tell me {aim}. Let me look up {kw}.",
-           "{t} is the right page, but this paragraph does not tell me {aim}. I will look up {kw}.",
-           "I need to know {aim}, which this paragraph does not give. Let me look up {kw}."]
-_LOOKUP_SAME_PAGE = ["{fact}. I also need to find {aim} on this page. Let me look up {kw}.",
-                     "{fact}. This page should also tell me {aim}, so I will look up {kw}."]
-_LOOKUP_AGAIN = ["That sentence does not tell me {aim}. Let me look up {kw} again.",
-                 "Not what I need yet. I will look for the next sentence with {kw}."]
-_LEADING_WORDS = frozenset("He She It They His Her Its Their".split())  # not "The": titles start with it
-_FINISH = ["{fact}. So the answer is {answer}.", "From these facts, the answer is {answer}.",
-           "So the answer is {answer}."]
-
 
 def _shorten(text: str, n: int = 120) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
-
-
-def _inner(fact: str) -> str:
-    """A fact placed inside a sentence: "He won ..." -> "he won ..." (names stay capitalised)."""
-    first, _, rest = fact.partition(" ")
-    return f"{first.lower()} {rest}" if first in _LEADING_WORDS else fact
-
-
-def _join(titles: list[str]) -> str:
-    return titles[0] if len(titles) == 1 else ", ".join(titles[:-1]) + " and " + titles[-1]
 
 
 class HotPotQAEnv(TextEnv):
@@ -145,6 +108,7 @@ class HotPotQAEnv(TextEnv):
     env_name = "hotpotqa"
     agent_format = "hotpotqa"
     default_max_steps = 7  # as ReAct's HotpotQA runs
+    token_budget = (80, 32)  # expert, 300 train episodes, SmolLM2's tokenizer: thought max 41, action max 12
 
     def __init__(self, split: str = "train", data=None, corpus=None, seed: int = 0, num_tasks: int | None = None,
                  max_steps: int | None = None, render_mode: str | None = None):
@@ -174,6 +138,10 @@ class HotPotQAEnv(TextEnv):
         self._seen: dict[str, str] = {}    # page title -> everything observed from it this episode
         self._exhausted: set[tuple[str, str]] = set()  # (title, keyword) whose Lookup ran out
         self._last_action: tuple[str, str] | None = None
+        self._observed: list[str] = []     # every Search/Lookup observation of this episode, in order
+        self._searched: set[str] = set()   # Search arguments used (lower-case, spaces collapsed)
+        self._found_as: dict[str, str] = {}  # page title -> the Search argument that last found it
+        self.expert_move: str | None = None  # the kind of the expert's last turn (see expert.py)
 
     # --- TextEnv ---------------------------------------------------------------------------------------------
     def task_ids(self) -> list[str]:
@@ -203,6 +171,7 @@ class HotPotQAEnv(TextEnv):
             self._success = em == 1.0
             return f"Episode finished, reward = {int(em)}", em, True, {"em": em, "f1": f1, "answer": task.answer}
         obs = self._search(arg) if kind == "search" else self._lookup(arg)
+        self._observed.append(obs)
         info = {}
         if self._steps >= self.max_steps:  # truncated without an answer: it scores 0
             info = {"em": 0.0, "f1": 0.0, "answer": task.answer}
@@ -210,10 +179,12 @@ class HotPotQAEnv(TextEnv):
 
     def _search(self, entity: str) -> str:
         corpus = self.dataset.corpus
+        self._searched.add(entity.lower())
         page = corpus.find(entity)
         if page is None:  # like ReAct: the previous page stays current for Lookup
             return f"Could not find [{_shorten(entity, 200)}]. Similar: {corpus.similar(entity)}."
         self._page = page
+        self._found_as[page.title] = entity
         self._lookup_key, self._lookup_hits, self._lookup_next = None, [], 0
         obs = page.first_paragraph()
         self._seen[page.title] = self._seen.get(page.title, "") + "\n" + obs
@@ -239,46 +210,10 @@ class HotPotQAEnv(TextEnv):
         super().close()
 
     # --- expert ----------------------------------------------------------------------------------------------
-    def _read(self, hop: Hop) -> bool:
-        return hop.evidence in self._seen.get(hop.title, "") or (hop.title, hop.keyword.lower()) in self._exhausted
-
     def expert_turn(self) -> tuple[str, str]:
-        """The scripted expert's (thought, action) from the true question structure and what was observed."""
-        task = self.task
-        rng = random.Random(stable_hash("expert", self.seed, self.task_id, self._steps))
-        hops = task.hops
-        pending = next((i for i, hop in enumerate(hops) if not self._read(hop)), None)
-        answer = " ".join(to_text(task.answer).split())
-        if pending is None:
-            last_fact = hops[-1].fact if hops else ""
-            options = task.conclusions or [t for t in _FINISH if last_fact or "{fact}" not in t]
-            return rng.choice(options).format(fact=last_fact, answer=answer), f"Finish[{answer}]"
-        hop = hops[pending]
-        previous = hops[pending - 1] if pending else None
-        just_read = previous is not None and previous.evidence in self._last_obs
-        if self._page is None or self._page.title != hop.title:
-            if self._steps == 0:
-                thought = self._plan(task, rng)
-            elif just_read:
-                thought = rng.choice(_NEXT_PAGE).format(fact=previous.fact, inner=_inner(previous.fact), t=hop.title,
-                                                        aim=hop.aim)
-            else:
-                thought = rng.choice(_RECOVER).format(goal=hop.goal, t=hop.title)
-            return thought, f"Search[{hop.title}]"
-        if self._last_action == ("lookup", hop.keyword.lower()):
-            thought = rng.choice(_LOOKUP_AGAIN).format(aim=hop.aim, kw=hop.keyword)
-        elif just_read:
-            thought = rng.choice(_LOOKUP_SAME_PAGE).format(fact=previous.fact, aim=hop.aim, kw=hop.keyword)
-        else:
-            thought = rng.choice(_LOOKUP).format(t=hop.title, aim=hop.aim, kw=hop.keyword)
-        return thought, f"Lookup[{hop.keyword}]"
-
-    def _plan(self, task: Task, rng: random.Random) -> str:
-        titles = list(dict.fromkeys(h.title for h in task.hops))
-        kind = task.kind if task.conclusions and len(task.hops) == 2 else "other"
-        template = rng.choice(_PLAN[kind])
-        g = [h.goal for h in task.hops] + ["", ""]
-        return template.format(titles=_join(titles), t0=titles[0], t1=titles[-1], g0=g[0], g1=g[1])
+        """The scripted expert's (thought, action): it plans from the true question structure but names only
+        what the question or an earlier observation has shown (the rule and its fallbacks: expert.py)."""
+        return expert_turn(self)
 
     # --- prompt ----------------------------------------------------------------------------------------------
     def prompt(self, observation: str, few_shot: int = 0) -> str:

@@ -239,7 +239,7 @@ class Shop:
             per_asin[g["asin"]] = n + 1
             self.goals[f"{g['asin']}-{n}"] = g
         self.splits = assign_splits(list(self.goals), seed)
-        self.examples: dict = {}  # (task id, max steps) -> few-shot text, filled by WebShopEnv.example
+        self.examples: dict = {}  # (task id, max steps, option matching) -> few-shot text, filled by WebShopEnv.example
         self._retriever = None
 
     def split_ids(self, split: str) -> list[str]:

@@ -13,7 +13,9 @@ observations use the bracket text of the ReAct WebShop prompt, where `[x]` is so
 
 Actions: `search[query]` (on the search page), `click[element]` (element text, any case), `think[...]` (answers
 "OK.", changes nothing, costs a step). Buying ends the episode with WebShop's reward (goal.get_reward); success
-is a reward of 1.
+is a reward of 1. The reward matches options by the rule of WebShop's master branch; WebShopEnv(option_matching=
+"v2") (or raysad_envs.make("webshop", option_matching="v2")) uses the rule of WebShop commit 6ba9969 of its v2
+line instead (see goal.py).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import re
 
 from ..core import OBS_MAX_CHARS, InvalidAction, TextEnv, stable_hash, to_text
 from .catalog import PRODUCT_WINDOW, Shop, get_shop
-from .goal import get_option_reward, get_reward, normalize_color
+from .goal import check_option_matching, get_option_reward, get_reward, normalize_color
 
 BACK_TO_SEARCH, NEXT_PAGE, PREV_PAGE, BUY = "Back to Search", "Next >", "< Prev", "Buy Now"
 SUB_PAGES = ("Description", "Features", "Reviews")
@@ -38,8 +40,9 @@ def _clean(text) -> str:
 class Session:
     """One shopper's browser state on the shop, and the pages it renders."""
 
-    def __init__(self, shop: Shop, goal: dict):
+    def __init__(self, shop: Shop, goal: dict, option_matching: str = "master"):
         self.shop, self.goal = shop, goal
+        self.option_matching = check_option_matching(option_matching)
         self.page = "search"         # search | results | item | sub | done
         self.query = ""
         self.results: list[str] = []  # asins of the current search, best first
@@ -173,7 +176,7 @@ class Session:
             product = self.product()
             price = self.shop.product_prices[self.asin]
             self.reward, self.reward_info = get_reward(product, self.goal, price=price, options=dict(self.options),
-                                                       verbose=True)
+                                                       option_matching=self.option_matching, verbose=True)
             self.page = "done"
             purchased = {"asin": self.asin, "options": dict(self.options), "price": price}
             return self.observation(), float(self.reward), True, {"reward_info": self.reward_info,
@@ -239,7 +242,8 @@ class Expert:
             exact = [(n, v) for n, v in candidates if v == g_low]
             fuzzy = [(n, v) for n, v in candidates
                      if normalize_color(v) == normalize_color(g_low) or get_option_reward(
-                         {"Title": "", "BulletPoints": [], "Description": ""}, [g_low], {n: v})[1] > 0]
+                         {"Title": "", "BulletPoints": [], "Description": ""}, [g_low], {n: v},
+                         self.s.option_matching)[1] > 0]
             if exact or fuzzy:
                 n, v = (exact or fuzzy)[0]
                 chosen[n] = v
@@ -251,7 +255,8 @@ class Expert:
         if asin not in self._scores:
             product = self.s.shop.product_item_dict[asin]
             options = self.best_options(product)
-            reward = get_reward(product, self.s.goal, price=self.s.shop.product_prices[asin], options=options)
+            reward = get_reward(product, self.s.goal, price=self.s.shop.product_prices[asin], options=options,
+                                option_matching=self.s.option_matching)
             self._scores[asin] = (reward, options)
         return self._scores[asin]
 
@@ -400,15 +405,24 @@ class Expert:
 
 # --- the environment -----------------------------------------------------------------------------------------
 class WebShopEnv(TextEnv):
-    """WebShop's text shop over a generated catalog (data=None) or WebShop's real product files."""
+    """WebShop's text shop over a generated catalog (data=None) or WebShop's real product files.
+
+    option_matching: how the reward matches the chosen options to the goal's. "master" (the default): WebShop's
+    master branch, as in the WebShop paper, AgentGym and published scores: each goal option is fuzzily matched
+    (token_set_ratio > 85) against the chosen values. "v2": WebShop commit 6ba9969 (v2 line, never merged): each
+    chosen option is matched, 'size' exactly, and a chosen value the product's text mentions counts too. Only
+    for reproducing numbers measured with that rule."""
 
     env_name = "webshop"
     agent_format = "webshop"
     default_max_steps = 15  # as in ReAct's WebShop runs
+    token_budget = (128, 48)  # expert, 300 train episodes, SmolLM2's tokenizer: thought max 71, action max 25
 
     def __init__(self, split: str = "train", data=None, seed: int = 0, num_products: int | None = None,
-                 num_tasks: int | None = None, max_steps: int | None = None, render_mode: str | None = None):
+                 num_tasks: int | None = None, max_steps: int | None = None, render_mode: str | None = None,
+                 option_matching: str = "master"):
         super().__init__(split=split, max_steps=max_steps, render_mode=render_mode)
+        self.option_matching = check_option_matching(option_matching)
         self.data, self.seed, self.num_products, self.num_tasks = data, int(seed), num_products, num_tasks
         self._shop: Shop | None = get_shop(data, self.seed, num_products)
         self._session: Session | None = None
@@ -432,7 +446,7 @@ class WebShopEnv(TextEnv):
 
     def _load_task(self, task_id: str) -> tuple[str, dict]:
         goal = self.goal(task_id)
-        self._session = Session(self.shop, goal)
+        self._session = Session(self.shop, goal, self.option_matching)
         self._expert = Expert(self._session)
         return self._session.observation(), {"instruction": goal["instruction_text"], "score": 0.0,
                                              "page": "search"}
@@ -455,9 +469,9 @@ class WebShopEnv(TextEnv):
     # --- the ReAct prompt --------------------------------------------------------------------------------------
     def example(self, task_id: str) -> str:
         """One expert episode in the webshop agent format (the text of a few-shot example)."""
-        cache, key = self.shop.examples, (task_id, self.max_steps)
+        cache, key = self.shop.examples, (task_id, self.max_steps, self.option_matching)
         if key not in cache:
-            session = Session(self.shop, self.shop.goals[task_id])
+            session = Session(self.shop, self.shop.goals[task_id], self.option_matching)
             expert = Expert(session)
             parts = [to_text(session.observation()) + "\n\n"]
             for step in range(self.max_steps):

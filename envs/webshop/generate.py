@@ -15,6 +15,10 @@ import string
 
 from .goal import price_bound
 
+# Option values are picked so that WebShop master's reward credits a value chosen exactly: master scores a goal's
+# options as (name, value) pairs against the chosen values after colour normalisation (goal.py), so a value whose
+# normalised colour is not one of its own words never meets its pair ('sandalwood' -> 'sand', 'grey wash' ->
+# 'ash', 'blueberry' -> 'blue', 'peppered' -> 'red'); tests/test_env_webshop.py checks every value.
 COLORS = ["black", "white", "navy blue", "heather grey", "red", "pink", "olive green", "light blue", "burgundy",
           "beige", "purple", "charcoal", "yellow", "teal", "brown"]
 CLOTHING_SIZES = ["x-small", "small", "medium", "large", "x-large", "xx-large", "3x-large"]
@@ -22,15 +26,15 @@ SHOE_SIZES = ["6", "6.5", "7", "7.5", "8", "8.5", "9", "9.5", "10", "10.5", "11"
 BEAUTY_SIZES = ["1 fl oz (pack of 1)", "1.7 fl oz (pack of 1)", "3.4 fl oz (pack of 1)", "8 fl oz (pack of 2)",
                 "16.9 fl oz (pack of 1)", "2 count", "3 count"]
 SCENTS = ["lavender", "unscented", "bright citrus", "coconut", "eucalyptus mint", "rose", "vanilla", "tea tree",
-          "fresh linen", "sandalwood"]
+          "fresh linen", "cedarwood"]
 SHADES = ["porcelain", "ivory", "natural beige", "warm honey", "tan", "deep", "medium", "light"]
 NAIL_COLORS = ["cherry red", "nude pink", "classic black", "coral", "lilac", "mint", "gold glitter", "burgundy"]
 FLAVORS = ["chocolate", "vanilla", "peanut butter", "strawberry", "sea salt", "original", "honey", "mango",
-           "cinnamon", "mint", "salted caramel", "blueberry"]
+           "cinnamon", "mint", "salted caramel", "raspberry"]
 DEVICE_COLORS = ["black", "white", "silver", "space gray", "blue", "rose gold", "green", "red"]
 CABLE_LENGTHS = ["3 ft", "6 ft", "10 ft", "1 ft (2-pack)", "6 ft (3-pack)"]
 PHONE_MODELS = ["iphone 13", "iphone 14 pro", "iphone 15", "galaxy s23", "galaxy s22 ultra", "pixel 7", "pixel 8 pro"]
-WOOD_COLORS = ["walnut", "espresso", "natural oak", "white", "black", "rustic brown", "grey wash", "cherry"]
+WOOD_COLORS = ["walnut", "espresso", "natural oak", "white", "black", "rustic brown", "driftwood grey", "cherry"]
 FABRIC_COLORS = ["grey", "beige", "navy blue", "dark green", "cream", "black", "light grey", "rust orange"]
 TIERS = ["2-tier", "3-tier", "4-tier", "5-tier"]
 
@@ -99,7 +103,7 @@ CATALOG = {
         ("hoodie", "Men › Clothing › Fashion Hoodies & Sweatshirts", {"size": CLOTHING_SIZES, "color": COLORS}, (20, 60),
          ["long sleeve", "fleece lined", "kangaroo pocket"]),
         ("jeans", "Women › Clothing › Jeans", {"size": ["24", "26", "28", "30", "32", "34"],
-                                              "color": ["light wash", "dark wash", "black", "medium blue", "white"]},
+                                              "color": ["light denim", "dark denim", "black", "medium blue", "white"]},
          (20, 70), ["high waist", "stretch denim", "button closure"]),
         ("sandals", "Women › Shoes › Sandals", {"size": SHOE_SIZES, "color": COLORS}, (15, 60),
          ["open toe", "ankle strap", "rubber sole"]),
@@ -144,7 +148,7 @@ CATALOG = {
          {"flavor": ["marinara", "tomato basil", "arrabbiata", "garlic"], "size": ["24 ounce (pack of 2)", "24 ounce (pack of 6)"]},
          (6, 30), ["no sugar added", "low sodium"]),
         ("beef jerky", "Snacks & Sweets › Jerky & Dried Meats › Jerky",
-         {"flavor": ["original", "teriyaki", "peppered", "sweet and spicy", "smoked"], "size": ["2.5 ounce", "10 ounce"]},
+         {"flavor": ["original", "teriyaki", "black pepper", "sweet and spicy", "smoked"], "size": ["2.5 ounce", "10 ounce"]},
          (8, 40), ["high protein", "grass fed"]),
         ("granola", "Breakfast Foods › Cereals › Granola", {"flavor": FLAVORS, "size": ["11 ounce", "1 pound", "2 pound"]},
          (5, 25), ["whole grain", "low fat", "high fiber"]),

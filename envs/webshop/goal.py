@@ -1,17 +1,35 @@
 """WebShop's goals and reward, ported from princeton-nlp/WebShop `web_agent_site/engine/goal.py` and
 `normalize.py` (MIT, Copyright (c) 2023 Princeton Natural Language Processing). Names, structure, thresholds and
-arithmetic follow the original; what differs, and why:
+arithmetic follow the original's master branch (goal.py as of master 64fa2a5c15c7daa698b9ac93f5bb5437b634c9bd,
+blob 09ad26819db8b90ec09be24fa542c2fd387e725d; its reward functions are unchanged since the initial commit
+61e56dbba107ae13ff49e6058d7d2aad23326929), the code of the WebShop paper, AgentGym and published agent scores.
+What differs, and why:
 
+* Option matching. master fuzzy-matches each goal option against the chosen option values
+  (`get_option_reward_master`). Commit 6ba9969dbb8411c4dda34232caad8d1bd1383b69 ("Finer matching for options",
+  on WebShop's v2 line of work, PR #4; never merged into master, and the v2 branch's head later reworked it
+  again with dictionary synonyms) instead walks the chosen options: 'size' must equal a goal option exactly,
+  others match fuzzily, and a chosen value found in the product's title, features or description counts even
+  when the goal wants another (`get_option_reward_v2`, a port of exactly that commit). The two disagree on
+  near-miss sizes ('x-large' for 'large'), on chosen values the title happens to mention, and on extra chosen
+  options (v2 counts chosen options, so r_option can pass 1). master also hands a synthetic goal's options over
+  as (name, value) pairs rather than values; that quirk is kept (see `get_option_reward_master`).
+  `get_reward(..., option_matching="master")` is the default; option_matching="v2" (also
+  `WebShopEnv(option_matching="v2")`) only reproduces numbers measured with the 6ba9969 rule.
 * `token_set_ratio` is rapidfuzz's, wrapped the way thefuzz (>= 0.20, itself a thin layer over rapidfuzz) wraps
-  it: code points 128-255 dropped, lower-cased, non-alphanumerics to spaces, score rounded to an int. So the
-  `> 85` thresholds see the same numbers as the original.
-* The title-noun score of `get_type_reward` used spaCy `en_core_web_lg` part-of-speech tags (tokens tagged NOUN or
-  PROPN). That model is not available offline, so `title_nouns` uses a heuristic: lower-cased alphanumeric words
-  that hold a letter and are not function words (articles, pronouns, prepositions, conjunctions, auxiliaries) or
-  common descriptive adjectives/adverbs. spaCy tags most capitalised words of a product title as PROPN, so on
-  Title-Case product names the two agree on most words; they differ on adjectives/verbs spaCy would drop that the
-  list misses, and on punctuation splits. Set RAYSAD_WEBSHOP_SPACY=en_core_web_lg (with that model installed)
-  to use spaCy exactly as the original does.
+  it: the argument passed through str(), code points 128-255 dropped, lower-cased, non-alphanumerics to spaces,
+  score rounded to an int. So the `> 85` thresholds see the same numbers as thefuzz >= 0.20. (WebShop's
+  requirements pin thefuzz==0.19.0, which scores with difflib's SequenceMatcher unless python-Levenshtein is
+  installed; that can move a score by a point or so on some strings.)
+* The title-noun score of `get_type_reward` used spaCy part-of-speech tags (tokens tagged NOUN or PROPN) of
+  `en_core_web_lg`, the model WebShop's setup.sh downloads (master's goal.py loads `en_core_web_sm` since
+  d149d0d, May 2024). No spaCy model is available offline, so unless RAYSAD_WEBSHOP_SPACY names one,
+  `title_nouns` uses a heuristic: lower-cased words of letters and digits (inner ' or - kept) that hold a
+  letter and are not function words (articles, pronouns, prepositions, conjunctions, auxiliaries) or common
+  descriptive adjectives/adverbs. spaCy tags most capitalised words of a product title as PROPN, so on
+  Title-Case product names the two agree on most words; they differ on adjectives/verbs spaCy would drop that
+  the list misses, and on punctuation splits. Set RAYSAD_WEBSHOP_SPACY=en_core_web_lg (or en_core_web_sm; with
+  that model installed) to use spaCy exactly as the original does.
 * The randomness of the original (`random.sample` for the price bound, `random.uniform` for prices) draws from a
   `random.Random` passed in, so goals are deterministic from the environment's seed.
 """
@@ -27,7 +45,8 @@ from collections import defaultdict
 from rapidfuzz import fuzz
 from rapidfuzz.utils import default_process
 
-EXACT_MATCH_OPTS = ["size"]
+EXACT_MATCH_OPTS = ["size"]  # v2 only
+OPTION_MATCHING = ("master", "v2")  # the option rule of get_reward: WebShop's master branch, or its v2 branch
 PRICE_RANGE = [10.0 * i for i in range(1, 100)]
 
 # web_agent_site/engine/normalize.py: an option value counts as the first of these colours it contains.
@@ -54,8 +73,10 @@ def token_set_ratio(s1: str, s2: str) -> int:
     return int(round(fuzz.token_set_ratio(s1, s2)))
 
 
-def normalize_color(color_string: str) -> str:
-    """The first colour of COLOR_SET found in the string (substring match, as in the original), else the string."""
+def normalize_color(color_string):
+    """The first colour of COLOR_SET found in the string (substring match, as in the original), else the string.
+    master also hands it (option name, value) tuples (see get_option_reward): `in` then tests the tuple's items
+    for equality, so ('color', 'red') -> 'red' but ('color', 'navy blue') stays a tuple."""
     for norm_color in COLOR_SET:
         if norm_color in color_string:
             return norm_color
@@ -226,11 +247,60 @@ def get_attribute_reward(purchased_product: dict, goal: dict) -> tuple[float, in
     return r_attr, num_attr_matches
 
 
-def get_option_reward(purchased_product: dict, goal_options: list[str], purchased_options: dict[str, str]
-                      ) -> tuple[float | None, int]:
-    """How many chosen options match a goal option (after colour normalisation): 'size' exactly, others fuzzily
-    (token_set_ratio > 85), else as a substring of the title, features or description. As in the original the
-    count runs over the *chosen* options, so choosing extra matching options can push it past len(goal_options)."""
+def check_option_matching(option_matching: str) -> str:
+    if option_matching not in OPTION_MATCHING:
+        raise ValueError(f"option_matching must be one of {OPTION_MATCHING}, got {option_matching!r}")
+    return option_matching
+
+
+def get_option_reward_master(purchased_options, goal_options) -> tuple[float | None, int]:
+    """WebShop master's option reward: how many goal options some chosen option value matches (after colour
+    normalisation, token_set_ratio > 85); one chosen value may satisfy several goal options. A line-for-line port
+    of master's function (64fa2a5, web_agent_site/engine/goal.py lines 209-225; the same in 61e56db):
+
+        def get_option_reward(purchased_options, goal_options):
+            \"\"\"Calculate reward for purchased product's options w.r.t. goal options\"\"\"
+            purchased_options = [normalize_color(o) for o in purchased_options]
+            goal_options = [normalize_color(o) for o in goal_options]
+
+            # Perform fuzzy matching of each purchased option against each goal option
+            num_option_matches = 0
+            for g_option in goal_options:
+                for p_option in purchased_options:
+                    score = fuzz.token_set_ratio(p_option, g_option)
+                    if score > 85:
+                        num_option_matches += 1
+                        break
+
+            # Calculate option reward as fraction of goal options hit
+            r_option = num_option_matches / len(goal_options) if len(goal_options) > 0 else None
+            return r_option, num_option_matches
+
+    master's get_reward calls it as `get_option_reward(list(options.values()), goal['goal_options'].items() if
+    isinstance(goal['goal_options'], dict) else goal['goal_options'])`: human goals pass their list of option
+    values, synthetic (dict) goals their (name, value) pairs, which thefuzz scores as str(pair), e.g.
+    "('size', 'large')" -> "size large". That is kept on purpose: WebShop's text env (WebAgentTextEnv, as AgentGym
+    builds it) loads synthetic goals unless human_goals is set, so published text-env scores went through it. It
+    makes sizes stricter ('x-large' no longer meets ('size', 'large'): 83) and leaves some exact purchases short
+    of 1: the chosen 'sunflowers' normalises to 'sunflower', which shares no token with "color sunflowers" (72)."""
+    purchased_options = [normalize_color(o) for o in purchased_options]
+    goal_options = [normalize_color(o) for o in goal_options]
+    num_option_matches = 0
+    for g_option in goal_options:
+        for p_option in purchased_options:
+            if token_set_ratio(p_option, g_option) > 85:
+                num_option_matches += 1
+                break
+    r_option = num_option_matches / len(goal_options) if len(goal_options) > 0 else None
+    return r_option, num_option_matches
+
+
+def get_option_reward_v2(purchased_product: dict, goal_options: list[str], purchased_options: dict[str, str]
+                         ) -> tuple[float | None, int]:
+    """The option reward of WebShop commit 6ba9969 ("Finer matching for options", goal.py get_option_reward; v2
+    line of work, not on master): how many *chosen* options match a goal option (after colour normalisation):
+    'size' exactly, others fuzzily (token_set_ratio > 85), else as a substring of the title, features or
+    description. Choosing extra options the title mentions can push the count past len(goal_options)."""
     purchased_options = {k: normalize_color(v) for k, v in purchased_options.items()}
     goal_options = [normalize_color(o) for o in goal_options]
     num_option_matches = 0
@@ -256,19 +326,32 @@ def get_option_reward(purchased_product: dict, goal_options: list[str], purchase
     return r_option, num_option_matches
 
 
-def get_reward(purchased_product: dict, goal: dict, price: float, options: dict[str, str], **kwargs):
+def get_option_reward(purchased_product: dict, goal_options: dict[str, str] | list[str],
+                      purchased_options: dict[str, str], option_matching: str = "master"
+                      ) -> tuple[float | None, int]:
+    """(r_option, matched count) of the chosen options {name: value} against a goal's options (a human goal's
+    list of values, or a synthetic goal's dict name -> value), by WebShop master's rule (the default) or its v2
+    rule; the goal's options are handed over as the get_reward of that branch hands them (master: a dict's
+    (name, value) pairs, v2: its values). purchased_product is only read by v2 (title, features, description)."""
+    if check_option_matching(option_matching) == "v2":
+        values = list(goal_options.values()) if isinstance(goal_options, dict) else list(goal_options)
+        return get_option_reward_v2(purchased_product, values, purchased_options)
+    pairs_or_values = goal_options.items() if isinstance(goal_options, dict) else goal_options
+    return get_option_reward_master(list(purchased_options.values()), pairs_or_values)
+
+
+def get_reward(purchased_product: dict, goal: dict, price: float, options: dict[str, str],
+               option_matching: str = "master", **kwargs):
     """WebShop's score of a purchase:
         (matched attributes + matched options + price ok) / (goal attributes + goal options + 1) * r_type.
-    With verbose=True also returns the parts (r_type, r_att, r_option, r_price, weights, match flags)."""
+    Options are matched by WebShop master's rule, or with option_matching="v2" by its v2 branch's (see
+    get_option_reward); the rest is the same on both branches. With verbose=True also returns the parts (r_type,
+    r_att, r_option, r_price, weights, match flags)."""
     r_type_dict = get_type_reward(purchased_product, goal)
     r_price = (price <= goal["price_upper"]) if goal["price_upper"] > 0 else None
     r_att, num_attr_matches = get_attribute_reward(purchased_product, goal)
     goal_options = goal["goal_options"]
-    r_option, num_option_matches = get_option_reward(
-        purchased_product,
-        list(goal_options.values()) if isinstance(goal_options, dict) else goal_options,
-        options,
-    )
+    r_option, num_option_matches = get_option_reward(purchased_product, goal_options, options, option_matching)
     denominator = len(goal["attributes"]) + len(goal_options) + 1
     total_reward = (num_attr_matches + num_option_matches + r_price) / denominator
     total_reward *= r_type_dict["r_type"]

@@ -1,10 +1,12 @@
 """What every text engine promises, and the two-phase ReAct turn built on top of it.
 
-An engine (hf.HFEngine, vllm, openai) has one method:
+An engine (hf.HFEngine, vllm, openai) has one method, token ids in, token ids out:
 
     generate(prompts, stop=None, max_tokens=None, topk=0, temperature=None, seed=None) -> list[Generation]
 
-None means the engine's own default (set when it was built). For each prompt it returns a `Generation`:
+`prompts` are token id lists, built by segments.encode_context (the same encoder as training; an engine never
+tokenises a context itself, so what a model reads at rollout is what it is trained on). None means the
+engine's own default (set when it was built). For each prompt it returns a `Generation`:
   text            the generated text, cut right after the first stop string (the stop string included);
   token_ids       the generated ids; they decode to exactly `text`;
   topk_ids/...    when topk > 0: k ids and log-probs (log_softmax of the raw logits, temperature 1) for every
@@ -30,10 +32,11 @@ class Generation:
     topk_ids: list[list[int]] | None = None
     topk_logprobs: list[list[float]] | None = None
     finish_reason: str = "stop"  # "stop" | "length" | "eos"
+    reencoded: bool = False  # the engine could not pass ids through (a text-only server): they were re-derived
 
 
 class Engine(Protocol):
-    def generate(self, prompts: list[str], stop: list[str] | None = None, max_tokens: int | None = None,
+    def generate(self, prompts: list[list[int]], stop: list[str] | None = None, max_tokens: int | None = None,
                  topk: int = 0, temperature: float | None = None, seed: int | None = None) -> list[Generation]:
         ...
 
@@ -93,42 +96,56 @@ def cut_at_stop(tokenizer, token_ids: list[int], stop: list[str] | None,
     return tokenizer.encode(target, add_special_tokens=False), 0, target, "stop"
 
 
-def next_turns(engine: Engine, contexts: list[str], turn_numbers: list[int], fmt, topk: int = 0,
+def next_turns(engine: Engine, tokenizer, fmt, prompts: list[str], histories: list[list], topk: int = 0,
                max_thought_tokens: int | None = None, max_action_tokens: int | None = None,
                temperature: float | None = None, seed: int | None = None) -> list:
-    """One ReAct turn for each context, generated in two batched phases; observations are left empty.
+    """One ReAct turn for each agent, generated in two batched phases; observations are left empty.
 
-    contexts[j] is segments.render_context(prompt, turns so far, fmt); turn_numbers[j] the new turn's i.
-    Thought phase: reason_context (context + reason prefix), stop at reason_end. Action phase: act_context
-    (+ thought + reason_end + ack + act prefix), stop at act_end. Turn.thought / Turn.action are the texts
-    cut at their end delimiter and otherwise exactly as generated (segments.parse_turn; no stripping), so
-    the rendered turn shows what the model wrote and `token_ids` decode to reason (thought + reason_end)
-    then act (action + act_end); `num_thought_tokens` says where the split is; top-k rows come with every
-    token. A turn whose texts the engine did not close with the delimiters gets no token ids.
+    Agent j has the prompt prompts[j] and the finished turns histories[j] (with the ids they were generated
+    with, where they have them). Thought phase: segments.encode_context(..., "thought") (the context up to the
+    reason prefix), stop at reason_end. Action phase: encode_context(..., "action") with the thought's ids
+    spliced in as generated, stop at act_end. Turn.thought / Turn.action are the texts cut at their end
+    delimiter, without the prefix's lead (segments.parse_turn); `token_ids` are the generated ids, thought's
+    (lead + thought + reason_end) then action's, `num_thought_tokens` says where the split is, and top-k rows
+    come with every token. A segment the engine had to close (token budget or EOS before the delimiter) is
+    named in turn.extra["truncated"] ("thought", "action"), so rollouts can count and report it.
     """
-    from raysad.segments import act_context, get_format, parse_turn, reason_context
+    from raysad.segments import encode_context, get_format, parse_turn
+    from raysad.trajectory import Turn
 
     fmt = get_format(fmt)
-    if len(contexts) != len(turn_numbers):
-        raise ValueError(f"next_turns: {len(contexts)} contexts but {len(turn_numbers)} turn numbers")
-    if not contexts:
+    if len(prompts) != len(histories):
+        raise ValueError(f"next_turns: {len(prompts)} prompts but {len(histories)} histories")
+    if not prompts:
         return []
     kw = dict(topk=topk, temperature=temperature)
-    prompts = [reason_context(c, i, fmt) for c, i in zip(contexts, turn_numbers)]
-    thoughts = engine.generate(prompts, stop=fmt.reason_stop, max_tokens=max_thought_tokens, seed=seed, **kw)
-    parsed = [parse_turn(g.text, "", fmt).thought for g in thoughts]
-    prompts = [act_context(c, i, t, fmt) for c, i, t in zip(contexts, turn_numbers, parsed)]
-    actions = engine.generate(prompts, stop=fmt.act_stop, max_tokens=max_action_tokens,
+    placeholder = Turn(thought="", action="", observation="")
+    ids = [encode_context(p, [*h, placeholder], "thought", tokenizer, fmt) for p, h in zip(prompts, histories)]
+    thoughts = engine.generate(ids, stop=fmt.reason_stop, max_tokens=max_thought_tokens, seed=seed, **kw)
+    pending = []
+    for g in thoughts:
+        if not g.token_ids:
+            raise ValueError("next_turns: the engine returned no token ids (token-in, token-out needs them)")
+        pending.append(Turn(thought=parse_turn(g.text, "", fmt).thought, action="", observation="",
+                            token_ids=list(g.token_ids), num_thought_tokens=len(g.token_ids)))
+    ids = [encode_context(p, [*h, t], "action", tokenizer, fmt) for p, h, t in zip(prompts, histories, pending)]
+    actions = engine.generate(ids, stop=fmt.act_stop, max_tokens=max_action_tokens,
                               seed=None if seed is None else seed + 1, **kw)
     turns = []
     for g_t, g_a in zip(thoughts, actions):
+        if not g_a.token_ids:
+            raise ValueError("next_turns: the engine returned no token ids (token-in, token-out needs them)")
         turn = parse_turn(g_t.text, g_a.text, fmt)
-        if g_t.text.endswith(fmt.reason_end) and g_a.text.endswith(fmt.act_end):
-            turn.token_ids = list(g_t.token_ids) + list(g_a.token_ids)
-            turn.num_thought_tokens = len(g_t.token_ids)
-            if topk and g_t.topk_ids is not None and g_a.topk_ids is not None:
-                turn.topk_ids = list(g_t.topk_ids) + list(g_a.topk_ids)
-                turn.topk_logprobs = list(g_t.topk_logprobs) + list(g_a.topk_logprobs)
+        turn.token_ids = list(g_t.token_ids) + list(g_a.token_ids)
+        turn.num_thought_tokens = len(g_t.token_ids)
+        if topk and g_t.topk_ids is not None and g_a.topk_ids is not None:
+            turn.topk_ids = list(g_t.topk_ids) + list(g_a.topk_ids)
+            turn.topk_logprobs = list(g_t.topk_logprobs) + list(g_a.topk_logprobs)
+        closed = [name for name, g in (("thought", g_t), ("action", g_a)) if g.finish_reason != "stop"]
+        if closed:
+            turn.extra["truncated"] = closed
+        if g_t.reencoded or g_a.reencoded:
+            turn.extra["reencoded"] = True
         turns.append(turn)
     return turns
 

@@ -132,22 +132,13 @@ class HFEngine:
         eos = model.generation_config.eos_token_id
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        # special tokens the tokenizer puts before a text (e.g. BOS): prompts start with them, as training
-        # examples do (segments.encode_trajectory); none are appended (the model continues the prompt)
-        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-        full = tokenizer("a", add_special_tokens=True)["input_ids"]
-        self.prefix_ids = full[:full.index(plain[0])] if plain and plain[0] in full else []
         # transformers renamed past_key_values to cache (5.x); older releases know only the first
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
-    def encode(self, prompts: list[str]) -> list[list[int]]:
-        """Prompt token ids as the model sees them (leading special tokens included)."""
-        return [self.prefix_ids + ids for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-
     # ------------------------------------------------------------------------------------- generate ---
-    def generate(self, prompts: list[str], stop: list[str] | None = None, max_tokens: int | None = None,
+    def generate(self, prompts: list[list[int]], stop: list[str] | None = None, max_tokens: int | None = None,
                  topk: int = 0, temperature: float | None = None, seed: int | None = None) -> list[Generation]:
         stop, max_tokens, temperature, seed = call_settings(self, stop, max_tokens, temperature, seed)
         out: list[Generation] = []
@@ -187,7 +178,7 @@ class HFEngine:
     @torch.no_grad()
     def _generate_batch(self, prompts, stop, max_tokens, topk, temperature, seed) -> list[Generation]:
         tok, device = self.tokenizer, self.device
-        prompt_ids = self.encode(prompts)
+        prompt_ids = [list(p) for p in prompts]
         if any(not p for p in prompt_ids):
             raise ValueError("generate: an empty prompt (no tokens) has nothing to continue from")
         batch = len(prompt_ids)
@@ -258,7 +249,7 @@ class HFEngine:
                     rescore.append((b, keep))
             gens.append(gen)
         if rescore:  # tokens the model did not generate itself: their top-k by one forward pass
-            scored = self.score([prompts[b] for b, _ in rescore], [gens[b].token_ids for b, _ in rescore], topk)
+            scored = self.score([prompt_ids[b] for b, _ in rescore], [gens[b].token_ids for b, _ in rescore], topk)
             for (b, keep), (ids_rows, lp_rows) in zip(rescore, scored):
                 gens[b].topk_ids += ids_rows[keep:]
                 gens[b].topk_logprobs += lp_rows[keep:]
@@ -281,12 +272,12 @@ class HFEngine:
 
     # ---------------------------------------------------------------------------------------- score ---
     @torch.no_grad()
-    def score(self, prompts: list[str], continuations: list[list[int]], topk: int
+    def score(self, prompts: list[list[int]], continuations: list[list[int]], topk: int
               ) -> list[tuple[list[list[int]], list[list[float]]]]:
         """Top-k ids and log-probs of the model's next-token distribution at each continuation position,
-        given the prompt's tokens and the continuation before it (teacher forcing)."""
+        given the prompt's ids and the continuation before it (teacher forcing)."""
         tok = self.tokenizer
-        prompt_ids = self.encode(prompts)
+        prompt_ids = [list(p) for p in prompts]
         if any(not p for p in prompt_ids):
             raise ValueError("score: every prompt needs at least one token (the first position has no context)")
         seqs = [p + c for p, c in zip(prompt_ids, continuations)]

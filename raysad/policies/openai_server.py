@@ -2,21 +2,23 @@
 and `serve_hf`: a small such server (standard library) over raysad's HF engine, for tests and laptops.
 
     engine = OpenAIEngine("runs/teacher", base_url="http://127.0.0.1:8000/v1", tokenizer="runs/teacher")
-    gens = engine.generate(prompts, stop=["\\n"], max_tokens=64, topk=5)
+    gens = engine.generate(prompt_ids, stop=["\\n"], max_tokens=64, topk=5)
 
 Only the standard library (urllib): retries with exponential backoff on connection errors, timeouts, 429 and
 5xx; other 4xx fail at once with the server's message. `base_url` / `api_key` default to $OPENAI_BASE_URL /
 $OPENAI_API_KEY (then http://127.0.0.1:8000/v1 and no key).
 
-Tokens. With a tokenizer (the served model's; `model` itself when it is a local directory) the engine keeps
-policies/base.py's contract like the hf and vllm engines: prompts go as token ids (no special tokens added, the
-same ids as the other engines), generated ids come from the legacy `logprobs` answer (`tokens`, `top_logprobs`)
-and the text is closed with its stop string. vLLM servers are asked for `return_tokens_as_token_ids` (tokens
-as "token_id:123", exact); other servers' token strings are mapped through the tokenizer (set
-`token_ids=False` for servers that reject the extra field; OpenAI's own API returns at most 5 log-probs).
-Positions the model did not produce itself (the closing stop string, a re-encoded tail) are scored with one
-teacher-forced request (`echo` + `logprobs` over prompt + completion ids). Without a tokenizer the engine is
-text-only: `token_ids` stay empty and the text is the server's (not closed), which next_turns accepts.
+Tokens (token-in, token-out, as the hf and vllm engines): prompts come as token ids (segments.encode_context)
+and go to the server as ids (vLLM's completions endpoint takes them), so the engine needs the served model's
+tokenizer (`tokenizer`; `model` itself when it is a local directory) for stop strings and closing. Generated
+ids come from the legacy `logprobs` answer (`tokens`, `top_logprobs`); vLLM servers are asked for
+`return_tokens_as_token_ids` (tokens as "token_id:123", exact); other servers' token strings are mapped
+through the tokenizer (set `token_ids=False` for servers that reject the extra field; OpenAI's own API
+returns at most 5 log-probs). Positions the model did not produce itself (the closing stop string, a
+re-encoded tail) are scored with one teacher-forced request (`echo` + `logprobs` over prompt + completion ids).
+A server that takes only text prompts: `prompt_ids=False` sends the decoded context instead; the server then
+tokenises it itself, and every Generation says `reencoded=True` (next_turns records it in the turn), as it
+does when the generated ids had to be re-derived from the text (`token_ids=False` and topk=0).
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ class OpenAIEngine:
 
     def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None,
                  tokenizer: Any = None, timeout: float = 60.0, max_retries: int = 5, backoff: float = 0.5,
-                 batch_size: int = 64, token_ids: bool = True, max_new_tokens: int = 128,
+                 batch_size: int = 64, token_ids: bool = True, prompt_ids: bool = True, max_new_tokens: int = 128,
                  temperature: float = 0.0, seed: int | None = None, tensor_parallel: int | None = None):
         from raysad import models
 
@@ -62,11 +64,14 @@ class OpenAIEngine:
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         if tokenizer is None and (Path(self.model) / "tokenizer_config.json").is_file():
             tokenizer = self.model
+        if tokenizer is None:
+            raise ValueError(f"OpenAIEngine({self.model!r}): give the served model's tokenizer (tokenizer=DIR, "
+                             "a local copy): raysad sends token ids and reads token ids back")
         if isinstance(tokenizer, (str, Path)):
             tokenizer = models.load_tokenizer(tokenizer)
         self.tokenizer = tokenizer
         self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
-        self.batch_size, self.token_ids = batch_size, token_ids
+        self.batch_size, self.token_ids, self.prompt_ids = batch_size, token_ids, prompt_ids
         self.max_new_tokens, self.temperature, self.seed, self.calls = max_new_tokens, temperature, seed, 0
         self.requests = 0  # HTTP attempts made (retries included)
         host = urlparse(self.base_url).hostname or ""
@@ -113,11 +118,9 @@ class OpenAIEngine:
         return choices
 
     # ------------------------------------------------------------------------------------- generate ---
-    def generate(self, prompts: list[str], stop: list[str] | None = None, max_tokens: int | None = None,
+    def generate(self, prompts: list[list[int]], stop: list[str] | None = None, max_tokens: int | None = None,
                  topk: int = 0, temperature: float | None = None, seed: int | None = None) -> list[Generation]:
         stop, max_tokens, temperature, seed = call_settings(self, stop, max_tokens, temperature, seed)
-        if topk > 0 and self.tokenizer is None:
-            raise ValueError("OpenAIEngine: top-k log-probs need the model's tokenizer (tokenizer=...)")
         out: list[Generation] = []
         for start in range(0, len(prompts), self.batch_size):
             out += self._generate_batch(prompts[start:start + self.batch_size], stop, max_tokens, topk,
@@ -128,18 +131,23 @@ class OpenAIEngine:
         tok = self.tokenizer
         options = dict(max_tokens=max_tokens, temperature=temperature, stop=stop or None, seed=seed,
                        logprobs=topk if topk > 0 else None)
-        if tok is None:
-            choices = self.completions(prompts, **options)
-            return [Generation(text=c.get("text") or "", token_ids=[], finish_reason=_finish(c, stop))
-                    for c in choices]
         # the generated ids come from the logprobs answer (text is lossy: a token may be part of a character)
         exact = self.token_ids or topk > 0
         if exact:
             options["logprobs"] = topk
         if exact and self.token_ids:
             options["return_tokens_as_token_ids"] = True
-        prompt_ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
-        choices = self.completions(prompt_ids, **options)
+        prompt_ids = [list(p) for p in prompts]
+        sent = prompt_ids if self.prompt_ids else [
+            tok.decode(p, skip_special_tokens=False, clean_up_tokenization_spaces=False) for p in prompt_ids]
+        try:
+            choices = self.completions(sent, **options)
+        except OpenAIServerError as err:
+            if self.prompt_ids and "HTTP 4" in str(err):
+                raise OpenAIServerError(f"{err} (if this server takes no token-id prompts, set prompt_ids=False: "
+                                        "the context then goes as text and turns record reencoded)") from None
+            raise
+        reencoded = not self.prompt_ids or not exact
         eos = tok.eos_token_id
         gens, rescore = [], []
         for i, choice in enumerate(choices):
@@ -156,20 +164,21 @@ class OpenAIEngine:
             hit = choice.get("stop_reason")
             order = [hit] + [s for s in stop if s != hit] if isinstance(hit, str) and hit in stop else stop
             ids, keep, text, cut_reason = cut_at_stop(tok, ids, order)
-            gen = Generation(text=text, token_ids=ids, finish_reason="stop" if cut_reason == "stop" else reason)
+            gen = Generation(text=text, token_ids=ids, finish_reason="stop" if cut_reason == "stop" else reason,
+                             reencoded=reencoded)
             if rows is not None:
                 gen.topk_ids, gen.topk_logprobs = [r[0] for r in rows[:keep]], [r[1] for r in rows[:keep]]
                 if keep < len(ids):
                     rescore.append((i, keep))
             gens.append(gen)
         if rescore:
-            scored = self.score_ids([prompt_ids[i] for i, _ in rescore], [gens[i].token_ids for i, _ in rescore], topk)
+            scored = self.score([prompt_ids[i] for i, _ in rescore], [gens[i].token_ids for i, _ in rescore], topk)
             for (i, keep), (id_rows, lp_rows) in zip(rescore, scored):
                 gens[i].topk_ids += id_rows[keep:]
                 gens[i].topk_logprobs += lp_rows[keep:]
         return gens
 
-    def score_ids(self, prompt_ids: list[list[int]], continuations: list[list[int]], topk: int):
+    def score(self, prompt_ids: list[list[int]], continuations: list[list[int]], topk: int):
         """Top-k rows at each continuation position, by one echo request over prompt + continuation ids."""
         options = dict(max_tokens=1, temperature=0.0, echo=True, logprobs=topk)
         if self.token_ids:
@@ -299,7 +308,7 @@ class CompletionServer(ThreadingHTTPServer):
         prompt_ids = [list(p) if isinstance(p, list) else tok.encode(p, add_special_tokens=False) for p in prompts]
         texts = [tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False) for ids in prompt_ids]
         with self.lock:
-            gens = self.engine.generate(texts, stop=stop or None, max_tokens=max_tokens, topk=0,
+            gens = self.engine.generate(prompt_ids, stop=stop or None, max_tokens=max_tokens, topk=0,
                                         temperature=float(request.get("temperature", 1.0)),
                                         seed=request.get("seed"))
             choices = [self._choice(i, ids, text, gen, stop, k, echo, as_ids)

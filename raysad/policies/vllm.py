@@ -2,7 +2,7 @@
 stop strings and per-token top-k log-probs; keeps the contract of policies/base.py like the HF engine.
 
     engine = VLLMEngine("runs/teacher", tensor_parallel_size=2)
-    gens = engine.generate(prompts, stop=["\\n"], max_tokens=64, topk=20)
+    gens = engine.generate(prompt_ids, stop=["\\n"], max_tokens=64, topk=20)
 
 Top-k rows. vLLM returns, per generated position, a dict token_id -> Logprob holding the k most likely tokens
 *and* the sampled one, so k + 1 entries when the sampled token is not among the top k (OpenAI's convention).
@@ -10,7 +10,7 @@ Top-k rows. vLLM returns, per generated position, a dict token_id -> Logprob hol
 default `raw_logprobs`: log_softmax of the raw logits (temperature 1, before any sampling transform), the same
 quantity the HF engine reports and the distillation losses expect.
 
-Prompts are tokenised here without special tokens (as the HF engine does), so both engines see the same ids.
+Prompts are token ids (segments.encode_context builds them for every engine), passed to vLLM as they are.
 Token bookkeeping at stop strings (a last token that runs past the stop, a text closed with stop[0] when the
 model wrote none) is base.cut_at_stop's; positions it re-encoded are scored with one teacher-forced vLLM pass
 (prompt_logprobs), so every token has its top-k row.
@@ -95,7 +95,7 @@ class VLLMEngine:
         self.model_path = str(model_path)
 
     # ------------------------------------------------------------------------------------- generate ---
-    def generate(self, prompts: list[str], stop: list[str] | None = None, max_tokens: int | None = None,
+    def generate(self, prompts: list[list[int]], stop: list[str] | None = None, max_tokens: int | None = None,
                  topk: int = 0, temperature: float | None = None, seed: int | None = None) -> list[Generation]:
         """All prompts in one vLLM call (continuous batching). Prompt i samples with seed + i."""
         from vllm import SamplingParams
@@ -103,7 +103,7 @@ class VLLMEngine:
         stop, max_tokens, temperature, seed = call_settings(self, stop, max_tokens, temperature, seed)
         if not prompts:
             return []
-        prompt_ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        prompt_ids = [list(p) for p in prompts]
         if any(not ids for ids in prompt_ids):
             raise ValueError("VLLMEngine.generate: every prompt needs at least one token")
         params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, stop=stop or None,
@@ -128,14 +128,14 @@ class VLLMEngine:
                     rescore.append((i, keep))
             gens.append(gen)
         if rescore:  # tokens vLLM did not sample itself (re-encoded or closing stop): one scoring pass
-            scored = self.score_ids([prompt_ids[i] for i, _ in rescore], [gens[i].token_ids for i, _ in rescore], topk)
+            scored = self.score([prompt_ids[i] for i, _ in rescore], [gens[i].token_ids for i, _ in rescore], topk)
             for (i, keep), (id_rows, lp_rows) in zip(rescore, scored):
                 gens[i].topk_ids += id_rows[keep:]
                 gens[i].topk_logprobs += lp_rows[keep:]
         return gens
 
     # ---------------------------------------------------------------------------------------- score ---
-    def score_ids(self, prompt_ids: list[list[int]], continuations: list[list[int]], topk: int
+    def score(self, prompt_ids: list[list[int]], continuations: list[list[int]], topk: int
                   ) -> list[tuple[list[list[int]], list[list[float]]]]:
         """Top-k rows of the model's next-token distribution at each continuation position (teacher forcing,
         vLLM's prompt_logprobs over prompt + continuation)."""
@@ -149,11 +149,6 @@ class VLLMEngine:
             rows = [_topk_row(out.prompt_logprobs[len(p) + j], topk) for j in range(len(c))]
             result.append(([r[0] for r in rows], [r[1] for r in rows]))
         return result
-
-    def score(self, prompts: list[str], continuations: list[list[int]], topk: int):
-        """As HFEngine.score: prompts as text, continuations as ids."""
-        return self.score_ids([self.tokenizer.encode(p, add_special_tokens=False) for p in prompts],
-                              continuations, topk)
 
     def ready(self) -> str:
         """A cheap call to wait on after creating an actor (construction errors surface here)."""
