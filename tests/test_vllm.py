@@ -166,3 +166,36 @@ def test_engine_in_a_ray_actor(model_dir, ids):
         ray.kill(actor)
     finally:
         ray.shutdown()
+
+
+def test_token_in_token_out_through_next_turns(engine, model_dir):
+    """The ids vLLM is given are the training ids before each segment, and the top-k it stored are the HF
+    model's own log-probs on the training sequence (fp32, within 1e-4)."""
+    from raysad import fidelity, models
+    from raysad.policies.base import next_turns
+    from raysad.segments import get_format
+    from raysad.trajectory import Trajectory
+
+    tok = models.load_tokenizer(model_dir)
+    fmt = get_format("hotpotqa")
+    prompts = ["Question: where is the apple?\n", "Question: what is the capital of France?\n"]
+    trajs = [Trajectory(id=f"t{j}", env="hotpotqa", task_id=f"q{j}", split="train", instruction="q", prompt=p,
+                        turns=[], reward=0.0, success=False, policy={"backend": "vllm", "model": "tiny"})
+             for j, p in enumerate(prompts)]
+    recorded = []
+
+    class Recording:
+        def generate(self, prompt_ids, **kw):
+            recorded.extend(tuple(p) for p in prompt_ids)
+            return engine.generate(prompt_ids, **kw)
+
+    for step in range(2):
+        turns = next_turns(Recording(), tok, fmt, prompts, [t.turns for t in trajs], topk=TOPK,
+                           max_thought_tokens=8, max_action_tokens=6)
+        for traj, turn in zip(trajs, turns):
+            turn.observation = f"result {step}"
+            traj.turns.append(turn)
+    contexts = fidelity.context_mismatches(trajs, tok, set(recorded))
+    assert contexts == {"turns": 4, "mismatched": 0}
+    error = fidelity.topk_error(models.load_model(model_dir, dtype="float32", device="cpu"), trajs, tok)
+    assert error["entries"] > 0 and error["max_abs_error"] <= 1e-4, error
