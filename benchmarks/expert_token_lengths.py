@@ -14,12 +14,12 @@ import argparse
 import numpy as np
 
 
-def expert_segments(env_name: str, episodes: int, split: str) -> list:
+def expert_segments(env_name: str, episodes: int, split: str, data: str | None = None) -> list:
     """Expert trajectories (as Trajectory objects) of the first `episodes` tasks of a split, played in-process."""
     import raysad_envs
     from raysad.trajectory import Trajectory, Turn
 
-    env = raysad_envs.make(env_name, split=split)
+    env = raysad_envs.make(env_name, split=split, **({"data": data} if data else {}))
     out = []
     for task_id in env.unwrapped.task_ids()[:episodes]:
         obs, info = env.reset(options={"task_id": task_id})
@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=300)
     parser.add_argument("--split", default="train")
     parser.add_argument("--envs", default="hotpotqa,webshop,alfworld")
+    parser.add_argument("--data", default=None, help="real data path (one env)")
     args = parser.parse_args()
 
     from raysad.models import load_tokenizer
@@ -48,7 +49,7 @@ def main() -> None:
     tokenizer = load_tokenizer(args.tokenizer)
     print(f"tokenizer {args.tokenizer} ({len(tokenizer)} ids), {args.episodes} expert episodes per env ({args.split})")
     for name in args.envs.split(","):
-        trajs, env = expert_segments(name, args.episodes, args.split)
+        trajs, env = expert_segments(name, args.episodes, args.split, args.data)
         lengths = {"thought": [], "action": []}
         for traj in trajs:
             ex = encode_trajectory(traj, tokenizer)

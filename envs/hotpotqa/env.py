@@ -108,7 +108,7 @@ class HotPotQAEnv(TextEnv):
     env_name = "hotpotqa"
     agent_format = "hotpotqa"
     default_max_steps = 7  # as ReAct's HotpotQA runs
-    token_budget = (80, 32)  # expert, 300 train episodes, SmolLM2's tokenizer: thought max 41, action max 12
+    token_budget = (160, 32)  # expert thoughts, SmolLM2 tokens: max 41 on generated tasks, 113 on the real sample
 
     def __init__(self, split: str = "train", data=None, corpus=None, seed: int = 0, num_tasks: int | None = None,
                  max_steps: int | None = None, render_mode: str | None = None):
