@@ -476,3 +476,20 @@ def test_stored_ids_from_another_tokenizer_fail_clearly(tokenizer):
     traj = Trajectory(**{**ALF.__dict__, "turns": [turn]})
     with pytest.raises(ValueError, match=rf"trajectory 'a1': stored token id {len(tokenizer) + 7} is outside"):
         encode_trajectory(traj, tokenizer, "alfworld")
+
+
+def test_chat_prompt_wraps_the_task_as_the_users_message(smollm2_dir, tokenizer):
+    """--chat-template: the prompt becomes the user's message with the assistant's turn opened; its special
+    tokens are encoded as themselves (one id each) and turns follow as the assistant's text."""
+    from raysad.models import load_tokenizer
+    from raysad.segments import chat_prompt
+
+    tok = load_tokenizer(smollm2_dir)
+    text = chat_prompt(tok, "Question: where is the apple?\n")
+    assert "Question: where is the apple?" in text and text.endswith("<|im_start|>assistant\n")
+    ids = encode_context(text, [Turn("", "", "")], "thought", tok, "hotpotqa")
+    im_start = tok.convert_tokens_to_ids("<|im_start|>")
+    assert ids.count(im_start) == text.count("<|im_start|>") >= 2  # special tokens, not their characters
+    assert tok.decode(ids).endswith("<|im_start|>assistant\nThought 1:")
+    with pytest.raises(ValueError, match="no chat template"):
+        chat_prompt(tokenizer, "Question: x\n")
