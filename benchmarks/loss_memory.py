@@ -137,7 +137,7 @@ def main() -> None:
                 subprocess.run([sys.executable, __file__, "--worker", f"--student={student}",
                                 f"--teacher={teacher}", f"--out={out}", *shared], check=True, env=env)
             results[name, teacher] = json.loads(Path(out).read_text())
-            results[name, teacher]["grads"] = torch.load(out + ".grads.pt")
+            results[name, teacher]["grads"] = torch.load(out + ".grads.pt", weights_only=True)
 
     mib = 2**20
     table = Table(title=f"KD loss, forward+backward: B={args.batch} T={args.seq} V={args.vocab} H={args.hidden} "

@@ -6,6 +6,8 @@ this module only knows how to fill one: defaults < YAML `--config` file < flags 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -18,6 +20,44 @@ C = TypeVar("C")
 
 class ConfigError(ValueError):
     """A config value is missing, unknown or of the wrong type; the message names the file and the field."""
+
+
+def _bound(x: float) -> str:
+    return f"{x:_}" if isinstance(x, int) and abs(x) >= 10_000 else f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def check_range(name: str, value: Any, low: float | None = None, high: float | None = None, *,
+                low_inclusive: bool = True, high_inclusive: bool = True, optional: bool = False,
+                why: str = "") -> None:
+    """Raise a one-line ConfigError naming field `name` and its allowed range unless `value` lies in it.
+
+    The stage configs call this from `__post_init__`, so a bad number fails on the driver, before Ray starts
+    or anything is written. `optional`: None is allowed (the field's "default/auto" value). NaN and infinities
+    are never in range. `why` (short) is appended to the message, e.g. what 0 means."""
+    if value is None and optional:
+        return
+    if low is not None and high is not None:
+        allowed = (f"{'[' if low_inclusive else '('}{_bound(low)}, {_bound(high)}{']' if high_inclusive else ')'}")
+        allowed = f"in {allowed}"
+    elif low is not None:
+        allowed = f"{'>=' if low_inclusive else '>'} {_bound(low)}"
+    elif high is not None:
+        allowed = f"{'<=' if high_inclusive else '<'} {_bound(high)}"
+    else:
+        allowed = "a finite number"
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and (isinstance(value, int) or math.isfinite(value)))
+    if ok and low is not None:
+        ok = value >= low if low_inclusive else value > low
+    if ok and high is not None:
+        ok = value <= high if high_inclusive else value < high
+    if not ok:
+        raise ConfigError(f"field '{name}' must be {allowed}{' or unset' if optional else ''}, got {value!r}"
+                          f"{f' ({why})' if why else ''}")
+
+
+SEED_MAX = 2**40 - 1  # seeds: >= 0 (gymnasium refuses negative ones); derived seeds (distill's seed·1_000_003 +
+#                      step, tune's chunk seeds seed·1000 + i) must still fit torch's 64 bits
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -124,9 +164,39 @@ def build_config(cls: type[C], yaml_path: str | Path | None = None, **overrides:
     return cls(**kwargs)
 
 
+REDACTED = "***"
+# a key holds a secret when its words (split at . - _ and camelCase) contain one of these anywhere ...
+_SECRET_WORDS = ("secret", "password", "passwd", "authorization", "api_key", "apikey")
+# ... or end in `token` (hf_token, access_token; not max_new_tokens, tokenizer or reasoning_token_unit)
+_SECRET_LAST_WORD = "token"
+
+
+def is_secret_key(key: Any) -> bool:
+    """Whether a config/param key names a secret: api_key, token, secret, password, authorization (any case,
+    also inside names such as OPENAI_API_KEY, hf_token, client_secret, engine_args.api_key)."""
+    if not isinstance(key, str):
+        return False
+    words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower()
+    words = re.sub(r"[^a-z0-9]+", "_", words).strip("_")
+    return any(word in words for word in _SECRET_WORDS) or words.split("_")[-1] == _SECRET_LAST_WORD
+
+
+def redact(value: Any) -> Any:
+    """A copy of `value` (a dataclass, dict, list, or a flat `a.b` params dict) fit to be written anywhere:
+    the value of every secret key (is_secret_key), at any depth, becomes "***". The running code keeps using
+    the original; call this on what goes to MLflow, JSON files and logs."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: REDACTED if is_secret_key(k) and v not in (None, "") else redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    return value
+
+
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
-    """A dataclass or nested dict as flat `a.b` keys, the form MLflow params take."""
-    data = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    """A dataclass or nested dict as flat `a.b` keys, the form MLflow params take (secrets redacted)."""
+    data = redact(config) if dataclasses.is_dataclass(config) else redact(dict(config))
     flat: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"

@@ -43,6 +43,7 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -115,13 +116,39 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"field 'method': must be one of {', '.join(METHODS)}, got {self.method!r}")
-        for name in ("batch_size", "micro_batch_size", "checkpoint_every", "log_every", "epochs",
-                     "loss_chunk_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"field '{name}' must be >= 1, got {getattr(self, name)}")
-        for name in ("workers", "max_steps", "warmup_steps", "max_failures", "fail_once_at_step"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"field '{name}' must be >= 0, got {getattr(self, name)}")
+        from raysad.config import SEED_MAX, check_range
+
+        # Every number is range-checked here, on the driver, before Ray starts or anything is written (a bad
+        # one used to fail only inside the workers, after their retries). Upper bounds sit where a bigger value
+        # would only exhaust memory: max_length <= 1_048_576 tokens, batch sizes <= 65_536 trajectories.
+        # lambdas: >= 0. Both 0 is allowed on purpose: tune_configs/loss_weights.yaml sweeps the 4x4 grid
+        # including (0, 0), the heat map's no-distillation corner.
+        check_range("lambda_reason", self.lambda_reason, 0)
+        check_range("lambda_act", self.lambda_act, 0)
+        check_range("beta", self.beta, 0, 1)
+        check_range("temperature", self.temperature, 0, low_inclusive=False)
+        check_range("ce_weight", self.ce_weight, 0)
+        check_range("curriculum_start", self.curriculum_start, 0, 1, low_inclusive=False)
+        check_range("epochs", self.epochs, 1)
+        check_range("max_steps", self.max_steps, 0, why="0 = the epochs decide")
+        check_range("batch_size", self.batch_size, 1, 65_536)
+        check_range("micro_batch_size", self.micro_batch_size, 1, 65_536)
+        check_range("lr", self.lr, 0, low_inclusive=False)
+        check_range("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        check_range("warmup_steps", self.warmup_steps, 0)
+        check_range("weight_decay", self.weight_decay, 0)
+        check_range("max_grad_norm", self.max_grad_norm, 0, why="0 = no clipping")
+        check_range("max_length", self.max_length, 2, 1_048_576)
+        check_range("seed", self.seed, 0, SEED_MAX)
+        check_range("workers", self.workers, 0, 4_096, why="0 = run in this process")
+        check_range("gpus_per_worker", self.gpus_per_worker, 0, 1_024)
+        check_range("cpus_per_worker", self.cpus_per_worker, 0, 100_000)
+        check_range("checkpoint_every", self.checkpoint_every, 1)
+        check_range("max_failures", self.max_failures, 0, 1_000)
+        check_range("log_every", self.log_every, 1)
+        check_range("num_cpus", self.num_cpus, 1, optional=True)
+        check_range("loss_chunk_size", self.loss_chunk_size, 1, 1_048_576)
+        check_range("fail_once_at_step", self.fail_once_at_step, 0, why="0 = never")
         if self.workers == 0 and self.strategy == "fsdp":
             raise ValueError("strategy fsdp needs workers >= 1 (workers 0 runs in this process)")
         from raysad.cluster import check_custom_resources
@@ -480,6 +507,36 @@ def student_with_loss(student, config: DistillConfig, vocab: int):
 
 
 # -------------------------------------------------------------------------------------- checkpoints ----
+STATE_FILE = "state.pt"  # model + optimizer state dicts (tensors and plain containers only) + step + fingerprint
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded safely (tampered, truncated, not ours); the message names it."""
+
+
+def load_state(folder: str | Path) -> dict[str, Any]:
+    """A checkpoint's `state.pt`, loaded with `weights_only=True`: tensors and plain containers only, so a
+    planted or tampered file can never run code; anything else fails with a one-line CheckpointError."""
+    import torch
+
+    path = Path(folder) / STATE_FILE
+    try:
+        with warnings.catch_warnings():  # a foreign pickle's protocol warning: the error below says it all
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - pickle, zip and I/O errors alike: one clear line
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        # the weights-only unpickler's reason ("... unsupported GLOBAL posix.system ...") without its preamble
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        reason = next((line for line in lines if not line.startswith(boilerplate)), lines[0] if lines else "")
+        raise CheckpointError(f"{path}: not a loadable raysad checkpoint ({type(err).__name__}: {reason[:200]}); "
+                              "delete that checkpoint folder or rerun with --no-resume") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "step", "fingerprint"} <= state.keys():
+        raise CheckpointError(f"{path}: not a raysad checkpoint (expected model, optimizer, step and "
+                              "fingerprint); delete that checkpoint folder or rerun with --no-resume")
+    return state
+
+
 def _fingerprint(config: DistillConfig) -> dict[str, Any]:
     return {name: getattr(config, name) for name in RESUME_FIELDS}
 
@@ -545,9 +602,9 @@ def train_worker(args: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as path:
-            state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
+            state = load_state(path)
     elif args.get("resume_from"):
-        state = torch.load(Path(args["resume_from"]) / "state.pt", map_location="cpu", weights_only=False)
+        state = load_state(args["resume_from"])
     if state is not None:
         if state["fingerprint"] != _fingerprint(config):
             raise ValueError("checkpoint from a run with other data or settings; rerun with --no-resume")
@@ -725,8 +782,9 @@ def _save_checkpoint(step, module, student, optimizer, config, args, rank, distr
     checkpoint = None
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": model_state, "optimizer": optim_state, "step": step,
-                    "fingerprint": _fingerprint(config)}, folder / "state.pt")
+        # tensors and plain containers only (no RNG states or other objects): loadable with weights_only=True
+        torch.save({"model": model_state, "optimizer": optim_state, "step": int(step),
+                    "fingerprint": _fingerprint(config)}, folder / STATE_FILE)
         # meta.json last: a checkpoint without it is incomplete (latest_checkpoint skips it)
         (folder / "meta.json").write_text(json.dumps({"step": step, "fingerprint": _fingerprint(config)}))
         checkpoint = ray.train.Checkpoint.from_directory(str(folder))
@@ -973,6 +1031,13 @@ def _fit(config: DistillConfig, args: dict):
     try:
         return trainer.fit()
     except Exception as err:
+        cause, seen = err, set()
+        while cause is not None and not isinstance(cause, CheckpointError) and id(cause) not in seen:
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
+        cause = cause if isinstance(cause, CheckpointError) else None
+        if cause is not None:  # a bad checkpoint: rerunning would fail the same way, say which file instead
+            raise CheckpointError(str(cause)) from None
         raise RuntimeError(f"distillation failed after {config.max_failures} recovered failure(s): {err}\n"
                            f"Run the same command again to continue from the last checkpoint "
                            f"(in {args['run_dir']}).") from err

@@ -81,8 +81,9 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.policy not in ENV_SIDE_POLICIES and not self.model:
             raise ValueError(f"--policy {self.policy} needs --model")
-        if self.episodes is not None and self.episodes < 1:
-            raise ValueError(f"field 'episodes' must be >= 1, got {self.episodes}")
+        # the numbers this evaluation plays with are RolloutConfig's: its checks run here, on the driver,
+        # before <out> is created or Ray starts
+        rollout_config(self)
 
 
 # --- playing the split ---------------------------------------------------------------------------------------
@@ -428,7 +429,7 @@ def run_evaluate(cfg: EvalConfig, progress: bool = True, track: bool = True) -> 
     import ray
 
     from raysad import tracking
-    from raysad.config import flatten
+    from raysad.config import flatten, redact
     from raysad.rollout import init_ray, default_env_factory
 
     rcfg = rollout_config(cfg)
@@ -456,6 +457,7 @@ def run_evaluate(cfg: EvalConfig, progress: bool = True, track: bool = True) -> 
               "reasoning_token_unit": "tokens" if tokenizer is not None or not needs_tokenizer else "words",
               "trajectories": rcfg.out}
     out = Path(cfg.out)
+    result = redact(result)  # what is written (eval.json here and on MLflow) carries no api_key/token/...
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     if track:
         params = {"env": cfg.env, "split": cfg.split, "policy": cfg.policy, "model": cfg.model or cfg.policy,

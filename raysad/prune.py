@@ -65,6 +65,21 @@ class PruneConfig:
     run_name: str = "prune"
     tracking_uri: str | None = None        # default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
 
+    def __post_init__(self) -> None:
+        from raysad.config import SEED_MAX, check_range
+
+        # Range-checked on construction, before any model is loaded or <out> is written (check_config then
+        # checks the paths). ratio 0 is allowed: nothing removed, the unpruned baseline (tune's prune_ratio 0.0).
+        check_range("ratio", self.ratio, 0, 1, high_inclusive=False, why="the fraction of channels and heads removed")
+        check_range("calibration_batches", self.calibration_batches, 1, 1_000_000)
+        check_range("batch_size", self.batch_size, 1, 65_536)
+        check_range("max_length", self.max_length, 2, 1_048_576)
+        check_range("round_to", self.round_to, 1, 65_536, why="1 = no rounding")
+        check_range("recover_steps", self.recover_steps, 0, why="0 = no recovery")
+        check_range("recover_lr", self.recover_lr, 0, low_inclusive=False)
+        check_range("recover_workers", self.recover_workers, 0, 4_096, why="0 = in this process")
+        check_range("seed", self.seed, 0, SEED_MAX)
+
 
 def check_config(config: PruneConfig) -> None:
     """Clear errors before any model is loaded."""

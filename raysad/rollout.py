@@ -15,7 +15,14 @@ Faults: an env actor that dies is restarted by Ray (`max_restarts`); the driver 
 not returned (an episode whose actor failed `max_attempts` times is left for a rerun). An env that raises on a
 step, or an engine that fails on one context, ends that episode with `extra["error"]`. Episodes reach the output
 once: the driver writes them and remembers their task ids, and a rerun on the same output skips every task
-already there (and every task already played but not written, see `done_path`).
+already there without an error (and every task played but deliberately not written, see `done_path`).
+
+Resume: the output itself is the record of what is done (a Parquet output keeps complete, fsynced part files
+next to it while it runs, see raysad.trajectory), so a run killed at any point (SIGKILL included) loses only
+episodes that were never written, and the rerun plays exactly those. Episodes written with `extra["error"]`
+are not done: a rerun drops them from the output (an atomic rewrite) and plays them again, so the output
+holds one record per task. The settings that shape the trajectories are kept in `<out>.settings.json`; a
+rerun with other settings is refused (pass a fresh --out).
 
 Ray: `ray_address` / $RAY_ADDRESS joins a cluster, else a local Ray starts (Ray >= 2.59 turns token
 authentication on for it and generates the token itself, ~/.ray/auth_token; nothing to set).
@@ -95,11 +102,32 @@ class RolloutConfig:
         if self.policy == "openai" and not self.tokenizer and not (self.model and Path(self.model).is_dir()):
             raise ValueError("--policy openai needs --tokenizer DIR (the served model's tokenizer, a local copy): "
                              "contexts go to the server as token ids and come back as token ids")
-        for name in ("env_actors", "envs_per_actor", "engines", "tensor_parallel", "max_attempts"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"field '{name}' must be >= 1, got {getattr(self, name)}")
-        if self.topk < 0 or self.few_shot < 0 or (self.max_new_tokens is not None and self.max_new_tokens < 1):
-            raise ValueError("fields 'topk', 'few_shot' must be >= 0 and 'max_new_tokens' >= 1")
+        from raysad.config import SEED_MAX, check_range
+
+        # Every number is range-checked here, on the driver, before Ray starts or anything is written. Upper
+        # bounds sit where a bigger value would only exhaust memory or hang (one actor/env/prompt each):
+        # max_steps <= 10_000 per episode, max_new_tokens <= 131_072 (the longest common context window),
+        # num_tasks <= 1_000_000 generated tasks, topk <= 1_000 logprobs stored per token, few_shot <= 32.
+        check_range("num_tasks", self.num_tasks, 1, 1_000_000, optional=True)
+        check_range("max_steps", self.max_steps, 1, 10_000, optional=True)
+        check_range("episodes", self.episodes, 1, optional=True)
+        check_range("few_shot", self.few_shot, 0, 32)
+        check_range("topk", self.topk, 0, 1_000, why="0 = store no logprobs")
+        check_range("max_new_tokens", self.max_new_tokens, 1, 131_072, optional=True)
+        check_range("temperature", self.temperature, 0, why="0 = greedy")
+        check_range("env_actors", self.env_actors, 1, 4_096)
+        check_range("envs_per_actor", self.envs_per_actor, 1, 4_096)
+        check_range("engines", self.engines, 1, 1_024)
+        check_range("tensor_parallel", self.tensor_parallel, 1, 1_024)
+        check_range("gpus_per_engine", self.gpus_per_engine, 0, 1_024, optional=True)
+        check_range("cpus_per_engine", self.cpus_per_engine, 0, 100_000, optional=True)
+        check_range("cpus_per_env_actor", self.cpus_per_env_actor, 0, 100_000)
+        check_range("engine_batch_size", self.engine_batch_size, 1, 65_536)
+        check_range("batch_wait_s", self.batch_wait_s, 0, 3_600)
+        check_range("max_restarts", self.max_restarts, 0, 1_000)
+        check_range("max_attempts", self.max_attempts, 1, 1_000)
+        check_range("seed", self.seed, 0, SEED_MAX)
+        check_range("num_cpus", self.num_cpus, 1, optional=True)
         from raysad.cluster import check_custom_resources
 
         check_custom_resources("engine_resources", self.engine_resources)
@@ -426,10 +454,54 @@ def _err_text(err: BaseException) -> str:
 # --- driver ------------------------------------------------------------------------------------------------
 
 def done_path(out: str | Path) -> Path:
-    """Task ids of every finished episode, written or not (with --only-success failures are not written, and a
-    rerun should not play them again); delete it to retry those."""
+    """Task ids of the episodes played but deliberately not written (with --only-success, failures), so that a
+    rerun does not play them again; delete it to retry those. Written episodes are not listed: the output
+    itself says which are done (its rows are durable before they count), and errored ones are never done."""
     out = Path(out)
     return out.with_name(out.name + ".done")
+
+
+def settings_path(out: str | Path) -> Path:
+    """The settings an output was written with (RESUME_SETTINGS), JSON; a rerun must match them."""
+    out = Path(out)
+    return out.with_name(out.name + ".settings.json")
+
+
+# Config fields that shape the trajectories: an output holds episodes of one setting of these.
+RESUME_SETTINGS = ("env", "split", "data", "num_tasks", "max_steps", "policy", "model", "tokenizer", "few_shot",
+                   "chat_template", "topk", "max_new_tokens", "temperature", "seed", "only_success")
+
+
+def _output_exists(out: Path) -> bool:
+    from raysad.trajectory import parts_dir
+
+    return out.exists() or parts_dir(out).is_dir() or done_path(out).exists()
+
+
+def check_settings(cfg: RolloutConfig) -> None:
+    """Refuse (ValueError, one line naming the fields) to resume an output written with other settings; record
+    the settings of a new output (or of an older one that has none)."""
+    out = Path(cfg.out)
+    mine = {k: getattr(cfg, k) for k in RESUME_SETTINGS}
+    mine = json.loads(json.dumps(mine))  # as it reads back (tuples -> lists)
+    path = settings_path(out)
+    if path.is_file() and _output_exists(out):
+        try:
+            theirs = json.loads(path.read_text())
+        except ValueError:
+            theirs = None
+        if isinstance(theirs, dict):
+            diff = [k for k in RESUME_SETTINGS if k in theirs and theirs[k] != mine[k]]
+            if diff:
+                changes = ", ".join(f"{k}: {theirs[k]!r} -> {mine[k]!r}" for k in diff)
+                raise ValueError(f"{out} was written with other settings ({changes}); rerun with the same "
+                                 f"settings to resume it, or pass a fresh --out")
+            if all(k in theirs for k in RESUME_SETTINGS):
+                return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(mine, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def select_tasks(cfg: RolloutConfig, make_env: Callable[[], Any] | None = None) -> list[str]:
@@ -453,16 +525,22 @@ def select_tasks(cfg: RolloutConfig, make_env: Callable[[], Any] | None = None) 
 
 
 def finished_task_ids(out: str | Path) -> set[str]:
-    """Task ids already done for this output: those in the output file and those in its done file."""
-    from raysad.trajectory import read_task_ids
+    """Task ids already done for this output: those written to it without an error, and those of its done file
+    (played, not written). An episode written with extra["error"] is not done (a rerun retries it), even if an
+    older done file lists it."""
+    return _resume_state(out)[0]
+
+
+def _resume_state(out: str | Path) -> tuple[set[str], set[str], set[str]]:
+    """(done task ids, errored task ids in the output, task ids of the done file)."""
+    from raysad.trajectory import read_task_status
 
     out = Path(out)
-    done: set[str] = set()
-    if out.exists() and out.stat().st_size > 0:
-        done |= set(map(str, read_task_ids(out)))
+    ok, errored = read_task_status(out)
+    listed: set[str] = set()
     if done_path(out).exists():
-        done |= {line.strip() for line in done_path(out).read_text().splitlines() if line.strip()}
-    return done
+        listed = {line.strip() for line in done_path(out).read_text().splitlines() if line.strip()}
+    return set(map(str, ok)) | (listed - set(errored)), set(map(str, errored)), listed
 
 
 def init_ray(cfg: RolloutConfig) -> bool:
@@ -567,12 +645,18 @@ def run_rollout(cfg: RolloutConfig, *, env_factory: Callable[[], Any] | None = N
 def _run(cfg, env_factory, engine_factory, progress, on_write) -> RolloutSummary:
     from raysad.trajectory import Trajectory, TrajectoryWriter
 
+    check_settings(cfg)
     tasks = select_tasks(cfg, env_factory)
-    done = finished_task_ids(cfg.out)
+    done, errored, listed = _resume_state(cfg.out)
     todo = [t for t in tasks if t not in done]
     summary = RolloutSummary(out=str(cfg.out), skipped=len(tasks) - len(todo))
     if not todo:
         return summary
+    redo = errored & set(todo)  # errored episodes played again: their old records go (one record per task)
+    if redo & listed:  # an older done file listed them: unlist them first, so that a kill cannot strand them
+        tmp = done_path(cfg.out).with_name(done_path(cfg.out).name + ".tmp")
+        tmp.write_text("".join(t + "\n" for t in sorted(listed - redo)))
+        os.replace(tmp, done_path(cfg.out))
 
     started_here = init_ray(cfg)
     engines, actors = [], []
@@ -593,8 +677,8 @@ def _run(cfg, env_factory, engine_factory, progress, on_write) -> RolloutSummary
         _wait_ready(actors, engines, progress)
 
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        with TrajectoryWriter(cfg.out, append=True) as writer, open(done_path(cfg.out), "a") as done_file, \
-                _Progress(len(todo), progress, summary) as bar:
+        with TrajectoryWriter(cfg.out, append=True, drop_task_ids=redo) as writer, \
+                open(done_path(cfg.out), "a") as done_file, _Progress(len(todo), progress, summary) as bar:
 
             def record(traj: Trajectory) -> None:
                 if traj.task_id in done:  # an actor that was only unreachable (not restarted) finished a task
@@ -605,14 +689,18 @@ def _run(cfg, env_factory, engine_factory, progress, on_write) -> RolloutSummary
                 summary.errors += "error" in traj.extra
                 summary.total_reward += traj.reward
                 count_turns(summary, traj)
+                done.add(traj.task_id)  # within this run: keep the first copy
                 if traj.success or not cfg.only_success:
+                    # the output is the record: a rerun finds it there once the writer made it durable
+                    # (an errored one is found as errored and played again)
                     writer.write(traj)
                     summary.written += 1
                     if on_write is not None:
                         on_write(traj)
-                done.add(traj.task_id)
-                done_file.write(traj.task_id + "\n")
-                done_file.flush()
+                elif "error" not in traj.extra:  # played, deliberately not written: remember it
+                    done_file.write(traj.task_id + "\n")
+                    done_file.flush()
+                    os.fsync(done_file.fileno())
                 bar.update()
 
             _drive(cfg, actors, engines, collections.deque(todo), record, summary, bar)

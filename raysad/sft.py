@@ -44,6 +44,25 @@ class SFTConfig:
     run_name: str = "sft"
     tracking_uri: str | None = None        # default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
 
+    def __post_init__(self) -> None:
+        from raysad.config import SEED_MAX, check_range
+
+        # Range-checked on the driver, before a tokenizer is trained, Ray starts or <out> is written; the same
+        # ranges as DistillConfig's (this stage runs the distill trainer). vocab_size: 256 bytes + EOS + PAD at
+        # least, at most 1_048_576 (the embedding matrix would exhaust memory).
+        check_range("epochs", self.epochs, 1)
+        check_range("max_steps", self.max_steps, 0, why="0 = the epochs decide")
+        check_range("lr", self.lr, 0, low_inclusive=False)
+        check_range("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        check_range("warmup_steps", self.warmup_steps, 0)
+        check_range("weight_decay", self.weight_decay, 0)
+        check_range("grad_clip", self.grad_clip, 0, why="0 = no clipping")
+        check_range("batch_size", self.batch_size, 1, 65_536)
+        check_range("max_length", self.max_length, 2, 1_048_576)
+        check_range("vocab_size", self.vocab_size, 258, 1_048_576)
+        check_range("seed", self.seed, 0, SEED_MAX)
+        check_range("workers", self.workers, 0, 4_096, why="0 = train in this process")
+
 
 # ------------------------------------------------------------------------------------------ tokenizer --
 def trajectory_texts(trajectories: Iterable[Any]) -> Iterable[str]:

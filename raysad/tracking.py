@@ -10,6 +10,8 @@ import contextlib
 import os
 from typing import Any, Iterator
 
+from raysad.config import redact
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _PARAM_MAX_CHARS = 6000  # MLflow's limit on one param value
 
@@ -35,6 +37,7 @@ def start_run(experiment: str, run_name: str, params: dict[str, Any] | None = No
         mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name=run_name, nested=nested or parent is not None, tags=tags) as run:
         if params:
+            params = redact(params)  # secrets (api_key, token, ...) never reach the params or config.json
             mlflow.log_params({k: _param_value(v) for k, v in params.items()})
             mlflow.log_dict({k: v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
                              for k, v in params.items()}, "config.json")
@@ -56,7 +59,8 @@ def _param_value(value: Any) -> str:
 
 
 def log_text(text: str, artifact_file: str) -> None:
-    """A small text artifact (sample trajectories, a summary) on the active run."""
+    """A small text artifact (sample trajectories, a summary) on the active run; callers redact() what
+    they serialise into it."""
     import mlflow
 
     mlflow.log_text(text, artifact_file)

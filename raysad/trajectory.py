@@ -4,6 +4,12 @@ A trajectory file is either JSON lines (`.jsonl` or `.json`, one trajectory per 
 (`.parquet`, one trajectory per row). Both stream: reading never holds more than one line (JSONL) or one
 row group (Parquet) in memory, so a million trajectories read like ten.
 
+Durability: a JSONL record is flushed as it is written. A Parquet writer writes its rows in complete, fsynced
+part files under `<path>.parts/` as it goes, and merges them into `path` on close; a killed writer leaves
+`path` plus parts that every reader here (read_trajectories, read_task_ids, count_trajectories) reads as one
+output, and the next writer merges. Rows still buffered when a process is killed are lost, but they were never
+reported as written (a rollout re-plays them).
+
     with TrajectoryWriter("trajs.jsonl", append=True) as out:   # resume: skip read_task_ids(path)
         out.write(traj)
     for traj in read_trajectories("trajs.jsonl"):
@@ -21,6 +27,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -288,7 +296,7 @@ class TrajectoryReader:
         self.read = 0
         self.errors: list[str] = []
         kind = file_format(self.path)
-        if not self.path.is_file():
+        if not (self.path.is_file() or (kind == "parquet" and _parquet_sources(self.path))):
             raise TrajectoryError(f"{self.path}: no such file")
         self._gen = self._jsonl() if kind == "jsonl" else self._parquet()
 
@@ -344,23 +352,24 @@ class TrajectoryReader:
     def _parquet(self) -> Iterator[Trajectory]:
         import pyarrow.parquet as pq
 
-        try:
-            pf = pq.ParquetFile(self.path)
-        except Exception as err:  # pyarrow raises ArrowInvalid/OSError for a truncated or foreign file
-            raise TrajectoryError(f"{self.path}: not a readable Parquet file: {err}") from None
         row_no = 0
-        with pf:
-            for batch in pf.iter_batches(batch_size=self.batch_size):
-                for row in batch.to_pylist():
-                    row_no += 1
-                    where = f"{self.path}:row {row_no}"
-                    try:
-                        traj = Trajectory.from_dict(_from_parquet_row(row, where), where)
-                    except TrajectoryError as err:
-                        self._bad(err)
-                        continue
-                    self.read += 1
-                    yield traj
+        for source in _parquet_sources(self.path):  # the file, then the parts a killed writer left
+            try:
+                pf = pq.ParquetFile(source)
+            except Exception as err:  # pyarrow raises ArrowInvalid/OSError for a truncated or foreign file
+                raise TrajectoryError(f"{source}: not a readable Parquet file: {err}") from None
+            with pf:
+                for batch in pf.iter_batches(batch_size=self.batch_size):
+                    for row in batch.to_pylist():
+                        row_no += 1
+                        where = f"{self.path}:row {row_no}"
+                        try:
+                            traj = Trajectory.from_dict(_from_parquet_row(row, where), where)
+                        except TrajectoryError as err:
+                            self._bad(err)
+                            continue
+                        self.read += 1
+                        yield traj
         self._done(row_no)
 
 
@@ -377,48 +386,142 @@ def read_task_ids(path: str | Path) -> set[str]:
 
     JSONL: a regex finds the first "task_id" key of each complete line (our writer puts it third, before any
     nested object), so big lines are not parsed; a line cut short by a crash is not counted. Parquet: reads
-    only the task_id column.
+    only the task_id column (of the file and of the parts a killed writer left).
     """
+    ok, errored = read_task_status(path)
+    return ok | errored
+
+
+def read_task_status(path: str | Path) -> tuple[set[str], set[str]]:
+    """(task ids with a complete record, task ids whose record carries extra["error"]) of a file; a task id with
+    both a clean and an errored record counts as clean. A missing file gives two empty sets."""
     path = Path(path)
-    if not path.is_file():
-        return set()
-    ids: set[str] = set()
+    ok: set[str] = set()
+    errored: set[str] = set()
     if file_format(path) == "parquet":
         import pyarrow.parquet as pq
 
-        with pq.ParquetFile(path) as pf:
-            for batch in pf.iter_batches(columns=["task_id"], batch_size=65536):
-                ids.update(x for x in batch.column(0).to_pylist() if x is not None)
-        return ids
+        for source in _parquet_sources(path):
+            with pq.ParquetFile(source) as pf:
+                columns = [c for c in ("task_id", "extra") if c in pf.schema_arrow.names]
+                for batch in pf.iter_batches(columns=columns, batch_size=65536):
+                    ids = batch.column(0).to_pylist()
+                    extras = batch.column(1).to_pylist() if len(columns) > 1 else [None] * len(ids)
+                    for task_id, extra in zip(ids, extras):
+                        if task_id is not None:
+                            (errored if _has_error(extra) else ok).add(task_id)
+        return ok, errored - ok
+    if not path.is_file():
+        return ok, errored
     with open(path, encoding="utf-8") as f:
         for line in f:
             if not line.endswith("\n"):
                 continue  # the last line of a crashed write
-            m = _TASK_ID.search(line)
-            if m:
-                ids.add(json.loads(m.group(1)))
-            elif line.strip():
-                try:
-                    task_id = json.loads(line).get("task_id")
-                except (json.JSONDecodeError, AttributeError):
-                    continue
-                if isinstance(task_id, str):
-                    ids.add(task_id)
-    return ids
+            task_id, error = _line_status(line)
+            if task_id is not None:
+                (errored if error else ok).add(task_id)
+    return ok, errored - ok
+
+
+def _has_error(extra: Any) -> bool:
+    """Whether a Parquet row's `extra` (a JSON object string, or a dict) holds an "error"."""
+    if isinstance(extra, str):
+        if '"error"' not in extra:
+            return False
+        try:
+            extra = json.loads(extra)
+        except json.JSONDecodeError:
+            return False
+    return isinstance(extra, dict) and extra.get("error") is not None
+
+
+def _line_status(line: str) -> tuple[str | None, bool]:
+    """(task id, has a top-level "error") of one JSONL line; parses the line only when it may hold an error."""
+    m = _TASK_ID.search(line)
+    if m and '"error"' not in line:
+        return json.loads(m.group(1)), False
+    if not line.strip():
+        return None, False
+    try:
+        d = json.loads(line)
+    except json.JSONDecodeError:
+        return (json.loads(m.group(1)) if m else None), False
+    if not isinstance(d, dict) or not isinstance(d.get("task_id"), str):
+        return None, False
+    return d["task_id"], d.get("error") is not None
 
 
 def count_trajectories(path: str | Path) -> int:
     """Number of records (non-blank lines, or Parquet rows) without parsing them; 0 for a missing file."""
     path = Path(path)
-    if not path.is_file():
-        return 0
     if file_format(path) == "parquet":
         import pyarrow.parquet as pq
 
-        with pq.ParquetFile(path) as pf:
-            return pf.metadata.num_rows
+        total = 0
+        for source in _parquet_sources(path):
+            with pq.ParquetFile(source) as pf:
+                total += pf.metadata.num_rows
+        return total
+    if not path.is_file():
+        return 0
     with open(path, "rb") as f:
         return sum(1 for line in f if line.strip())
+
+
+# --- Parquet parts ---------------------------------------------------------------------------------------
+
+MERGED_PARTS_KEY = b"raysad.merged_parts"  # Parquet metadata of a merged file: the part files it holds
+
+
+def parts_dir(path: str | Path) -> Path:
+    """Where a Parquet writer puts its complete part files before merging them into `path`."""
+    path = Path(path)
+    return path.with_name(path.name + ".parts")
+
+
+def _merged_parts(path: Path) -> set[str]:
+    if not path.is_file():
+        return set()
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except Exception:  # noqa: BLE001 -- an unreadable file is reported by whoever reads its rows
+        return set()
+    try:
+        return set(json.loads(meta.get(MERGED_PARTS_KEY, b"[]")))
+    except (ValueError, TypeError):
+        return set()
+
+
+def _parquet_sources(path: str | Path) -> list[Path]:
+    """The files of a Parquet output, in order: `path` (if any), then the complete parts a killed writer left
+    in `<path>.parts/` that `path` does not already hold (a merge killed before deleting them)."""
+    path = Path(path)
+    sources = [path] if path.is_file() else []
+    parts = parts_dir(path)
+    if parts.is_dir():
+        merged = _merged_parts(path)
+        sources += sorted(p for p in parts.glob("part-*.parquet") if p.name not in merged)
+    return sources
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 # --- writing ---------------------------------------------------------------------------------------------
@@ -426,57 +529,75 @@ def count_trajectories(path: str | Path) -> int:
 class TrajectoryWriter:
     """Write trajectories to .jsonl/.json or .parquet; a context manager. Every record is validated first.
 
-    JSONL: each record is one line, flushed as it is written, so a crash loses at most the line being
+    JSONL: each record is one line, flushed as it is written, so a killed process loses at most the line being
     written; append=True continues the file (a last line cut short by a crash is dropped first, with a
     warning).
-    Parquet: records are buffered into row groups (`row_group_size` rows, or fewer when they hold many
-    token ids) and written to `<path>.partial`, which replaces `path` on close(). close() also runs when the
-    `with` body raises, so the rows written so far are kept; a killed process leaves the previous `path`
-    intact (the .partial is then unreadable). Parquet files cannot be appended to in place: append=True
-    first streams the existing rows into the new file, then continues. For a long rollout that may be
-    killed, prefer JSONL.
+    Parquet: records are buffered and written as complete part files (`<path>.parts/part-*.parquet`, each
+    written to a temporary name, fsynced, then renamed) once `part_rows` rows, `row_group_tokens` token ids or
+    `part_s` seconds have gathered; close() (which also runs when the `with` body raises) writes the last part
+    and merges `path` and the parts into a new `path` (row groups of `row_group_size` rows, replaced
+    atomically), then deletes the parts. A killed process leaves `path` and its parts, which the readers here
+    read as one output (durable rows = what they read); append=True continues it, append=False starts over.
+    `.durable` counts the records of this writer that are safely on disk (a reader sees them after a kill).
+
+    drop_task_ids (append only): records of these task ids are removed from the existing output first (an
+    atomic rewrite), e.g. errored episodes that this run plays again; so the output holds one copy per task.
     """
 
     def __init__(self, path: str | Path, append: bool = False, row_group_size: int = 512,
-                 row_group_tokens: int = 2_000_000):
+                 row_group_tokens: int = 2_000_000, part_rows: int = 256, part_s: float = 2.0,
+                 drop_task_ids: set[str] | frozenset[str] | None = None):
         self.path = Path(path)
         self.kind = file_format(self.path)
         self.append = append
         self.row_group_size = row_group_size
         self.row_group_tokens = row_group_tokens  # flush earlier when rows carry many token ids / top-k
+        self.part_rows, self.part_s = part_rows, part_s
         self.count = 0  # records written by this writer (not counting rows carried over by append)
+        self.durable = 0  # of those, the ones on disk in a complete line / part file
         self._buffer: list[dict] = []
         self._buffer_tokens = 0
+        self._buffer_since = 0.0
         self._closed = False
+        drop = set(drop_task_ids or ()) if append else set()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.kind == "jsonl":
             if append and self.path.is_file():
                 _drop_partial_last_line(self.path)
+                if drop:
+                    _drop_jsonl_tasks(self.path, drop)
             self._file = open(self.path, "a" if append else "w", encoding="utf-8")
         else:
-            self._open_parquet()
+            self._open_parquet(drop)
 
-    def _open_parquet(self) -> None:
-        import pyarrow.parquet as pq
+    def _open_parquet(self, drop: set[str]) -> None:
+        import uuid
 
         self._schema = _parquet_schema()
-        self._partial = self.path.with_name(self.path.name + ".partial")
-        self._writer = pq.ParquetWriter(self._partial, self._schema, compression="zstd")
+        self._parts = parts_dir(self.path)
+        self._part_prefix = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+        self._part_seq = 0
+        if not self.append:  # start over: the old output goes now, so that a kill cannot mix old and new
+            self.path.unlink(missing_ok=True)
+            shutil.rmtree(self._parts, ignore_errors=True)
+        elif self._parts.is_dir():
+            for stale in self._parts.glob("*.tmp"):  # a part whose write was killed: never counted
+                stale.unlink(missing_ok=True)
+            for merged in _merged_parts(self.path):  # a merge killed before it deleted its parts
+                (self._parts / merged).unlink(missing_ok=True)
         if self.append and self.path.is_file():
+            import pyarrow.parquet as pq
+
             try:
                 with pq.ParquetFile(self.path) as old:
-                    if old.schema_arrow.equals(self._schema):
-                        for batch in old.iter_batches(batch_size=self.row_group_size):
-                            self._writer.write_batch(batch)
-                        return
+                    ours = old.schema_arrow.equals(self._schema)
             except Exception as err:
-                self._writer.close()
-                self._partial.unlink(missing_ok=True)
                 raise TrajectoryError(f"{self.path}: cannot append, not a readable Parquet file: {err}") from None
-            # a foreign schema: carry the rows over through the validating reader
-            for traj in read_trajectories(self.path):
-                self._add(traj.to_dict())
-            self._flush()
+            if not ours or drop:
+                self._merge(drop)
+        elif self.append and drop:
+            self._merge(drop)
+        self._parts.mkdir(parents=True, exist_ok=True)
 
     def write(self, traj: Trajectory | dict) -> None:
         if self._closed:
@@ -484,45 +605,153 @@ class TrajectoryWriter:
         where = f"{self.path}: trajectory {self.count + 1}"
         d = traj.to_dict() if isinstance(traj, Trajectory) else traj
         validate(d, f"{where} (id={d.get('id')!r})" if isinstance(d, dict) else where)
+        self.count += 1
         if self.kind == "jsonl":
             self._file.write(json.dumps(d, ensure_ascii=False, separators=(",", ":")) + "\n")
             self._file.flush()
+            self.durable = self.count
         else:
             self._add(d)
-        self.count += 1
 
     def _add(self, d: dict) -> None:
+        if not self._buffer:
+            self._buffer_since = time.monotonic()
         self._buffer.append(_to_parquet_row(d))
         self._buffer_tokens += sum(len(t.get("token_ids") or ()) * (1 + len((t.get("topk_ids") or [[]])[0]))
                                    for t in d["turns"])
-        if len(self._buffer) >= self.row_group_size or self._buffer_tokens >= self.row_group_tokens:
+        if (len(self._buffer) >= self.part_rows or self._buffer_tokens >= self.row_group_tokens
+                or time.monotonic() - self._buffer_since >= self.part_s):
+            self._flush()
+
+    def flush(self) -> None:
+        """Make every record written so far durable (Parquet: write the buffered rows as a part file)."""
+        if self.kind == "jsonl":
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        else:
             self._flush()
 
     def _flush(self) -> None:
-        if self._buffer:
-            import pyarrow as pa
+        if not self._buffer:
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-            self._writer.write_table(pa.Table.from_pylist(self._buffer, schema=self._schema))
-            self._buffer, self._buffer_tokens = [], 0
+        table = pa.Table.from_pylist(self._buffer, schema=self._schema)
+        self._part_seq += 1
+        final = self._parts / f"{self._part_prefix}-{self._part_seq:06d}.parquet"
+        tmp = final.with_name(final.name + ".tmp")
+        pq.write_table(table, tmp, compression="zstd", row_group_size=self.row_group_size)
+        _fsync_file(tmp)
+        os.replace(tmp, final)
+        _fsync_dir(self._parts)
+        self._buffer, self._buffer_tokens = [], 0
+        self.durable = self.count
+
+    def _merge(self, drop: set[str] | None = None) -> None:
+        """`path` + its parts (minus `drop` task ids) -> a new `path`, atomically; then the parts go. The new file
+        names the parts it holds (metadata), so a merge killed before deleting them does not count them twice."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        sources = _parquet_sources(self.path)
+        parts = [p for p in sources if p != self.path]
+        tmp = self.path.with_name(self.path.name + ".partial")
+        meta = {MERGED_PARTS_KEY: json.dumps([p.name for p in parts]).encode()}
+        drop_arr = pa.array(sorted(drop), pa.string()) if drop else None
+        pending: list = []
+        pending_rows = 0
+
+        def put(writer, table, final=False):
+            nonlocal pending, pending_rows
+            if table is not None and table.num_rows:
+                pending.append(table)
+                pending_rows += table.num_rows
+            while pending_rows >= self.row_group_size or (final and pending_rows):
+                whole = pa.concat_tables(pending)
+                n = min(self.row_group_size, whole.num_rows)
+                writer.write_table(whole.slice(0, n), row_group_size=n)
+                rest = whole.slice(n)
+                pending, pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+
+        with pq.ParquetWriter(tmp, self._schema.with_metadata(meta), compression="zstd") as writer:
+            for source in sources:
+                with pq.ParquetFile(source) as pf:
+                    ours = pf.schema_arrow.equals(self._schema)
+                if not ours:  # a foreign schema: carry the rows over through the validating reader
+                    rows = [_to_parquet_row(t.to_dict()) for t in _iter_file(source)
+                            if not drop or t.task_id not in drop]
+                    for i in range(0, len(rows), self.row_group_size):
+                        put(writer, pa.Table.from_pylist(rows[i:i + self.row_group_size], schema=self._schema))
+                    continue
+                with pq.ParquetFile(source) as pf:
+                    for batch in pf.iter_batches(batch_size=self.row_group_size):
+                        table = pa.Table.from_batches([batch]).cast(self._schema)
+                        if drop_arr is not None:
+                            table = table.filter(pc.invert(pc.is_in(table.column("task_id"), value_set=drop_arr)))
+                        put(writer, table)
+            put(writer, None, final=True)
+        _fsync_file(tmp)
+        os.replace(tmp, self.path)
+        _fsync_dir(self.path.parent)
+        for part in parts:
+            part.unlink(missing_ok=True)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         if self.kind == "jsonl":
-            self._file.close()
+            try:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            finally:
+                self._file.close()
             return
-        try:
-            self._flush()
-        finally:
-            self._writer.close()
-        os.replace(self._partial, self.path)
+        self._flush()
+        self._merge()
+        shutil.rmtree(self._parts, ignore_errors=True)
 
     def __enter__(self) -> TrajectoryWriter:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _iter_file(source: Path) -> Iterator[Trajectory]:
+    """The trajectories of one Parquet file alone (not its parts), validated."""
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(source) as pf:
+        row_no = 0
+        for batch in pf.iter_batches(batch_size=64):
+            for row in batch.to_pylist():
+                row_no += 1
+                where = f"{source}:row {row_no}"
+                yield Trajectory.from_dict(_from_parquet_row(row, where), where)
+
+
+def _drop_jsonl_tasks(path: Path, drop: set[str]) -> None:
+    """Rewrite a JSONL file without the records of `drop` task ids (atomically; untouched if none is there)."""
+    tmp = path.with_name(path.name + ".partial")
+    dropped = 0
+    with open(path, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
+        for line in src:
+            task_id, _ = _line_status(line)
+            if task_id is not None and task_id in drop:
+                dropped += 1
+                continue
+            dst.write(line)
+        dst.flush()
+        os.fsync(dst.fileno())
+    if not dropped:
+        tmp.unlink()
+        return
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    log.info("%s: dropped %d records of tasks played again", path, dropped)
 
 
 def _drop_partial_last_line(path: Path) -> None:

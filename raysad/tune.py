@@ -773,8 +773,10 @@ def _trainable(sweep: SweepConfig, inputs: dict, parent_run_id: str | None):
 
 
 def _settings(sweep: SweepConfig) -> str:
-    """The sweep's settings as SETTINGS_FILE holds them."""
-    return json.dumps(dataclasses.asdict(sweep), indent=1, default=str) + "\n"
+    """The sweep's settings as SETTINGS_FILE holds them (secrets such as an engine's api_key redacted)."""
+    from raysad.config import redact
+
+    return json.dumps(redact(dataclasses.asdict(sweep)), indent=1, default=str) + "\n"
 
 
 def check_resume(sweep: SweepConfig, sweep_dir: Path) -> None:

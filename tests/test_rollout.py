@@ -103,10 +103,10 @@ def test_only_success_and_done_file(tmp_path):
     summary = run_rollout(cfg, env_factory=env, progress=False, track=False)
     assert summary.episodes == 5 and summary.written == 4
     assert sorted(task_counts(cfg.out)) == ["t00", "t01", "t02", "t03"]
-    # the failed task is remembered as done, so a rerun plays nothing
-    assert finished_task_ids(cfg.out) == {"t00", "t01", "t02", "t03", "boom"}
+    # boom ended with an error: not done, so a rerun plays it (only it) again
+    assert finished_task_ids(cfg.out) == {"t00", "t01", "t02", "t03"}
     again = run_rollout(cfg, env_factory=env, progress=False, track=False)
-    assert again.episodes == 0 and again.skipped == 5
+    assert again.episodes == 1 and again.skipped == 4
 
 
 def test_dying_env_actor_loses_and_duplicates_nothing(tmp_path):
