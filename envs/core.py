@@ -30,6 +30,15 @@ _OUTSIDE_CHARSET = re.compile(r"[^\t\n\x0b\x0c\r\x20-\x7e]")  # the complement o
 OBS_MAX_CHARS = 16_384
 ACTION_MAX_CHARS = 1_024
 SPLITS = ("train", "valid", "test")
+# ALFWorld's own folder names, and the split each is (envs/alfworld/tasks.py REAL_SPLITS)
+SPLIT_ALIASES = {"valid_train": "train", "valid_seen": "valid", "valid_unseen": "test"}
+
+
+def split_error(split: object) -> str:
+    """The one-line message for an unknown split: names the allowed ones (and the split an ALFWorld folder
+    name such as valid_seen stands for)."""
+    hint = f" (ALFWorld's {split} is --split {SPLIT_ALIASES[split]})" if split in SPLIT_ALIASES else ""
+    return f"--split {split!r}: unknown split; allowed: {', '.join(SPLITS)}{hint}"
 
 
 class InvalidAction(Exception):
@@ -87,7 +96,7 @@ class TextEnv(gym.Env[str, str]):
 
     def __init__(self, split: str = "train", max_steps: int | None = None, render_mode: str | None = None):
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+            raise ValueError(split_error(split))
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
         self.split = split

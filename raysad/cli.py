@@ -20,15 +20,40 @@ app.add_typer(envs_app, name="envs")
 ConfigOpt = typer.Option(None, "--config", help="YAML file with any of this command's flags (flags win).")
 
 
-def run_stage(main, *args, **flags) -> None:
-    """Run a stage's `main`; bad input (a config value, a flag, a missing file) exits 2 with its message,
-    which names the file and field, instead of a traceback."""
+def _bad_input(err: BaseException) -> bool:
+    """Bad input, or an error raised because of bad input (an actor that failed to start on a model folder
+    without config.json re-raises it `from` the actor's error)."""
     from raysad.config import ConfigError
 
+    import re
+
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, (ConfigError, ValueError, FileNotFoundError)):
+            return True
+        # an actor whose constructor raised (a model folder without config.json) reaches the driver as a Ray
+        # error that keeps only the text: the remote exception's type is in its last line
+        if type(err).__module__.startswith("ray.") and re.search(
+                r"\b(ConfigError|ValueError|FileNotFoundError|TrajectoryError): ",
+                (str(err).strip().splitlines() or [""])[-1]):
+            return True
+        seen.add(id(err))
+        err = err.__cause__
+    return False
+
+
+def run_stage(main, *args, **flags) -> None:
+    """Run a stage's `main`; bad input (a config value, a flag, a missing file, a model folder without
+    config.json) exits 2 with one line, which names the file and field, instead of a traceback."""
     try:
         main(*args, **flags)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    except Exception as err:
+        if not _bad_input(err):
+            raise
+        message = str(err).strip()
+        if "\n" in message:  # a remote (Ray) error carries the worker's traceback: its last line says what
+            message = message.splitlines()[-1].strip()  # happened
+        typer.secho(f"error: {message or type(err).__name__}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
 
 # --- commands start (each helper adds its command below this line, keep edits small) ---
@@ -48,14 +73,14 @@ def envs_play(
     split: str = typer.Option("test", "--split", help="train, valid or test."),
     task_id: Optional[str] = typer.Option(None, "--task-id", help="Play this task (default: one drawn by --seed)."),
     data: Optional[str] = typer.Option(None, "--data", help="Real data path (default: generated offline tasks)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the task draw and the environment."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed for the task draw and the environment."),
     expert: bool = typer.Option(False, "--expert", help="Let the scripted expert play and print its trajectory."),
-    few_shot: int = typer.Option(0, "--few-shot", help="ReAct examples to show in the printed prompt."),
+    few_shot: int = typer.Option(0, "--few-shot", min=0, help="ReAct examples to show in the printed prompt."),
 ) -> None:
     """Play an environment in the terminal (type actions), or watch the expert with --expert."""
     from raysad.envs_cli import play
 
-    play(env, split=split, task_id=task_id, data=data, seed=seed, expert=expert, few_shot=few_shot)
+    run_stage(play, env, split=split, task_id=task_id, data=data, seed=seed, expert=expert, few_shot=few_shot)
 
 
 @app.command()

@@ -965,6 +965,15 @@ def prepare(config: DistillConfig) -> tuple[DistillConfig, dict]:
 def run_distill(config: DistillConfig, track: bool = True) -> DistillResult:
     """Distil: prepare the data, train on Ray Train (or in-process for workers=0), save the student to
     config.out. Logs params, per-step metrics and small artifacts to MLflow when `track`."""
+    from raysad.locks import lock_path, output_lock
+
+    # one writer per output (taken before prepare, which clears old checkpoints under out): a second distill
+    # into this --out would interleave train_log.jsonl and overwrite the weights
+    with output_lock(lock_path(config.out), f"distill --out {config.out}"):
+        return _run_distill(config, track)
+
+
+def _run_distill(config: DistillConfig, track: bool) -> DistillResult:
     import contextlib
 
     spec = config.student  # a size name, a folder, or a derive: spec (prepare cuts that one into a folder)

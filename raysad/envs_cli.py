@@ -36,7 +36,10 @@ def play(env_name: str, split: str, task_id: str | None, data: str | None, seed:
     env = raysad_envs.make(env_name, **kwargs)
     base = env.unwrapped
     try:
-        obs, info = env.reset(seed=seed, options={"task_id": task_id} if task_id else None)
+        try:
+            obs, info = env.reset(seed=seed, options={"task_id": task_id} if task_id else None)
+        except KeyError as err:  # an unknown --task-id: a one-line message (`raysad envs play` exits 2), not a trace
+            raise ValueError(f"--task-id {task_id!r}: {err.args[0] if err.args else err}") from None
         console.rule(f"[bold]{env_name}[/] task {info['task_id']} ({split})")
         console.print(base.prompt(obs, few_shot=few_shot), markup=False, highlight=False)
         turn, done = 0, False

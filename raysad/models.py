@@ -73,6 +73,9 @@ def load_model(path: str | Path, dtype: Any = None, device: str | None = None):
     return model.to(device).eval()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(path: str | Path):
     """The tokenizer saved in a local HF directory (a model directory or one written by train_tokenizer)."""
     from transformers import AutoTokenizer
@@ -80,7 +83,14 @@ def load_tokenizer(path: str | Path):
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: tokenizer directory not found")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not any((path / name).is_file() for name in ("config.json", *TOKENIZER_FILES)):
+        raise FileNotFoundError(f"{path}: not a model or tokenizer directory (no config.json, no "
+                                f"{'/'.join(TOKENIZER_FILES)}). Give a directory written by save_pretrained")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:  # transformers' reasons span several lines: keep the first
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise FileNotFoundError(f"{path}: no usable tokenizer ({first})") from None
     if tokenizer.pad_token is None:  # batching needs one; the eos token is the usual stand-in
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -614,6 +614,14 @@ def run_rollout(cfg: RolloutConfig, *, env_factory: Callable[[], Any] | None = N
                 track: bool = True, _on_write: Callable[[Any], None] | None = None) -> RolloutSummary:
     """Play the tasks of `cfg` and write their trajectories to cfg.out (resuming it). `env_factory` /
     `engine_factory` (picklable, no arguments) replace the registered env / cfg.policy's engine."""
+    from raysad.locks import lock_path, output_lock
+
+    # one writer per output: a second rollout on this --out would play and append the same tasks again
+    with output_lock(lock_path(cfg.out), f"rollout --out {cfg.out}"):
+        return _run_tracked(cfg, env_factory, engine_factory, progress, track, _on_write)
+
+
+def _run_tracked(cfg, env_factory, engine_factory, progress, track, _on_write) -> RolloutSummary:
     from raysad import tracking
     from raysad.config import flatten
 

@@ -31,11 +31,19 @@ def start_run(experiment: str, run_name: str, params: dict[str, Any] | None = No
     """
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(uri))
+    from raysad.locks import setup_lock, sqlite_path
+
+    uri = tracking_uri(uri)
+    mlflow.set_tracking_uri(uri)
     parent = mlflow.active_run()
-    if parent is None:  # a nested run stays in its parent's experiment
-        mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=run_name, nested=nested or parent is not None, tags=tags) as run:
+    db = sqlite_path(uri)
+    # processes starting together on one sqlite file would race creating its tables and the experiment
+    # ("table ... already exists"): one at a time, under a lock file next to the DB
+    with setup_lock(db.with_name(db.name + ".lock")) if db is not None else contextlib.nullcontext():
+        if parent is None:  # a nested run stays in its parent's experiment
+            mlflow.set_experiment(experiment)
+        active = mlflow.start_run(run_name=run_name, nested=nested or parent is not None, tags=tags)
+    with active as run:
         if params:
             params = redact(params)  # secrets (api_key, token, ...) never reach the params or config.json
             mlflow.log_params({k: _param_value(v) for k, v in params.items()})

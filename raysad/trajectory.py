@@ -330,13 +330,20 @@ class TrajectoryReader:
 
     def _jsonl(self) -> Iterator[Trajectory]:
         records = 0
-        with open(self.path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
+        with open(self.path, "rb") as f:  # bytes, decoded per line: a decode error names its line
+            for line_no, raw in enumerate(f, 1):
+                if not raw.strip():
                     continue  # blank lines are allowed (and not records)
                 records += 1
                 where = f"{self.path}:{line_no}"
                 try:
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as err:
+                        raise TrajectoryError(
+                            f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                            "is this a binary file? Trajectories are JSONL (one JSON object a line) or .parquet"
+                        ) from None
                     try:
                         d = json.loads(line)
                     except json.JSONDecodeError as err:

@@ -122,6 +122,17 @@ class SweepResult:
     trials: list[dict]                         # per trial: trial_id, status, config, last metrics
     table: Any = None                          # the report's table (pandas), None without report
     wall_s: float = 0.0
+    interrupted: bool = False                  # Ctrl-C / SIGINT stopped the Tuner with trials unfinished
+
+    @property
+    def failed(self) -> list[dict]:
+        """The trials that errored."""
+        return [t for t in self.trials if t["error"] is not None]
+
+    @property
+    def exit_code(self) -> int:
+        """`raysad tune`'s exit status: 130 interrupted, 1 a trial errored, else 0."""
+        return 130 if self.interrupted else 1 if self.failed else 0
 
 
 # ------------------------------------------------------------------------------------- the sweep file ----
@@ -275,9 +286,7 @@ def check_sweep(sweep: SweepConfig, source: str = "sweep") -> None:
     has_teacher = bool(sweep.teacher) or sweep.teacher_sft is not None
     if sweep.online_teacher and not has_teacher:
         raise _fail(source, "online_teacher", "needs teacher (an HF directory) or teacher_sft")
-    methods = [m for space in spaces(sweep)
-               for m in axis_values("method", space.get("method", sweep.distill.get("method", "sad")))]
-    kd = [m for m in methods if m != "sft"]
+    kd = kd_methods(sweep)
     stored_topk = sweep.trajectories is not None or sweep.rollout.get("topk", 0) > 0
     if kd and not sweep.online_teacher and not stored_topk:
         raise _fail(source, "space.method", f"{', '.join(kd)} need a teacher signal: online_teacher: true with "
@@ -295,6 +304,40 @@ def check_sweep(sweep: SweepConfig, source: str = "sweep") -> None:
     if sweep.asha and sweep.chunks < 2:
         raise _fail(source, "asha", "with chunks: 1 a trial reports once and ASHA has nothing to stop; "
                     "set chunks >= 2")
+
+
+def kd_methods(sweep: SweepConfig) -> list[str]:
+    """The sweep's methods that distil from a teacher signal (sad, token_kd): all but sft."""
+    methods = [m for space in spaces(sweep)
+               for m in axis_values("method", space.get("method", sweep.distill.get("method", "sad")))]
+    return list(dict.fromkeys(m for m in methods if m != "sft"))
+
+
+def check_stored_topk(sweep: SweepConfig) -> None:
+    """Pre-flight, before Ray or any trial starts: KD methods without an online teacher learn from the top-k
+    stored in the trajectories, so a file that stores none would fail every such trial. Raises distill's own
+    message (check_teacher_signal) naming the file. A file with top-k is read only up to its first such turn."""
+    from types import SimpleNamespace
+
+    from raysad.distill import check_teacher_signal
+    from raysad.trajectory import read_trajectories
+
+    kd = kd_methods(sweep)
+    if not kd or sweep.online_teacher or sweep.trajectories is None:
+        return
+    files = ({sweep.envs[0]: sweep.trajectories} if isinstance(sweep.trajectories, str)
+             else {env: sweep.trajectories[env] for env in sweep.envs})
+    for env, path in files.items():
+        path = str(Path(path).expanduser().resolve())
+        if not Path(path).is_file():
+            raise ConfigError(f"trajectories for {env}: {path}: file not found")
+        if any(turn.topk_ids for traj in read_trajectories(path) for turn in traj.turns):
+            continue
+        try:  # no example has a top-k row: distill's check says so, naming the file
+            check_teacher_signal([], SimpleNamespace(method=kd[0], teacher=None, trajectories=path))
+        except ValueError as err:
+            raise ConfigError(f"sweep {sweep.name!r} (method {', '.join(kd)}, online_teacher: false): {err}; "
+                              "in a sweep: online_teacher: true with a teacher") from None
 
 
 def spaces(sweep: SweepConfig) -> list[dict]:
@@ -826,16 +869,34 @@ def _tuner(sweep: SweepConfig, trainable, tune_dir: Path, restore: bool):
                                   verbose=1))
 
 
-def _summarize(results) -> list[dict]:
-    """Per trial: id, config, error, finished or not, last metrics; the sweep run gets the counts."""
+def _last_line(error: BaseException) -> str:
+    """The last line of a trial's error that says what happened: its last `SomeError: ...` line (a remote error
+    ends with the worker's traceback and, after it, hints such as distill's `Run the same command again`),
+    else its last line."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    raised = [line for line in lines if re.match(r"[\w.]*(Error|Exception|Interrupt)\b[^:\s]*: ", line)]
+    return (raised or lines or [type(error).__name__])[-1]
+
+
+def _summarize(results, sweep_dir: Path | None = None) -> list[dict]:
+    """Per trial: id, Tune status, config, error (its last line), finished or not, last metrics, where its logs
+    are; the sweep run gets the counts."""
     from raysad import tracking
 
     trials = []
-    for result in results:
+    tune_trials = list(getattr(getattr(results, "_experiment_analysis", None), "trials", None) or [])
+    for i, result in enumerate(results):
         metrics = result.metrics or {}
         config = result.config or {}
-        trials.append({"trial_id": metrics.get("trial_id"), "config": config.get("params", config),
-                       "error": str(result.error).strip().splitlines()[-1] if result.error else None, "done": bool(metrics.get("trial_done")),
+        trial = tune_trials[i] if i < len(tune_trials) else None
+        trial_id = metrics.get("trial_id") or (trial.trial_id if trial is not None else None)
+        logs = [str(Path(result.path) / "error.txt")] if result.error and result.path else []
+        if sweep_dir is not None and trial_id:
+            logs.append(str(sweep_dir / "trials" / trial_id))
+        trials.append({"trial_id": trial_id, "status": trial.status if trial is not None else None,
+                       "config": config.get("params", config),
+                       "error": _last_line(result.error) if result.error else None,
+                       "done": bool(metrics.get("trial_done")), "logs": logs,
                        "metrics": {k: v for k, v in metrics.items() if "/" in k}})
     done = sum(t["done"] for t in trials)
     errors = sum(t["error"] is not None for t in trials)
@@ -862,6 +923,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = True) -> SweepResult:
     if not resume and sweep_dir.exists():
         _say(f"--no-resume: removing {sweep_dir}")
         shutil.rmtree(sweep_dir)
+    check_stored_topk(sweep)  # before any folder, Ray or trial: a sweep bound to fail stops here
     resuming = resume and tune.Tuner.can_restore(str(tune_dir))
     if resuming:
         check_resume(sweep, sweep_dir)
@@ -878,7 +940,9 @@ def run_sweep(sweep: SweepConfig, resume: bool = True) -> SweepResult:
             inputs = prepare_inputs(sweep, sweep_dir, uri)
             tuner = _tuner(sweep, _trainable(sweep, inputs, run_id), tune_dir, resuming)
             _say(f"sweep {sweep.name!r}: trials in {sweep_dir / 'trials'}, MLflow experiment {experiment!r} at {uri}")
-            trials = _summarize(tuner.fit())
+            trials = _summarize(tuner.fit(), sweep_dir)
+            # Tune catches Ctrl-C / SIGINT itself: fit() returns with trials neither finished nor errored
+            interrupted = any(t["status"] in ("PENDING", "RUNNING", "PAUSED") for t in trials)
             table = None
             done = sum(t["done"] for t in trials)
             if sweep.report and done:
@@ -895,10 +959,39 @@ def run_sweep(sweep: SweepConfig, resume: bool = True) -> SweepResult:
     finally:
         if started_ray:
             ray.shutdown()
-    return SweepResult(sweep_dir=sweep_dir, run_id=run_id, trials=trials, table=table, wall_s=wall)
+    result = SweepResult(sweep_dir=sweep_dir, run_id=run_id, trials=trials, table=table, wall_s=wall,
+                         interrupted=interrupted)
+    say_failures(result)
+    return result
+
+
+def say_failures(result: SweepResult) -> None:
+    """One line per errored trial (its id, the last line of its error, where its logs are) on stderr, and
+    one if the sweep was interrupted: what `raysad tune` exits non-zero for."""
+    import sys
+
+    for t in result.failed:
+        print(f"tune: trial {t['trial_id']} failed: {t['error']} (logs: {', '.join(t['logs'])})", file=sys.stderr)
+    if result.interrupted:
+        unfinished = sum(t["status"] in ("PENDING", "RUNNING", "PAUSED") for t in result.trials)
+        print(f"tune: interrupted with {unfinished} trial(s) unfinished; the same command resumes the sweep in "
+              f"{result.sweep_dir}", file=sys.stderr)
+    elif result.failed:
+        print(f"tune: {len(result.failed)}/{len(result.trials)} trial(s) failed; the same command retries them "
+              f"(sweep folder {result.sweep_dir})", file=sys.stderr)
 
 
 def main(config_path: str | Path, resume: bool = True, **overrides: Any) -> SweepResult:
-    """`raysad tune FILE`: read and check the sweep file (flags override its fields), run it."""
+    """`raysad tune FILE`: read and check the sweep file (flags override its fields), run it. Exits 1 when a
+    trial errored and 130 when interrupted (Ctrl-C / SIGINT), after one line per failed trial."""
+    import sys
+
     sweep = load_sweep(config_path, **{k: v for k, v in overrides.items() if v is not None})
-    return run_sweep(sweep, resume=resume)
+    try:
+        result = run_sweep(sweep, resume=resume)
+    except KeyboardInterrupt:  # outside Tune's own handler (preparing inputs, the report): same exit status
+        print(f"tune: interrupted; the same command resumes sweep {sweep.name!r}", file=sys.stderr)
+        raise SystemExit(130) from None
+    if result.exit_code:
+        raise SystemExit(result.exit_code)
+    return result

@@ -316,3 +316,21 @@ def test_expert_solves_a_real_game_with_its_own_grammar():
         assert "> put " in env.prompt("x", few_shot=1) and "> move " not in env.prompt("x", few_shot=1)
     finally:
         env.close()
+
+
+def test_real_data_task_id_cannot_escape_the_data_root(tmp_path):
+    # a playable game just outside the data root: an id that climbs out to it must be refused, not played
+    data = tmp_path / "data"
+    shutil.copytree(FIXTURES / "json_2.1.1" / "valid_seen", data / "json_2.1.1" / "valid_seen")
+    trial = next((FIXTURES / "json_2.1.1" / "valid_seen").glob("*/*/game.tw-pddl")).parent
+    shutil.copytree(trial, tmp_path / "outside")
+    env = ALFWorldEnv(split="valid", data=data)
+    try:
+        assert env.task_ids() and all(".." not in t for t in env.task_ids())
+        for task_id in ("../../outside", "../../../../etc", str(tmp_path / "outside"), "valid_seen/../../.."):
+            with pytest.raises(ValueError, match="outside the data root") as err:
+                env.reset(seed=0, options={"task_id": task_id})
+            assert repr(task_id) in str(err.value)
+        env.reset(seed=0, options={"task_id": env.task_ids()[0]})  # listed ids still play
+    finally:
+        env.close()

@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core import SPLITS, assign_splits, cache_dir
+from ..core import SPLITS, assign_splits, cache_dir, split_error
 from .generator import GENERATOR_VERSION, TASK_TYPES, generate_task, write_trial
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,11 @@ class Catalog:
                 raise KeyError(f"alfworld: {task_id!r} is not task {index} of the pool drawn from seed {self.seed} "
                                f"(that one is {task.task_id!r}); was it listed with another seed?")
             return write_trial(task, self.root).parent
-        path = self.root / task_id
+        # a task id names a trial dir *inside* the data root: refuse '..', absolute ids and symlinks out of it
+        root = self.root.resolve()
+        path = (root / task_id).resolve()
+        if path == root or not path.is_relative_to(root):
+            raise ValueError(f"alfworld: task id {task_id!r} is outside the data root {root}")
         if not (path / "game.tw-pddl").is_file():
             raise KeyError(f"alfworld: no game file {path / 'game.tw-pddl'} for task {task_id!r}")
         return path
@@ -148,7 +152,7 @@ def _real_catalog(json_root: Path, split: str) -> Catalog:
 
 def catalog(split: str = "train", data=None, seed: int = 0, num_tasks: int | None = None) -> Catalog:
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise ValueError(split_error(split))
     json_root = resolve_data(data)
     if json_root is None:
         return generated_catalog(split, seed, num_tasks)

@@ -17,10 +17,10 @@ from .metrics import em_f1, exact_match_score, f1_score, normalize_answer
 def list_tasks(split: str = "train", data=None, corpus=None, seed: int = 0, num_tasks: int | None = None,
                **_env_kwargs) -> list[str]:
     """Task ids of a split in a fixed order (other env keywords, e.g. max_steps, do not change them)."""
-    from ..core import SPLITS
+    from ..core import SPLITS, split_error
 
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise ValueError(split_error(split))
     return list(load_dataset(data, corpus, seed, num_tasks).splits[split])
 
 
