@@ -55,7 +55,7 @@ TRAIN_LOG = "train_log.jsonl"
 WORKERS_FILE = "workers.json"   # where each rank ran: [{rank, node_id, host, pid, device}]
 FAIL_MARKER = ".injected_failure"  # written by the fail_once_at_step test hook
 # fields that decide the maths and the batch sequence: a checkpoint only resumes a run that agrees on them
-RESUME_FIELDS = ("trajectories", "student", "teacher", "method", "lambda_reason", "lambda_act", "divergence",
+RESUME_FIELDS = ("trajectories", "trajectories_sha256", "student", "teacher", "method", "lambda_reason", "lambda_act", "divergence",
                  "beta", "temperature", "ce_weight", "curriculum", "curriculum_start", "epochs", "max_steps",
                  "batch_size", "lr", "min_lr_ratio", "warmup_steps", "schedule", "weight_decay", "max_grad_norm",
                  "max_length", "seed")
@@ -68,6 +68,8 @@ class DistillConfig:
     out: str = "runs/student"
     teacher: str | None = None             # HF model dir: online teacher (full logits); None = stored top-k
     tokenizer: str | None = None           # tokenizer dir when --student is a size name (default: teacher's)
+    trajectories_sha256: str | None = None  # set by the driver: the content a run trained on (a resume over other
+    #                                         content under the same path is refused)
     method: Literal["sad", "token_kd", "sft"] = "sad"
     lambda_reason: float = 1.0
     lambda_act: float = 1.0
@@ -930,6 +932,19 @@ def _tracking_uri(config: DistillConfig) -> str:
     return uri
 
 
+def content_sha256(path: str | Path) -> str:
+    """SHA-256 of a trajectories file's bytes (and of a Parquet output's unmerged parts, `<path>.parts/`)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    parts = Path(str(path) + ".parts")
+    for file in [Path(path), *(sorted(p for p in parts.iterdir() if p.is_file()) if parts.is_dir() else [])]:
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def prepare(config: DistillConfig) -> tuple[DistillConfig, dict]:
     """Check and encode everything on the driver (clear errors before any worker starts): the worker args."""
     config = _absolute(config)
@@ -938,6 +953,7 @@ def prepare(config: DistillConfig) -> tuple[DistillConfig, dict]:
     if config.method == "sft" and config.teacher:
         print("distill: --method sft imitates the trajectories' tokens; --teacher is not used")
     config = derive_student(config)
+    config = dataclasses.replace(config, trajectories_sha256=content_sha256(config.trajectories))
     tokenizer = load_tokenizer(config)
     if config.teacher and config.method != "sft":  # fail here, not in every worker
         from raysad import models

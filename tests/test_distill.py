@@ -252,6 +252,25 @@ def test_resume_continues_exactly_where_the_checkpoint_left(data, tmp_path):
         run_distill(dataclasses.replace(interrupted, resume=True, lr=1e-3), track=False)
 
 
+def test_resume_over_other_content_under_the_same_path_is_refused(data, tmp_path):
+    """The checkpoint keys on the trajectories' content, not their path: new rows written to the same file
+    are not "resumed" as if they were the data the checkpoint was trained on."""
+    import shutil
+
+    path = tmp_path / "t.jsonl"
+    shutil.copy(data / "topk.jsonl", path)
+    run = config(data, tmp_path / "s", trajectories=str(path), max_steps=6, checkpoint_every=3, fail_once_at_step=5)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_distill(run, track=False)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[::-1]) + "\n")  # the same trajectories, another order: other content
+    with pytest.raises(ValueError, match="cannot resume.*trajectories_sha256"):
+        run_distill(dataclasses.replace(run, resume=True), track=False)
+    shutil.copy(data / "topk.jsonl", path)  # the content it was trained on: resumes
+    resumed = run_distill(dataclasses.replace(run, resume=True), track=False)
+    assert [line["step"] for line in resumed.log] == list(range(6))
+
+
 # ------------------------------------------------------------------------------------------ Ray Train ----
 @pytest.fixture(scope="module")
 def ray_cluster():
