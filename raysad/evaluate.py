@@ -277,7 +277,7 @@ def text_policy_turns(engine, reference: list, fmt, cfg: EvalConfig, progress: b
     from raysad.policies.base import next_turns
 
     tokenizer = _load_tokenizer(cfg)
-    budget = (cfg.max_new_tokens,) * 2 if cfg.max_new_tokens else env_token_budget(cfg)
+    budget = env_token_budget(cfg)
     jobs = [(traj, n) for traj in reference for n in range(len(traj.turns))]
     pairs = []
     with _bar("CoT match", len(jobs), progress) as advance:
@@ -392,14 +392,14 @@ def student_params(cfg: EvalConfig) -> dict[str, str]:
 
 
 def env_token_budget(cfg: EvalConfig) -> tuple[int, int]:
-    """The env's (thought, action) token budgets (env.token_budget), as rollouts use them."""
-    import raysad_envs
+    """The (thought, action) token budgets the evaluation's rollouts use (rollout.token_budget)."""
+    from raysad.rollout import default_env_factory, token_budget
 
-    from raysad.rollout import env_kwargs
-
-    env = raysad_envs.make(cfg.env, **env_kwargs(rollout_config(cfg)))
+    if cfg.max_new_tokens:
+        return token_budget(None, cfg.max_new_tokens)
+    env = default_env_factory(rollout_config(cfg))()
     try:
-        return tuple(getattr(env.unwrapped, "token_budget", None) or (128, 128))
+        return token_budget(env, None)
     finally:
         env.close()
 

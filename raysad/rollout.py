@@ -183,6 +183,14 @@ def env_kwargs(cfg: RolloutConfig) -> dict[str, Any]:
     return {k: v for k, v in keys.items() if v is not None}
 
 
+def token_budget(env, max_new_tokens: int | None) -> tuple[int, int]:
+    """(thought, action) token budgets of a model's turn: --max-new-tokens for both, else the env's own
+    (env.token_budget; 128 each for an env that declares none)."""
+    if max_new_tokens:
+        return max_new_tokens, max_new_tokens
+    return tuple(getattr(env.unwrapped, "token_budget", None) or (128, 128))
+
+
 def default_env_factory(cfg: RolloutConfig) -> Callable[[], Any]:
     name, kwargs = cfg.env, env_kwargs(cfg)
 
@@ -318,8 +326,7 @@ class EnvWorker:
             self.fmt = get_format(self.free[0].unwrapped.agent_format)
             self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
             check_piecewise(self.tokenizer)
-            budget = getattr(self.free[0].unwrapped, "token_budget", None) or (128, 128)
-            self.budget = (cfg.max_new_tokens, cfg.max_new_tokens) if cfg.max_new_tokens else tuple(budget)
+            self.budget = token_budget(self.free[0], cfg.max_new_tokens)
 
     def ready(self) -> bool:
         return True
