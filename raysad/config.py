@@ -134,21 +134,26 @@ def _parse_mapping(text: str, where: str) -> dict[str, Any]:
     return mapping
 
 
+def read_config_file(yaml_path: str | Path) -> dict[str, Any]:
+    """The field: value mapping of a --config YAML file (dashes in names read as underscores)."""
+    try:
+        loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{yaml_path}: config file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{yaml_path}: not valid YAML: {err}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{yaml_path}: expected a mapping of field: value at the top level")
+    return {k.replace("-", "_"): v for k, v in loaded.items()}
+
+
 def build_config(cls: type[C], yaml_path: str | Path | None = None, **overrides: Any) -> C:
     """Fill the dataclass `cls`: its defaults, then the YAML file, then `overrides` whose value is not None."""
     values: dict[str, Any] = {}
     source = "flags"
     if yaml_path is not None:
         source = str(yaml_path)
-        try:
-            loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{yaml_path}: config file not found") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{yaml_path}: not valid YAML: {err}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{yaml_path}: expected a mapping of field: value at the top level")
-        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+        values.update(read_config_file(yaml_path))
     values.update({k: v for k, v in overrides.items() if v is not None})
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}

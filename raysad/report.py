@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 # --- the contract: params and metrics the stages log, the report reads --------------------------------------
-P_METHOD = "method"                  # sad | token_kd | sft | teacher
+P_METHOD = "method"                  # sad | sad+curriculum | token_kd | flat_kd | sft | teacher (method_label)
 P_STUDENT_SIZE = "student_size"      # a size name (tiny-5m, 0.5B ...) for grouping; exact count is eval/params
 P_LAMBDA_REASON = "lambda_reason"
 P_LAMBDA_ACT = "lambda_act"
@@ -47,6 +47,7 @@ EVAL_METRICS = (M_SUCCESS, M_MEAN_REWARD, M_SCORE, M_EM, M_F1, M_REASONING_TOKEN
                 M_PARAMS, M_COT_MATCH, M_INVALID_ACTIONS, M_STEPS)
 CURVE_REASON = "distill/reason_loss"               # logged per optimizer step
 CURVE_ACT = "distill/act_loss"
+STUDENT_LABELS = "raysad.json"                     # in a student's folder: its P_* params (student_labels)
 STAGE_TAG = "stage"                                # every stage tags its run; the report's own runs say "report"
 
 # what the printed table shows (the CSV/JSON hold every eval/* metric); optional ones only when present
@@ -57,6 +58,19 @@ _HEADERS = {"run_name": "run", P_METHOD: "method", P_STUDENT_SIZE: "student", P_
 _SHOWN_METRICS = (M_SUCCESS, M_SCORE, M_EM, M_F1, M_COT_MATCH, M_REASONING_TOKENS, M_LATENCY, M_PARAMS)
 _OPTIONAL_METRICS = (M_EM, M_F1, M_COT_MATCH)
 MAX_CURVES = 30  # training-curve runs drawn (legend stays readable)
+
+
+def method_label(method: str, curriculum: bool = False) -> str:
+    """The `method` param of a distilled student: the distill method, '+curriculum' when its data was ordered
+    easy -> hard (the paper's SAD is sad+curriculum), so the report tells the two apart."""
+    return f"{method}+curriculum" if curriculum else method
+
+
+def student_labels(config) -> dict[str, Any]:
+    """The report's params of a student distilled with `config` (a DistillConfig): what distill writes to
+    <out>/raysad.json, so a hand-run evaluate -> report shows its method, λs and seed."""
+    return {P_METHOD: method_label(config.method, config.curriculum), P_LAMBDA_REASON: config.lambda_reason,
+            P_LAMBDA_ACT: config.lambda_act, P_DIVERGENCE: config.divergence, P_SEED: config.seed}
 
 
 class ReportError(ValueError):
@@ -150,6 +164,28 @@ def _inherit_params(records: list[dict], client) -> None:
                 if rec.get(name) is None and values.get(name) is not None:
                     rec[name] = values[name]
             depth += 1
+
+
+def episode_outcomes(rows, uri: str | None = None, field: str = "success") -> dict[tuple[int, str], float]:
+    """Per (seed, task_id): the episode's success (or score) in the runs `rows`, read from each run's eval.json
+    artifact (evaluate writes every episode's outcome there); for raysad.stats.paired_difference."""
+    from mlflow.tracking import MlflowClient
+
+    from raysad.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(uri))
+    outcomes: dict[tuple[int, str], float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _, row in rows.iterrows():
+            path = client.download_artifacts(row["run_id"], "eval.json", tmp)
+            episodes = json.loads(Path(path).read_text()).get("episodes")
+            if episodes is None:
+                raise ReportError(f"run {row['run_id']} ({row['run_name']}): its eval.json lists no episodes "
+                                  "(written before raysad recorded per-task outcomes); evaluate it again")
+            seed = int(row[P_SEED]) if row.get(P_SEED) == row.get(P_SEED) and row.get(P_SEED) is not None else 0
+            for ep in episodes:
+                outcomes[(seed, str(ep["task_id"]))] = float(ep[field])
+    return outcomes
 
 
 # --- the table ----------------------------------------------------------------------------------------------

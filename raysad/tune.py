@@ -8,7 +8,7 @@ A sweep file (tune_configs/*.yaml, fields: SweepConfig below) names the environm
 trajectories come from (a file per env, or a `rollout:` section that makes them), the teacher (an HF directory,
 or `teacher_sft:` to fine-tune a tiny one on the trajectories first) and the search `space`:
 student (tiny size names, `derive:keep_every=2[,width_factor=0.5]` students cut from the teacher, or HF
-directories), method (sad / token_kd / sft), lambda_reason, lambda_act, divergence, temperature, lr, seed,
+directories), method (sad / token_kd / flat_kd / sft), lambda_reason, lambda_act, divergence, temperature, lr, seed,
 prune_ratio, or any other DistillConfig field. A list is a grid axis (`search: grid`) or a choice (`random`,
 `optuna`); `{uniform|loguniform|randint: [lo, hi]}` is a range (random / optuna only); a scalar is fixed.
 
@@ -56,6 +56,7 @@ from typing import Any, Literal
 
 from raysad import report as names
 from raysad.config import ConfigError
+from raysad.distill import METHODS as DISTILL_METHODS
 
 TUNE_DIR = "tune"                          # Ray Tune's experiment folder under the sweep folder
 PARENT_RUN_FILE = "mlflow_sweep_run_id"
@@ -286,6 +287,9 @@ def check_sweep(sweep: SweepConfig, source: str = "sweep") -> None:
     has_teacher = bool(sweep.teacher) or sweep.teacher_sft is not None
     if sweep.online_teacher and not has_teacher:
         raise _fail(source, "online_teacher", "needs teacher (an HF directory) or teacher_sft")
+    if "flat_kd" in sweep_methods(sweep) and not has_teacher:
+        raise _fail(source, "space.method", "flat_kd distils observation tokens too, from the online teacher: "
+                    "set teacher (an HF directory) or teacher_sft")
     kd = kd_methods(sweep)
     stored_topk = sweep.trajectories is not None or sweep.rollout.get("topk", 0) > 0
     if kd and not sweep.online_teacher and not stored_topk:
@@ -307,10 +311,15 @@ def check_sweep(sweep: SweepConfig, source: str = "sweep") -> None:
 
 
 def kd_methods(sweep: SweepConfig) -> list[str]:
-    """The sweep's methods that distil from a teacher signal (sad, token_kd): all but sft."""
+    """The sweep's methods that distil from the stored or online teacher signal (sad, token_kd): not sft, and not
+    flat_kd (always from the online teacher: no top-k is stored at observation tokens)."""
+    return [m for m in sweep_methods(sweep) if m not in ("sft", "flat_kd")]
+
+
+def sweep_methods(sweep: SweepConfig) -> list[str]:
     methods = [m for space in spaces(sweep)
                for m in axis_values("method", space.get("method", sweep.distill.get("method", "sad")))]
-    return list(dict.fromkeys(m for m in methods if m != "sft"))
+    return list(dict.fromkeys(methods))
 
 
 def check_stored_topk(sweep: SweepConfig) -> None:
@@ -381,9 +390,9 @@ def check_space(space: Any, sweep: SweepConfig, prefix: str, source: str) -> Non
             else:
                 _coerce(value, hints[axis], at)
         if axis == "method":
-            bad = [m for m in values if m not in ("sad", "token_kd", "sft")]
+            bad = [m for m in values if m not in DISTILL_METHODS]
             if bad:
-                raise _fail(source, where, f"methods are sad, token_kd, sft; got {bad}")
+                raise _fail(source, where, f"methods are {', '.join(DISTILL_METHODS)}; got {bad}")
     if "student" not in space:
         raise _fail(source, f"{prefix}.student", "name the student(s): tiny-1m, tiny-5m, tiny-20m, "
                     "derive:keep_every=2 or an HF directory")
@@ -573,7 +582,8 @@ def trial_distill_config(config: dict, sweep: SweepConfig, inputs: dict, work: P
     from raysad.distill import DistillConfig
 
     spec = str(config["student"])
-    teacher = inputs["teacher"] if sweep.online_teacher else None
+    online = sweep.online_teacher or config.get("method", sweep.distill.get("method")) == "flat_kd"
+    teacher = inputs["teacher"] if online else None
     return DistillConfig(**trial_params(config, sweep), trajectories=inputs["trajectories"][config["env"]],
                          student=inputs["students"][spec], teacher=teacher, tokenizer=inputs["tokenizer"],
                          out=str(work / "student"), experiment=inputs["experiment"],
@@ -684,14 +694,12 @@ def run_trial(config: dict, sweep: dict, inputs: dict, parent_run_id: str | None
     spec = str(config["student"])
     dcfg = trial_distill_config(config, sweep, inputs, work)
     prune_ratio = float(config.get("prune_ratio", 0.0))
-    student = {names.P_METHOD: dcfg.method, names.P_STUDENT_SIZE: student_size(spec),
-               names.P_LAMBDA_REASON: dcfg.lambda_reason, names.P_LAMBDA_ACT: dcfg.lambda_act,
-               names.P_PRUNE_RATIO: prune_ratio, names.P_DIVERGENCE: dcfg.divergence, names.P_SEED: dcfg.seed,
-               names.P_ENV: config["env"]}
+    student = {**names.student_labels(dcfg), names.P_STUDENT_SIZE: student_size(spec),
+               names.P_PRUNE_RATIO: prune_ratio, names.P_ENV: config["env"]}
     params = {**student, "lr": dcfg.lr, "temperature": dcfg.temperature, "student": spec, "trial_id": trial_id,
               "sweep": sweep.name, "chunks": sweep.chunks,
               **{f"distill.{k}": v for k, v in flatten(dcfg).items() if v is not None}}
-    tags = {names.STAGE_TAG: "trial", "sweep": sweep.name, "trial_id": trial_id, "method": dcfg.method,
+    tags = {names.STAGE_TAG: "trial", "sweep": sweep.name, "trial_id": trial_id, "method": student[names.P_METHOD],
             "student_size": student_size(spec), "env": config["env"]}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
@@ -699,7 +707,7 @@ def run_trial(config: dict, sweep: dict, inputs: dict, parent_run_id: str | None
 
     client = MlflowClient(inputs["tracking_uri"])
     with _mlflow_run(work / "mlflow_run_id", inputs["experiment"], inputs["tracking_uri"],
-                     f"{dcfg.method}-{student_size(spec)}-{trial_id}", params, tags) as run:
+                     f"{student[names.P_METHOD]}-{student_size(spec)}-{trial_id}", params, tags) as run:
         _trial_body(sweep, inputs, config, dcfg, student, prune_ratio, state, work, client, run.info.run_id)
 
 
@@ -772,7 +780,7 @@ def _trial_body(sweep, inputs, config, dcfg, student, prune_ratio, state, work, 
                               if k in ("params_before", "params_after", "fraction_removed", "ppl_before",
                                        "ppl_after", "ppl_recovered", "seconds")})
         final = pruned["out"]
-    (Path(final) / "raysad.json").write_text(json.dumps({k: str(v) for k, v in student.items()}, indent=2) + "\n")
+    (Path(final) / names.STUDENT_LABELS).write_text(json.dumps({k: str(v) for k, v in student.items()}, indent=2) + "\n")
     _events(work, "evaluate", split=sweep.test_split)
     metrics = _evaluate(sweep, inputs, env, sweep.test_split, final, sweep.test_episodes, work / "test", student)
     tracking.log_metrics(metrics)

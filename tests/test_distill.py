@@ -17,7 +17,8 @@ import yaml
 from typer.testing import CliRunner
 
 from raysad import models
-from raysad.distill import DistillConfig, batch_loss, collate, hidden_states, load_examples, run_distill
+from raysad.distill import (DistillConfig, batch_loss, collate, example_counts, hidden_states, load_examples,
+                            loss_masks, run_distill)
 from raysad.segments import encode_trajectory, get_format
 from raysad.trajectory import Trajectory, TrajectoryWriter, Turn
 
@@ -180,6 +181,36 @@ def test_online_teacher(data, tmp_path, tmp_path_factory):
     assert loss[0] >= losses(offline)[0] > 0.1 * loss[0]
 
 
+def test_flat_kd_distils_every_token_after_the_prompt(data, tmp_path):
+    """flat_kd (the paper's token-KD baseline as described): observations and format labels carry loss too, the
+    prompt none; it needs the online teacher (no top-k is stored at observation tokens)."""
+    with pytest.raises(ValueError, match="flat_kd.*--teacher"):
+        config(data, tmp_path / "none", method="flat_kd")
+    cfg = config(data, tmp_path / "flat", trajectories=str(data / "text.jsonl"), teacher=str(data / "teacher"),
+                 tokenizer=None, method="flat_kd")
+    tokenizer = models.load_tokenizer(data / "tok")
+    traj = expert_trajectories(1)[0]
+    example = encode_trajectory(traj, tokenizer, get_format("hotpotqa"), max_length=cfg.max_length)
+    batch = collate([example], tokenizer.pad_token_id)
+    reason, rest = loss_masks(batch, cfg)
+    segments = batch["reason_mask"] | batch["act_mask"]
+    first = int(segments[0].nonzero()[0])
+    assert not rest[0, :first].any() and not reason[0, :first].any()     # the prompt: no loss
+    assert bool((reason | rest)[0, first:].all())                         # everything after it: loss
+    assert int(rest.sum()) > int(batch["act_mask"].sum())                 # observations are in
+    assert not (reason & rest).any()
+    observation_text = tokenizer.decode(batch["labels"][0][rest[0] & ~batch["act_mask"][0]])
+    assert traj.turns[0].observation.split()[0] in observation_text
+    assert sum(example_counts(example, cfg)[:2]) == int((reason | rest).sum())
+
+    result = run_distill(cfg, track=False)
+    loss = losses(result)
+    assert loss[-1] < 0.75 * loss[0], loss
+    token_kd = run_distill(dataclasses.replace(cfg, method="token_kd", out=str(tmp_path / "tok_kd"), max_steps=1),
+                           track=False)
+    assert result.log[0]["act_tokens"] > token_kd.log[0]["act_tokens"]
+
+
 def test_clear_errors_without_teacher_signal_or_with_another_tokenizer(data, tmp_path):
     with pytest.raises(ValueError, match="--teacher"):
         run_distill(config(data, tmp_path / "a", trajectories=str(data / "text.jsonl")), track=False)
@@ -216,6 +247,15 @@ def test_saved_student_loads_and_mlflow_has_the_run(data, tmp_path):
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "model")}
     assert "model/config.json" in artifacts and "model/train_log.jsonl" in artifacts
     assert not any(path.endswith(".safetensors") for path in artifacts)
+    # the labels a hand-run evaluate reads, so the report names the method, λs and seed (sad+curriculum apart)
+    from raysad.evaluate import EvalConfig, student_params
+    from raysad.report import method_label
+
+    labels = json.loads((result.out / "raysad.json").read_text())
+    assert labels == {"method": "sad", "lambda_reason": 1.0, "lambda_act": 1.0, "divergence": "forward_kl",
+                      "seed": 0}
+    assert student_params(EvalConfig(env="hotpotqa", policy="hf", model=str(result.out)))["method"] == "sad"
+    assert method_label("sad", curriculum=True) == "sad+curriculum" and method_label("sft") == "sft"
 
 
 def test_cli_with_yaml_config(data, tmp_path):

@@ -71,6 +71,10 @@ def test_expert_near_one_random_near_zero(tmp_path, env):
     assert set(JSON_KEYS) <= set(saved["metrics"])
     assert saved["metrics"]["eval/success_rate"] == expert["eval/success_rate"]
     assert saved["student"]["method"] == "expert" and saved["metrics"]["eval/params"] is None
+    # every episode's outcome, by task, for paired comparisons of students
+    assert saved["episodes"] == [{"task_id": t.task_id, "success": bool(t.success),
+                                  "score": float(t.extra.get("metrics", {}).get("score", t.success))}
+                                 for t in sorted(trajs, key=lambda t: t.task_id)]
 
     random, trajs = evaluate(tmp_path, "random", env=env, policy="random", episodes=12)
     assert random["eval/success_rate"] <= 0.1 and random["eval/mean_reward"] < expert["eval/mean_reward"] / 2
@@ -154,6 +158,13 @@ def test_cli_logs_to_mlflow(tmp_path, monkeypatch):
     assert (params["env"], params["split"], params["policy"]) == ("hotpotqa", "test", "random")
     assert (params["method"], params["student_size"], params["eval.seed"]) == ("random", "none", "0")
     assert "seed" not in params  # a bare seed is the student's training seed (the report groups by it)
+    # the per-task outcomes a paired comparison reads come back from the run's eval.json artifact
+    from raysad import report
+
+    rows = report.load_runs("evaltest", uri=uri)
+    episodes = json.loads((tmp_path / "ev" / "eval.json").read_text())["episodes"]
+    assert report.episode_outcomes(rows, uri) == {(0, e["task_id"]): float(e["success"]) for e in episodes}
+    assert len(episodes) == 3
 
     bad = CliRunner().invoke(app, ["evaluate", "--policy", "hf", "--out", "x"])
     assert bad.exit_code == 2 and "needs --model" in bad.output

@@ -40,3 +40,47 @@ def test_small_quickstart_runs_every_stage_and_logs_to_mlflow(tmp_path, monkeypa
         assert by_name[name].data.tags.get("mlflow.parentRunId") == parent, name
     assert "distill/reason_loss" in by_name["distill-sad"].data.metrics
     assert by_name["evaluate-sad-hotpotqa"].data.params["method"] == "sad"
+
+
+@pytest.mark.timeout(900)
+def test_small_quickstart_with_the_real_weights_teacher(tmp_path, monkeypatch, smollm2_dir):
+    """`raysad quickstart --teacher smollm2 --small`: SmolLM2-135M-Instruct (real weights, its own tokenizer)
+    fine-tuned into the teacher, students cut to 8 of its 30 layers, every stage for real on HotPotQA."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "qs"
+    out.mkdir()
+    (out / "smollm2-base").symlink_to(smollm2_dir)  # the session's conversion, instead of a second one
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = CliRunner().invoke(app, ["quickstart", "--teacher", "smollm2", "--small", "--out", str(out),
+                                      "--tracking-uri", uri, "--experiment", "qs-real"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "quickstart.json").read_text())
+    assert set(summary["results"]) == {"teacher", "sad", "token_kd", "sft"}
+    assert all(set(per_env) == {"hotpotqa"} for per_env in summary["results"].values())
+    assert summary["params"]["teacher"] == pytest.approx(134.5e6, rel=0.01)  # SmolLM2-135M, fine-tuned
+    assert all(summary["params"][m] < 0.5 * summary["params"]["teacher"] for m in ("sad", "token_kd", "sft"))
+    teacher_config = json.loads((out / "teacher" / "config.json").read_text())
+    assert teacher_config["num_hidden_layers"] == 30 and teacher_config["vocab_size"] == 49152
+    assert json.loads((out / "student_init" / "config.json").read_text())["num_hidden_layers"] == 8
+    # the teacher's own tokenizer end to end: its rollouts store top-k ids from SmolLM2's vocabulary
+    teacher_trajs = [json.loads(line) for line in (out / "data" / "teacher_all.jsonl").read_text().splitlines()]
+    assert teacher_trajs and any(i >= 4096 for t in teacher_trajs for turn in t["turns"] for i in turn["token_ids"])
+    mlflow.set_tracking_uri(uri)
+    runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["qs-real"], output_format="list")}
+    assert runs["evaluate-sad-hotpotqa"].data.params["student_size"] == "smollm2/4"
+    assert runs["quickstart"].data.params["teacher"] == "smollm2"
+
+
+def test_unknown_quickstart_teacher_is_one_line(tmp_path):
+    result = CliRunner().invoke(app, ["quickstart", "--teacher", "gpt5", "--out", str(tmp_path / "q")])
+    assert result.exit_code == 2 and "'gpt5' is not one of tiny-1m, smollm2" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_rerun_with_other_settings_is_refused_in_one_line(tmp_path):
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "quickstart_settings.json").write_text(json.dumps({"teacher": "tiny-1m"}))
+    result = CliRunner().invoke(app, ["quickstart", "--teacher", "smollm2", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "holds a quickstart run with other settings" in result.output and "'tiny-1m' -> 'smollm2'" in result.output

@@ -28,15 +28,27 @@ def test_small_replication_runs_every_sweep_and_writes_tables_plots_and_mlflow(t
     out = tmp_path / "rep"
     assert results_md == out / "results.md"
     text = results_md.read_text()
-    for heading in ("## hotpotqa", "### Students", "### λ sweep", "### Pruning sweep", "pooled success [95% CI]"):
+    for heading in ("## hotpotqa", "### Students", "### Paired differences", "### λ sweep", "### Pruning sweep",
+                    "pooled success [95% CI]"):
         assert heading in text
 
     [env] = json.loads((out / "results.json").read_text())["envs"]
     main = env["main"]
-    assert sorted(row["method"] for row in main) == ["sad", "sft", "token_kd"]
+    assert sorted(row["method"] for row in main) == ["flat_kd", "sad", "sad+curriculum", "sft", "token_kd"]
     assert all(row["n"] == 1 and 0.0 <= row["eval/success_rate"] <= 1.0 for row in main)
     teacher_params = env["teacher"]["eval/params"]
     assert all(row["eval/params"] < teacher_params for row in main)  # students cut from the teacher
+    # paired differences, task by task: every comparison whose two arms ran, over the same test tasks
+    paired = {(row["a"], row["b"]): row for row in env["paired"]}
+    assert set(paired) == {tuple(c) for c in replicate.COMPARISONS}
+    for row in paired.values():
+        assert row["tasks"] == replicate.SMALL["test_episodes"] == row["pairs"]
+        assert row["low"] <= row["mean"] <= row["high"] and 0 <= row["p_value"] <= 1
+        assert row["line"] in text
+    curriculum = next(r for r in trials if r.data.params["method"] == "sad+curriculum")
+    assert curriculum.data.params["distill.curriculum"] == "True"
+    flat = next(r for r in trials if r.data.params["method"] == "flat_kd")
+    assert flat.data.params["distill.teacher"] == env["teacher_path"]  # online: observations have no top-k
     # λ sweep: the main sweep's (1, 1) SAD row next to the pair asked for (0, 1)
     assert sorted((row["lambda_reason"], row["lambda_act"]) for row in env["lambda"]) == [(0.0, 1.0), (1.0, 1.0)]
     # pruning sweep: ratio 0 is the unpruned best student; ratio 0.5 has fewer parameters
@@ -50,7 +62,7 @@ def test_small_replication_runs_every_sweep_and_writes_tables_plots_and_mlflow(t
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["replicate-small-hotpotqa"], output_format="list")
     trials = [r for r in runs if r.data.tags.get("stage") == "trial"]
-    assert len(trials) == 3 + 1 + 1
+    assert len(trials) == 5 + 1 + 1
     assert all(r.info.status == "FINISHED" and "eval/success_rate" in r.data.metrics for r in trials)
     by_sweep = {}
     for r in trials:

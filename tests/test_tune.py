@@ -87,6 +87,11 @@ def test_teacher_signal_and_data_sources_are_checked(tmp_path):
         load_sweep(write(tmp_path, kd_without_teacher))
     sft_only = kd_without_teacher.replace("{student: [tiny-1m]}", "{student: [tiny-1m], method: [sft]}")
     assert load_sweep(write(tmp_path, sft_only)).rollout == {"policy": "expert"}
+    # flat_kd distils observation tokens, which only the online teacher scores: stored top-k is not enough
+    flat = "name: t\nenvs: [hotpotqa]\ntrajectories: /x.jsonl\nspace: {student: [tiny-1m], method: [flat_kd]}\n"
+    with pytest.raises(ConfigError, match="flat_kd distils observation tokens too"):
+        load_sweep(write(tmp_path, flat))
+    assert load_sweep(write(tmp_path, flat + "teacher: /some/teacher\n")).teacher == "/some/teacher"
     with pytest.raises(ConfigError, match=r"envs\[1\].*unknown environment"):
         load_sweep(write(tmp_path, sft_only.replace("[webshop]", "[webshop, chess]")))
     with pytest.raises(ConfigError, match="several envs need"):
