@@ -217,7 +217,9 @@ def write_sweep(cfg: ReplicateConfig, env: str, kind: str, space: dict | list, i
                  report=False, online_teacher=kind == "online")
     sweep["distill"] = {**sweep.get("distill", {}), "max_length": cfg.max_length,
                         **({"max_steps": cfg.distill_steps} if cfg.distill_steps else {}),
-                        **({"lr": cfg.distill_lr} if cfg.distill_lr else {})}
+                        **({"lr": cfg.distill_lr} if cfg.distill_lr else {}),
+                        # long trials checkpoint on the way, so one cut short loses at most 100 steps
+                        **({"checkpoint_every": 100} if (cfg.distill_steps or 0) > 100 else {})}
     sweep["prune"] = {**sweep.get("prune", {}), "max_length": cfg.max_length}
     sweep["evaluate"] = {**sweep.get("evaluate", {}), "max_steps": cfg.max_steps,
                          "max_new_tokens": cfg.max_new_tokens, "reference": inputs["reference"]}

@@ -45,10 +45,6 @@ def test_small_replication_runs_every_sweep_and_writes_tables_plots_and_mlflow(t
         assert row["tasks"] == replicate.SMALL["test_episodes"] == row["pairs"]
         assert row["low"] <= row["mean"] <= row["high"] and 0 <= row["p_value"] <= 1
         assert row["line"] in text
-    curriculum = next(r for r in trials if r.data.params["method"] == "sad+curriculum")
-    assert curriculum.data.params["distill.curriculum"] == "True"
-    flat = next(r for r in trials if r.data.params["method"] == "flat_kd")
-    assert flat.data.params["distill.teacher"] == env["teacher_path"]  # online: observations have no top-k
     # λ sweep: the main sweep's (1, 1) SAD row next to the pair asked for (0, 1)
     assert sorted((row["lambda_reason"], row["lambda_act"]) for row in env["lambda"]) == [(0.0, 1.0), (1.0, 1.0)]
     # pruning sweep: ratio 0 is the unpruned best student; ratio 0.5 has fewer parameters
@@ -64,6 +60,10 @@ def test_small_replication_runs_every_sweep_and_writes_tables_plots_and_mlflow(t
     trials = [r for r in runs if r.data.tags.get("stage") == "trial"]
     assert len(trials) == 5 + 1 + 1
     assert all(r.info.status == "FINISHED" and "eval/success_rate" in r.data.metrics for r in trials)
+    curriculum = next(r for r in trials if r.data.params["method"] == "sad+curriculum")
+    assert curriculum.data.params["distill.curriculum"] == "True"
+    flat = next(r for r in trials if r.data.params["method"] == "flat_kd")
+    assert flat.data.params["distill.teacher"] == env["teacher_path"]  # online: observations have no top-k
     by_sweep = {}
     for r in trials:
         by_sweep.setdefault(r.data.tags["sweep"], []).append(r)
