@@ -99,12 +99,11 @@ def build_student(cfg: QuickstartConfig, teacher_dir: Path, out: Path) -> tuple[
         return cfg.student, cfg.student
     from raysad import models
 
-    keep_every = int(dict(kv.split("=") for kv in cfg.student[len("derive:"):].split(","))["keep_every"])
+    args = models.parse_derive_spec(cfg.student)  # width_factor too (a hand parse here used to drop it)
     if not (out / "config.json").exists():
-        student = models.derive_student(models.load_model(teacher_dir), keep_every=keep_every)
-        student.save_pretrained(out)
-        models.load_tokenizer(teacher_dir).save_pretrained(out)
-    label = f"{cfg.teacher}/{keep_every}"
+        models.derive_student_dir(teacher_dir, out, args)
+    width = args.get("width_factor", 1.0)
+    label = f"{cfg.teacher}/{args['keep_every']}" + (f"-w{width:g}" if width < 1 else "")
     return str(out), label
 
 
