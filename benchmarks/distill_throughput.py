@@ -41,27 +41,14 @@ def rss_mb() -> float:
 # ------------------------------------------------------------------------------------------------ data ----
 def build(root: Path, args) -> None:
     """Trajectories, tokenizer, teacher and student directories under root (done once, in the parent)."""
-    import raysad_envs
-
     from raysad import models
+    from raysad.policies.expert import expert_episodes
     from raysad.sft import trajectory_texts
-    from raysad.trajectory import Trajectory, TrajectoryWriter, Turn
+    from raysad.trajectory import TrajectoryWriter
 
-    env = raysad_envs.make("hotpotqa", split="train")
-    trajs = []
     # more episodes than are trained on, for the tokenizer: a vocabulary of a few thousand tokens needs text
-    for i in range(max(args.examples, args.tokenizer_examples)):
-        obs, _ = env.reset(seed=i)
-        turns, reward, info = [], 0.0, {}
-        for _ in range(8):
-            thought, action = env.unwrapped.expert_turn()
-            next_obs, reward, term, trunc, info = env.step(action)
-            turns.append(Turn(thought, action, next_obs[:300]))
-            if term or trunc:
-                break
-        trajs.append(Trajectory(id=f"h{i}", env="hotpotqa", task_id=str(info.get("task_id", i)), split="train",
-                                instruction="", prompt=obs[-400:], turns=turns, reward=float(reward),
-                                success=bool(info.get("success")), policy={"backend": "expert", "model": "expert"}))
+    trajs = expert_episodes("hotpotqa", max(args.examples, args.tokenizer_examples), max_turns=8,
+                            prompt_chars=400, observation_chars=300, id_prefix="h")
     with TrajectoryWriter(root / "trajs.jsonl") as out:
         for t in trajs[:args.examples]:
             out.write(t)
@@ -103,7 +90,8 @@ def run_trl(root: Path, args) -> dict:
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from raysad import models
-    from raysad.distill import DistillConfig, load_examples
+    from raysad.data import load_examples
+    from raysad.distill import DistillConfig
 
     tokenizer = models.load_tokenizer(root / "tok")
     examples = load_examples(DistillConfig(trajectories=str(root / "trajs.jsonl"), student="unused",

@@ -11,26 +11,11 @@ near 0); a uniform guess over SmolLM2's 49,152 tokens is ln(49152) = 10.8 nats.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def cut_layers(teacher, kept: list[int]):
-    """The teacher with only the layers `kept` (in order), nothing retrained."""
-    import torch
-
-    model = copy.deepcopy(teacher)
-    model.model.layers = torch.nn.ModuleList([model.model.layers[i] for i in kept])
-    model.config.num_hidden_layers = len(kept)
-    if hasattr(model.config, "layer_types") and model.config.layer_types:
-        model.config.layer_types = [model.config.layer_types[i] for i in kept]
-    for j, layer in enumerate(model.model.layers):
-        layer.self_attn.layer_idx = j
-    return model
 
 
 def mean_ce(model, examples) -> float:
@@ -66,28 +51,18 @@ def main(argv: list[str] | None = None) -> None:
 
     tokenizer = models.load_tokenizer(args.teacher)
     teacher = models.load_model(args.teacher, device="cpu")
-    n = teacher.config.num_hidden_layers
     trajectories = [t for _, t in zip(range(args.episodes), read_trajectories(args.trajectories))]
     examples = [encode_trajectory(t, tokenizer, max_length=args.max_length) for t in trajectories]
-    last = n - 1
-    cuts = [
-        ("teacher, uncut", list(range(n))),
-        (f"every 4th layer (derive:keep_every=4)", list(range(0, n, 4))),
-        (f"every 2nd layer (derive:keep_every=2)", list(range(0, n, 2))),
-        ("first 2 + last 6", [0, 1, *range(last - 5, n)]),
-        ("first 4 + last 4", [*range(4), *range(last - 3, n)]),
-        ("first 6 + last 9", [*range(6), *range(last - 8, n)]),
-        ("first 8 + last 7", [*range(8), *range(last - 6, n)]),
-    ]
-    print(f"{'student':40s} {'layers':>6s} {'params':>8s} {'CE':>7s}")
-    for name, kept in cuts:
-        model = cut_layers(teacher, kept)
+    specs = ["derive:keep_every=1", "derive:keep_every=4", "derive:keep_every=2", "derive:first=2,last=6",
+             "derive:first=4,last=4", "derive:first=6,last=9", "derive:first=8,last=7", "derive:first=8,last=8",
+             "derive:first=10,last=10", "derive:first=12,last=12", "derive:keep_every=1,width_factor=0.75",
+             "derive:keep_every=1,width_factor=0.5"]
+    print(f"{'student (derive spec)':40s} {'layers':>6s} {'params':>8s} {'CE':>7s}")
+    for spec in specs:
+        model = models.derive_student(teacher, **models.parse_derive_spec(spec))
         params = sum(p.numel() for p in model.parameters())
-        print(f"{name:40s} {len(kept):6d} {params / 1e6:7.1f}M {mean_ce(model, examples):7.3f}", flush=True)
-    for width in (0.75, 0.5):
-        model = models.derive_student(teacher, keep_every=1, width_factor=width)
-        params = sum(p.numel() for p in model.parameters())
-        print(f"{f'all layers, MLP width x{width}':40s} {n:6d} {params / 1e6:7.1f}M {mean_ce(model, examples):7.3f}",
+        name = spec + (" (the teacher)" if spec == "derive:keep_every=1" else "")
+        print(f"{name:40s} {model.config.num_hidden_layers:6d} {params / 1e6:7.1f}M {mean_ce(model, examples):7.3f}",
               flush=True)
     print(f"(uniform over the vocabulary: {math.log(len(tokenizer)):.1f} nats; {len(examples)} trajectories, "
           f"{args.trajectories})")

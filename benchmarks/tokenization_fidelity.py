@@ -31,7 +31,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from raysad import fidelity, models
-    from raysad.rollout import RolloutConfig, default_engine_factory, run_rollout
+    from raysad.rollout import RolloutConfig, run_rollout
+    from raysad.serving import default_engine_factory
     from raysad.trajectory import read_trajectories
 
     out = Path(args.out or tempfile.mkdtemp(prefix="fidelity-"))

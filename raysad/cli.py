@@ -170,7 +170,7 @@ def report(
 @app.command()
 def distill(
     trajectories: Optional[str] = typer.Option(None, "--trajectories", help="Teacher trajectories (.jsonl or .parquet) from `raysad rollout`."),
-    student: Optional[str] = typer.Option(None, "--student", help="Student: HF model directory, a tiny size name (tiny-1m, tiny-5m, tiny-20m), or derive:keep_every=K[,width_factor=F] (cut from --teacher into <out>/derived-student)."),
+    student: Optional[str] = typer.Option(None, "--student", help="Student: HF model directory, a tiny size name (tiny-1m, tiny-5m, tiny-20m), or derive:keep_every=K | derive:first=A,last=B [,width_factor=F] (cut from --teacher into <out>/derived-student: every K-th layer, or its first A and last B layers)."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Online teacher (HF model directory, same tokenizer): full logits on each worker.", show_default="the top-k stored in the trajectories"),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer directory (for a size-name student).", show_default="the student's, else the teacher's"),
     method: Optional[str] = typer.Option(None, "--method", help="sad (λ_r·KD on thoughts + λ_a·KD on actions), token_kd (one KD on both), flat_kd (one KD on every token after the prompt, observations too; needs --teacher) or sft (imitation CE).", show_default="sad"),

@@ -326,7 +326,8 @@ def cot_match(cfg: EvalConfig, rcfg, fmt, progress: bool = True) -> dict[str, fl
     """CoT/action/thought match of the policy against cfg.reference (see the module docstring)."""
     import ray
 
-    from raysad.rollout import EngineActor, RemoteEngine, placement, default_engine_factory, default_env_factory
+    from raysad.rollout import default_env_factory
+    from raysad.serving import RemoteEngine, default_engine_factory, placement, start_engines
 
     reference = read_reference(cfg.reference, cfg.env, cfg.episodes)
     if cfg.policy in ENV_SIDE_POLICIES:
@@ -338,8 +339,7 @@ def cot_match(cfg: EvalConfig, rcfg, fmt, progress: bool = True) -> dict[str, fl
     gpus, cpus, _ = placement(dataclasses.replace(rcfg, engines=1))
     if gpus == 0:  # no GPU to place it on: the model runs here, as well as in an actor, without starting one
         return compare_turns(text_policy_turns(make_engine(), reference, fmt, cfg, progress))
-    actor = ray.remote(EngineActor).options(num_cpus=cpus, num_gpus=gpus, max_concurrency=1000)
-    handle = actor.remote(make_engine, 1, 0.0)
+    (handle,) = start_engines(make_engine, 1, gpus, cpus)
     try:
         ray.get(handle.ready.remote())
         return compare_turns(text_policy_turns(RemoteEngine(handle), reference, fmt, cfg, progress))
@@ -438,10 +438,11 @@ def run_evaluate(cfg: EvalConfig, progress: bool = True, track: bool = True) -> 
 
     from raysad import tracking
     from raysad.config import flatten, redact
-    from raysad.rollout import init_ray, default_env_factory
+    from raysad.cluster import init_ray
+    from raysad.rollout import default_env_factory
 
     rcfg = rollout_config(cfg)
-    started_ray = init_ray(rcfg)
+    started_ray = init_ray(rcfg.ray_address, rcfg.num_cpus)
     began = time.monotonic()
     try:
         make_env = default_env_factory(rcfg)

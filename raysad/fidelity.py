@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from raysad.segments import TOPK_PAD_LOGPROB, encode_context, encode_trajectory, get_format
+from raysad.segments import TOPK_PAD_LOGPROB, encode_context, encode_trajectory, trajectory_format
 from raysad.trajectory import Turn
 
 
@@ -52,7 +52,7 @@ def context_mismatches(trajectories, tokenizer, prompts: set[tuple[int, ...]]) -
     followed by the ids generated there. Returns {"turns": n, "mismatched": n}."""
     turns = mismatched = 0
     for traj in trajectories:
-        fmt = get_format(traj.env)
+        fmt = trajectory_format(traj)
         ids = list(encode_trajectory(traj, tokenizer, fmt)["input_ids"])
         for n, turn in enumerate(traj.turns):
             if turn.token_ids is None:
@@ -77,7 +77,7 @@ def topk_error(model, trajectories, tokenizer) -> dict[str, float]:
     model = model.float().eval()
     device = next(model.parameters()).device
     for traj in trajectories:
-        ex = encode_trajectory(traj, tokenizer, get_format(traj.env))
+        ex = encode_trajectory(traj, tokenizer, trajectory_format(traj))
         if ex["topk_mask"] is None or not ex["topk_mask"].any():
             continue
         ids = torch.as_tensor(ex["input_ids"], device=device)[None]

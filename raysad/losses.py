@@ -40,7 +40,7 @@ full-vocabulary one. When k == V there is no tail and the result equals the full
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -443,3 +443,78 @@ def sad_loss(
         num_reason_tokens=n_reason,
         num_act_tokens=n_act,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Methods: a name -> loss registry. A stage looks its method up here; a new method (an on-policy loss, say)
+# is one function and one `register_method` call.
+
+class MethodLoss(NamedTuple):
+    total: torch.Tensor       # what is backpropagated
+    reason_sum: torch.Tensor  # detached sums over the reason / act targets (divergence, or CE for imitation)
+    act_sum: torch.Tensor
+    ce_sum: torch.Tensor      # detached CE sum over reason ∪ act (the teacher-token NLL, always logged)
+
+
+class Method(NamedTuple):
+    """A distillation method: its loss and what its data needs.
+
+    loss(student, teacher, labels, reason, act, options, norms) -> MethodLoss, with `options` carrying
+    lambda_reason, lambda_act, divergence, beta, temperature, ce_weight, loss_chunk_size, and `norms` the
+    divisors {"reason", "act", "used"} (global token counts / workers)."""
+    loss: Callable[..., MethodLoss]
+    uses_teacher: bool   # False: imitation on the trajectory's own tokens; no teacher signal is read
+    flat: bool = False   # the act mask spans every target after the prompt (observations included)
+    doc: str = ""
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, method: Method) -> None:
+    METHODS[name] = method
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}: one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def _segment_kd(student, teacher, labels, reason, act, options, norms, one_divergence: bool) -> MethodLoss:
+    """KD on reason and act targets: weighted per segment (SAD), or one divergence over their union."""
+    n_reason, n_act = int(reason.sum()), int(act.sum())
+    out = sad_loss(student, teacher, reason, act,
+                   lambda_reason=1.0 if one_divergence else options.lambda_reason,
+                   lambda_act=1.0 if one_divergence else options.lambda_act,
+                   kind=options.divergence, beta=options.beta, temperature=options.temperature,
+                   ce_weight=options.ce_weight, labels=labels, chunk_size=options.loss_chunk_size,
+                   reason_normalizer=norms["used"] if one_divergence else norms["reason"],
+                   act_normalizer=norms["used"] if one_divergence else norms["act"],
+                   ce_normalizer=norms["used"])
+    return MethodLoss(out.total, out.reason_loss.detach() * n_reason, out.act_loss.detach() * n_act,
+                      out.ce_loss.detach() * (n_reason + n_act))
+
+
+def _sad(student, teacher, labels, reason, act, options, norms) -> MethodLoss:
+    return _segment_kd(student, teacher, labels, reason, act, options, norms, one_divergence=False)
+
+
+def _token_kd(student, teacher, labels, reason, act, options, norms) -> MethodLoss:
+    return _segment_kd(student, teacher, labels, reason, act, options, norms, one_divergence=True)
+
+
+def _imitation(student, teacher, labels, reason, act, options, norms) -> MethodLoss:
+    # two passes over disjoint masks, so reason and act CE are logged apart; their sum is CE over the union
+    parts = [ce_loss(student, labels, mask, chunk_size=options.loss_chunk_size, normalizer=norms["used"])
+             for mask in (reason, act)]
+    reason_sum, act_sum = (p.detach() * norms["used"] for p in parts)
+    return MethodLoss(parts[0] + parts[1], reason_sum, act_sum, reason_sum + act_sum)
+
+
+register_method("sad", Method(_sad, uses_teacher=True,
+                              doc="λ_r·KD over [REASON] tokens + λ_a·KD over [ACT] tokens"))
+register_method("token_kd", Method(_token_kd, uses_teacher=True, doc="one KD over reason ∪ act tokens"))
+register_method("flat_kd", Method(_token_kd, uses_teacher=True, flat=True,
+                                  doc="one KD over every token after the prompt, observations included"))
+register_method("sft", Method(_imitation, uses_teacher=False, doc="CE on the teacher's tokens (imitation)"))

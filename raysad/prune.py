@@ -30,7 +30,6 @@ Ray Train with recover_workers >= 1 (what Tune trials must use: Ray Train refuse
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
@@ -148,9 +147,13 @@ def _head_dim(model) -> int:
 # -------------------------------------------------------------------------------------- importance ----
 def calibration_batches(config: PruneConfig, tokenizer) -> list[dict]:
     """Up to `calibration_batches` right-padded batches of trajectories (a seeded draw), as distill sees them."""
-    from raysad.distill import collate, load_examples
+    from types import SimpleNamespace
 
-    examples = load_examples(config, tokenizer)
+    from raysad.data import collate, load_examples
+
+    # every reason/act token counts here (the loss masks of imitation): calibration has no teacher signal
+    examples = load_examples(SimpleNamespace(trajectories=config.trajectories, max_length=config.max_length,
+                                             method="sft"), tokenizer)
     random.Random(config.seed).shuffle(examples)
     examples = examples[:config.calibration_batches * config.batch_size]
     return [collate(examples[i:i + config.batch_size], tokenizer.pad_token_id)

@@ -102,9 +102,7 @@ def build_student(cfg: QuickstartConfig, teacher_dir: Path, out: Path) -> tuple[
     args = models.parse_derive_spec(cfg.student)  # width_factor too (a hand parse here used to drop it)
     if not (out / "config.json").exists():
         models.derive_student_dir(teacher_dir, out, args)
-    width = args.get("width_factor", 1.0)
-    label = f"{cfg.teacher}/{args['keep_every']}" + (f"-w{width:g}" if width < 1 else "")
-    return str(out), label
+    return str(out), f"{cfg.teacher}/{models.derive_name(args)}"
 
 
 def warmup(steps: int) -> int:

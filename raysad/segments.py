@@ -28,6 +28,7 @@ on the very token sequence it read and wrote. render(traj) gives the same text.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,11 +209,53 @@ def get_format(name_or_path: str | Path | AgentFormat) -> AgentFormat:
         raise FormatError(f"{path}: {str(err).removeprefix(prefix)}") from None
 
 
+def format_record(fmt: AgentFormat) -> str | dict[str, Any]:
+    """What a trajectory records of the format it was played in (`agent_format`): a built-in's name, else the
+    whole format (so a run can read it back without the YAML file it came from)."""
+    builtin = BUILTIN_FORMATS.get(fmt.name)
+    if builtin is not None and get_format(fmt.name) == fmt:
+        return fmt.name
+    return {"name": fmt.name, **{k: getattr(fmt, k) for k in _TEMPLATES},
+            "line_patterns": [list(pair) for pair in fmt.line_patterns]}
+
+
+_RECORDED: dict[str, AgentFormat] = {}
+
+
+def trajectory_format(traj: Trajectory) -> AgentFormat:
+    """The agent format a trajectory was played in: the one it records (`agent_format`, written by rollout),
+    else (files from before it was recorded) the built-in format of its env's name."""
+    recorded = traj.extra.get("agent_format")
+    if recorded is None:
+        import raysad_envs
+
+        try:
+            name = raysad_envs.canonical(traj.env)
+        except ValueError:
+            name = traj.env
+        if name.lower() not in BUILTIN_FORMATS:
+            raise FormatError(f"trajectory {traj.id!r} (env {traj.env!r}) records no agent_format and {traj.env!r} "
+                              f"has no built-in format ({', '.join(BUILTIN_FORMATS)}): roll it out again with "
+                              "this raysad, or add the field (a built-in name or the format's fields)")
+        return get_format(name)
+    key = recorded if isinstance(recorded, str) else json.dumps(recorded, sort_keys=True)
+    if key not in _RECORDED:
+        if isinstance(recorded, dict):
+            try:
+                pairs = [tuple(p) for p in recorded.get("line_patterns", [])]
+                _RECORDED[key] = AgentFormat(**{**recorded, "line_patterns": pairs})
+            except TypeError as err:
+                raise FormatError(f"trajectory {traj.id!r}: field 'agent_format': {err}") from None
+        else:
+            _RECORDED[key] = get_format(recorded)
+    return _RECORDED[key]
+
+
 def _format_of(fmt: str | Path | AgentFormat | None, traj: Trajectory | None = None) -> AgentFormat:
     if fmt is None:
         if traj is None:
             raise FormatError("no agent format given")
-        return get_format(traj.env)
+        return trajectory_format(traj)
     return get_format(fmt)
 
 

@@ -67,13 +67,10 @@ class SFTConfig:
 # ------------------------------------------------------------------------------------------ tokenizer --
 def trajectory_texts(trajectories: Iterable[Any]) -> Iterable[str]:
     """The full agent text of each trajectory (prompt, then every turn rendered in its env's format)."""
-    from raysad.segments import get_format, render_context
+    from raysad.segments import render_context, trajectory_format
 
-    formats: dict[str, Any] = {}
     for traj in trajectories:
-        if traj.env not in formats:
-            formats[traj.env] = get_format(_format_name(traj.env))
-        yield render_context(traj.prompt, traj.turns, formats[traj.env])
+        yield render_context(traj.prompt, traj.turns, trajectory_format(traj))
 
 
 def train_tokenizer_from_trajectories(trajectories: str | Path | Iterable[Any], vocab_size: int = 4096,
@@ -89,15 +86,6 @@ def train_tokenizer_from_trajectories(trajectories: str | Path | Iterable[Any], 
     return train_tokenizer(trajectory_texts(trajectories), vocab_size=vocab_size, out_dir=out_dir)
 
 
-def _format_name(env: str) -> str:
-    import raysad_envs
-
-    try:
-        return raysad_envs.canonical(env)
-    except ValueError:
-        return env
-
-
 # ------------------------------------------------------------------------------------------- training --
 def build_init(config: SFTConfig) -> Path:
     """The tiny model named by config.model, randomly initialised (seeded) with its tokenizer, as an HF dir
@@ -105,7 +93,8 @@ def build_init(config: SFTConfig) -> Path:
     student_size), and at a fixed path, so a rerun resumes the same run. The tokenizer is --tokenizer's, or
     one trained on the trajectories' text (deterministic, so a rerun rebuilds the same one)."""
     from raysad import models
-    from raysad.distill import RUN_NAME, latest_checkpoint
+    from raysad.distill import RUN_NAME
+    from raysad.train_loop import latest_checkpoint
 
     out = Path(config.out) / "checkpoints" / "init" / config.model
     tokenizer = (models.load_tokenizer(config.tokenizer) if config.tokenizer else

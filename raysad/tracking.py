@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import Any, Iterator
 
 from raysad.config import redact
@@ -19,6 +20,17 @@ _PARAM_MAX_CHARS = 6000  # MLflow's limit on one param value
 def tracking_uri(uri: str | None = None) -> str:
     """The tracking URI to use: `uri` (from a config) if given, else $MLFLOW_TRACKING_URI, else sqlite."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def absolute_uri(uri: str | None = None) -> str:
+    """tracking_uri(uri), with a relative sqlite/file store made absolute (workers and trials run in other
+    working directories)."""
+    uri = tracking_uri(uri)
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    if "://" not in uri:
+        return str(Path(uri).resolve())
+    return uri
 
 
 @contextlib.contextmanager

@@ -335,20 +335,8 @@ class TrajectoryReader:
                 if not raw.strip():
                     continue  # blank lines are allowed (and not records)
                 records += 1
-                where = f"{self.path}:{line_no}"
                 try:
-                    try:
-                        line = raw.decode("utf-8")
-                    except UnicodeDecodeError as err:
-                        raise TrajectoryError(
-                            f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
-                            "is this a binary file? Trajectories are JSONL (one JSON object a line) or .parquet"
-                        ) from None
-                    try:
-                        d = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise TrajectoryError(f"{where}: invalid JSON: {err.msg} (column {err.colno})") from None
-                    traj = Trajectory.from_dict(d, where)
+                    traj = parse_jsonl_line(raw, f"{self.path}:{line_no}")
                 except TrajectoryError as err:
                     self._bad(err)
                     continue
@@ -357,27 +345,117 @@ class TrajectoryReader:
         self._done(records)
 
     def _parquet(self) -> Iterator[Trajectory]:
-        import pyarrow.parquet as pq
-
         row_no = 0
         for source in _parquet_sources(self.path):  # the file, then the parts a killed writer left
-            try:
-                pf = pq.ParquetFile(source)
-            except Exception as err:  # pyarrow raises ArrowInvalid/OSError for a truncated or foreign file
-                raise TrajectoryError(f"{source}: not a readable Parquet file: {err}") from None
-            with pf:
+            with _open_parquet(source) as pf:
                 for batch in pf.iter_batches(batch_size=self.batch_size):
                     for row in batch.to_pylist():
                         row_no += 1
-                        where = f"{self.path}:row {row_no}"
                         try:
-                            traj = Trajectory.from_dict(_from_parquet_row(row, where), where)
+                            traj = parse_parquet_row(row, f"{self.path}:row {row_no}")
                         except TrajectoryError as err:
                             self._bad(err)
                             continue
                         self.read += 1
                         yield traj
         self._done(row_no)
+
+
+def parse_jsonl_line(raw: bytes, where: str) -> Trajectory:
+    """One JSONL record (bytes of one line), validated; errors name `where` (file:line) and the field."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise TrajectoryError(f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                              "is this a binary file? Trajectories are JSONL (one JSON object a line) or .parquet"
+                              ) from None
+    try:
+        d = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise TrajectoryError(f"{where}: invalid JSON: {err.msg} (column {err.colno})") from None
+    return Trajectory.from_dict(d, where)
+
+
+def parse_parquet_row(row: dict, where: str) -> Trajectory:
+    """One Parquet row (ours or a foreign file with our column names), validated; errors name `where`."""
+    return Trajectory.from_dict(_from_parquet_row(row, where), where)
+
+
+def _open_parquet(source: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(source)
+    except Exception as err:  # pyarrow raises ArrowInvalid/OSError for a truncated or foreign file
+        raise TrajectoryError(f"{source}: not a readable Parquet file: {err}") from None
+
+
+# --- shards: a file cut into pieces that are read apart (by Ray Data tasks) -----------------------------------
+
+def shards(path: str | Path, records_per_shard: int = 128) -> list[dict]:
+    """A trajectory file cut into pieces of about `records_per_shard` records, in file order, each readable on
+    its own with read_shard (a JSONL byte range; a Parquet row group). Records are numbered as
+    read_trajectories yields them (`first_record`), so errors still name the file's line or row.
+    Costs one pass over a JSONL file's bytes (nothing kept) and a Parquet file's footer."""
+    path = Path(path)
+    kind = file_format(path)
+    found: list[dict] = []
+    records = 0
+    if kind == "jsonl":
+        if not path.is_file():
+            raise TrajectoryError(f"{path}: no such file")
+        start = offset = 0
+        first_line = line_no = 1
+        in_shard = 0
+        with open(path, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                if in_shard == 0:
+                    start, first_line = offset, line_no
+                offset += len(raw)
+                if raw.strip():
+                    in_shard += 1
+                    records += 1
+                if in_shard == records_per_shard:
+                    found.append({"kind": "jsonl", "path": str(path), "start": start, "end": offset,
+                                  "first_line": first_line, "first_record": records - in_shard})
+                    in_shard = 0
+        if in_shard:
+            found.append({"kind": "jsonl", "path": str(path), "start": start, "end": offset,
+                          "first_line": first_line, "first_record": records - in_shard})
+    else:
+        sources = _parquet_sources(path)
+        if not sources:
+            raise TrajectoryError(f"{path}: no such file")
+        for source in sources:
+            with _open_parquet(source) as pf:
+                for group in range(pf.num_row_groups):
+                    n = pf.metadata.row_group(group).num_rows
+                    found.append({"kind": "parquet", "path": str(path), "source": str(source), "row_group": group,
+                                  "first_record": records})
+                    records += n
+    if records == 0:
+        raise TrajectoryError(f"{path}: empty file (no trajectories)")
+    return found
+
+
+def read_shard(shard: dict) -> Iterator[Trajectory]:
+    """The trajectories of one shard (see shards), validated; the first bad record raises TrajectoryError
+    naming the file and its line (JSONL) or row (Parquet)."""
+    if shard["kind"] == "jsonl":
+        with open(shard["path"], "rb") as f:
+            f.seek(shard["start"])
+            line_no = shard["first_line"] - 1
+            while f.tell() < shard["end"]:
+                raw = f.readline()
+                line_no += 1
+                if raw.strip():
+                    yield parse_jsonl_line(raw, f"{shard['path']}:{line_no}")
+        return
+    row_no = shard["first_record"]
+    with _open_parquet(Path(shard["source"])) as pf:
+        for row in pf.read_row_group(shard["row_group"]).to_pylist():
+            row_no += 1
+            yield parse_parquet_row(row, f"{shard['path']}:row {row_no}")
 
 
 def read_trajectories(path: str | Path, skip_bad: bool = False) -> TrajectoryReader:
@@ -478,6 +556,19 @@ def count_trajectories(path: str | Path) -> int:
 # --- Parquet parts ---------------------------------------------------------------------------------------
 
 MERGED_PARTS_KEY = b"raysad.merged_parts"  # Parquet metadata of a merged file: the part files it holds
+
+
+def content_sha256(path: str | Path) -> str:
+    """SHA-256 of a trajectories file's bytes (and of a Parquet output's unmerged parts, `<path>.parts/`)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    parts = Path(str(path) + ".parts")
+    for file in [Path(path), *(sorted(p for p in parts.iterdir() if p.is_file()) if parts.is_dir() else [])]:
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def parts_dir(path: str | Path) -> Path:
@@ -729,15 +820,12 @@ class TrajectoryWriter:
 
 def _iter_file(source: Path) -> Iterator[Trajectory]:
     """The trajectories of one Parquet file alone (not its parts), validated."""
-    import pyarrow.parquet as pq
-
-    with pq.ParquetFile(source) as pf:
+    with _open_parquet(source) as pf:
         row_no = 0
         for batch in pf.iter_batches(batch_size=64):
             for row in batch.to_pylist():
                 row_no += 1
-                where = f"{source}:row {row_no}"
-                yield Trajectory.from_dict(_from_parquet_row(row, where), where)
+                yield parse_parquet_row(row, f"{source}:row {row_no}")
 
 
 def _drop_jsonl_tasks(path: Path, drop: set[str]) -> None:

@@ -45,7 +45,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -56,7 +55,7 @@ from typing import Any, Literal
 
 from raysad import report as names
 from raysad.config import ConfigError
-from raysad.distill import METHODS as DISTILL_METHODS
+from raysad.losses import METHODS as DISTILL_METHODS
 
 TUNE_DIR = "tune"                          # Ray Tune's experiment folder under the sweep folder
 PARENT_RUN_FILE = "mlflow_sweep_run_id"
@@ -287,9 +286,10 @@ def check_sweep(sweep: SweepConfig, source: str = "sweep") -> None:
     has_teacher = bool(sweep.teacher) or sweep.teacher_sft is not None
     if sweep.online_teacher and not has_teacher:
         raise _fail(source, "online_teacher", "needs teacher (an HF directory) or teacher_sft")
-    if "flat_kd" in sweep_methods(sweep) and not has_teacher:
-        raise _fail(source, "space.method", "flat_kd distils observation tokens too, from the online teacher: "
-                    "set teacher (an HF directory) or teacher_sft")
+    flat = [m for m in sweep_methods(sweep) if DISTILL_METHODS[m].flat]
+    if flat and not has_teacher:
+        raise _fail(source, "space.method", f"{', '.join(flat)} distils observation tokens too, from the online "
+                    "teacher: set teacher (an HF directory) or teacher_sft")
     kd = kd_methods(sweep)
     stored_topk = sweep.trajectories is not None or sweep.rollout.get("topk", 0) > 0
     if kd and not sweep.online_teacher and not stored_topk:
@@ -313,7 +313,7 @@ def check_sweep(sweep: SweepConfig, source: str = "sweep") -> None:
 def kd_methods(sweep: SweepConfig) -> list[str]:
     """The sweep's methods that distil from the stored or online teacher signal (sad, token_kd): not sft, and not
     flat_kd (always from the online teacher: no top-k is stored at observation tokens)."""
-    return [m for m in sweep_methods(sweep) if m not in ("sft", "flat_kd")]
+    return [m for m in sweep_methods(sweep) if DISTILL_METHODS[m].uses_teacher and not DISTILL_METHODS[m].flat]
 
 
 def sweep_methods(sweep: SweepConfig) -> list[str]:
@@ -328,7 +328,7 @@ def check_stored_topk(sweep: SweepConfig) -> None:
     message (check_teacher_signal) naming the file. A file with top-k is read only up to its first such turn."""
     from types import SimpleNamespace
 
-    from raysad.distill import check_teacher_signal
+    from raysad.data import check_teacher_signal
     from raysad.trajectory import read_trajectories
 
     kd = kd_methods(sweep)
@@ -343,7 +343,7 @@ def check_stored_topk(sweep: SweepConfig) -> None:
         if any(turn.topk_ids for traj in read_trajectories(path) for turn in traj.turns):
             continue
         try:  # no example has a top-k row: distill's check says so, naming the file
-            check_teacher_signal([], SimpleNamespace(method=kd[0], teacher=None, trajectories=path))
+            check_teacher_signal(None, SimpleNamespace(method=kd[0], teacher=None, trajectories=path))
         except ValueError as err:
             raise ConfigError(f"sweep {sweep.name!r} (method {', '.join(kd)}, online_teacher: false): {err}; "
                               "in a sweep: online_teacher: true with a teacher") from None
@@ -413,19 +413,18 @@ def check_student_spec(spec: str, sweep: SweepConfig, where: str, source: str) -
         return
     if not re.search(r"[/\\]", spec):  # not a size name, not derive:, not a path: most likely a typo
         raise _fail(source, where, f"{spec!r}: neither a tiny size ({', '.join(models.TINY_SIZES)}), "
-                    "derive:keep_every=K[,width_factor=F], nor a path to an HF model directory")
+                    "derive:keep_every=K or derive:first=A,last=B [,width_factor=F], nor a path to an HF model directory")
 
 
 def student_size(spec: str) -> str:
-    """The `student_size` param of a student spec: the tiny name, 'derived-k2[-w0.5]', or the directory name."""
+    """The `student_size` param of a student spec: the tiny name, 'derived-k2[-w0.5]' (models.derive_name), or the
+    directory name."""
     from raysad import models
 
     if spec in models.TINY_SIZES:
         return spec
     if spec.startswith("derive:"):
-        args = models.parse_derive_spec(spec)
-        width = args.get("width_factor", 1.0)
-        return f"derived-k{args['keep_every']}" + (f"-w{width:g}" if width < 1 else "")
+        return f"derived-{models.derive_name(models.parse_derive_spec(spec))}"
     return Path(spec).name
 
 
@@ -468,18 +467,6 @@ def tune_metric(sweep: SweepConfig) -> str:
 
 
 # ------------------------------------------------------------------------------------- shared inputs ----
-def _absolute_uri(uri: str | None) -> str:
-    """Trials run in other working directories: a relative sqlite/file store becomes absolute."""
-    from raysad import tracking
-
-    uri = tracking.tracking_uri(uri)
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
-    if "://" not in uri:
-        return str(Path(uri).resolve())
-    return uri
-
-
 def _say(text: str) -> None:
     from rich.console import Console
 
@@ -582,7 +569,7 @@ def trial_distill_config(config: dict, sweep: SweepConfig, inputs: dict, work: P
     from raysad.distill import DistillConfig
 
     spec = str(config["student"])
-    online = sweep.online_teacher or config.get("method", sweep.distill.get("method")) == "flat_kd"
+    online = sweep.online_teacher or DISTILL_METHODS[config.get("method", sweep.distill.get("method", "sad"))].flat
     teacher = inputs["teacher"] if online else None
     return DistillConfig(**trial_params(config, sweep), trajectories=inputs["trajectories"][config["env"]],
                          student=inputs["students"][spec], teacher=teacher, tokenizer=inputs["tokenizer"],
@@ -592,7 +579,7 @@ def trial_distill_config(config: dict, sweep: SweepConfig, inputs: dict, work: P
 
 def chunk_config(dcfg, chunk: int, chunks: int, student: str, out: Path):
     """The DistillConfig of chunk `chunk`: its share of max_steps, its piece of the run's LR schedule."""
-    from raysad.distill import lr_at
+    from raysad.train_loop import lr_at
 
     if chunks == 1:
         return dataclasses.replace(dcfg, student=student, out=str(out))
@@ -938,7 +925,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = True) -> SweepResult:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if not resuming:
         (sweep_dir / SETTINGS_FILE).write_text(_settings(sweep))
-    uri = _absolute_uri(sweep.tracking_uri)
+    uri = tracking.absolute_uri(sweep.tracking_uri)
     experiment = sweep.experiment or sweep.name
     started_ray = init_ray(sweep.ray_address, sweep.num_cpus)
     try:

@@ -17,33 +17,18 @@ import yaml
 from typer.testing import CliRunner
 
 from raysad import models
-from raysad.distill import (DistillConfig, batch_loss, collate, example_counts, hidden_states, load_examples,
-                            loss_masks, run_distill)
+from raysad.data import collate, example_counts, load_examples, loss_masks
+from raysad.distill import DistillConfig, run_distill
+from raysad.train_loop import batch_loss, hidden_states
+from raysad.policies.expert import expert_episodes
 from raysad.segments import encode_trajectory, get_format
-from raysad.trajectory import Trajectory, TrajectoryWriter, Turn
+from raysad.trajectory import Trajectory, TrajectoryWriter
 
 
 # --------------------------------------------------------------------------------------------- data ----
 def expert_trajectories(n: int) -> list[Trajectory]:
-    import raysad_envs
-
-    env = raysad_envs.make("hotpotqa", split="train")
-    trajs = []
-    for i in range(n):
-        obs, _ = env.reset(seed=i)
-        turns, reward, info = [], 0.0, {}
-        for _ in range(6):
-            thought, action = env.unwrapped.expert_turn()
-            next_obs, reward, term, trunc, info = env.step(action)
-            turns.append(Turn(thought, action, next_obs[:80]))
-            if term or trunc:
-                break
-        # the question only (the env's full prompt is long: this keeps the tiny runs fast)
-        trajs.append(Trajectory(id=f"hotpotqa-{i}", env="hotpotqa", task_id=str(info.get("task_id", i)),
-                                split="train", instruction="", prompt=obs[-160:], turns=turns,
-                                reward=float(reward), success=bool(info.get("success")),
-                                policy={"backend": "expert", "model": "expert"}))
-    return trajs
+    # the question only (the env's full prompt is long: this keeps the tiny runs fast)
+    return expert_episodes("hotpotqa", n, max_turns=6, prompt_chars=160, observation_chars=80)
 
 
 def with_teacher_topk(trajs: list[Trajectory], teacher, tokenizer, k: int) -> list[Trajectory]:

@@ -14,7 +14,8 @@ FIXTURES = Path(__file__).parent / "fixtures" / "hotpotqa"
 @pytest.fixture(scope="module")
 def rollout(smollm2_dir, tmp_path_factory):
     from raysad import fidelity
-    from raysad.rollout import RolloutConfig, default_engine_factory, run_rollout
+    from raysad.rollout import RolloutConfig, run_rollout
+    from raysad.serving import default_engine_factory
     from raysad.trajectory import read_trajectories
 
     out = tmp_path_factory.mktemp("fidelity")

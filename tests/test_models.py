@@ -124,6 +124,16 @@ def test_derive_student_keep_all_is_the_teacher(tokenizer):
         models.derive_student(teacher, keep_every=0)
 
 
+def test_derive_student_keeps_the_first_and_last_layers(tokenizer):
+    teacher = models.build_tiny_model({"num_hidden_layers": 6}, tokenizer, seed=2)
+    student = models.derive_student(teacher, first=2, last=1)
+    assert student.config.num_hidden_layers == 3
+    for j, i in enumerate([0, 1, 5]):
+        assert torch.equal(student.model.layers[j].mlp.down_proj.weight, teacher.model.layers[i].mlp.down_proj.weight)
+    with pytest.raises(ValueError, match="first \\+ last"):
+        models.derive_student(teacher, first=4, last=3)
+
+
 def test_check_same_tokenizer(tmp_path, tok_dir, tokenizer):
     student_tok = models.load_tokenizer(tok_dir)
     teacher = models.build_tiny_model("tiny-1m", tokenizer)
@@ -159,8 +169,12 @@ def test_derive_student_from_a_folder(tmp_path, tok_dir, tokenizer):
 def test_parse_derive_spec():
     assert models.parse_derive_spec("derive:keep_every=2") == {"keep_every": 2}
     assert models.parse_derive_spec("derive:keep_every=3, width_factor=0.5") == {"keep_every": 3, "width_factor": 0.5}
-    for bad, msg in [("derive:", "keep_every is required"), ("derive:keep=2", "expected derive:"),
-                     ("derive:keep_every=two", "not a number"),
+    assert models.parse_derive_spec("derive:first=12,last=6") == {"first": 12, "last": 6}
+    assert models.derive_name({"first": 12, "last": 6, "width_factor": 0.5}) == "f12-l6-w0.5"
+    assert models.derive_name({"keep_every": 4}) == "k4"
+    for bad, msg in [("derive:", "give keep_every, or first"), ("derive:keep=2", "expected derive:"),
+                     ("derive:keep_every=two", "not a number"), ("derive:keep_every=2,first=3", "give keep_every, or"),
+                     ("derive:first=0,last=0", "first \\+ last >= 1"),
                      ("derive:keep_every=2,width_factor=1.5", "width_factor")]:
         with pytest.raises(ValueError, match=msg):
             models.parse_derive_spec(bad)

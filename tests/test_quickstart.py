@@ -67,7 +67,7 @@ def test_small_quickstart_with_the_real_weights_teacher(tmp_path, monkeypatch, s
     assert teacher_trajs and any(i >= 4096 for t in teacher_trajs for turn in t["turns"] for i in turn["token_ids"])
     mlflow.set_tracking_uri(uri)
     runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["qs-real"], output_format="list")}
-    assert runs["evaluate-sad-hotpotqa"].data.params["student_size"] == "smollm2/4"
+    assert runs["evaluate-sad-hotpotqa"].data.params["student_size"] == "smollm2/k4"
     assert runs["quickstart"].data.params["teacher"] == "smollm2"
 
 

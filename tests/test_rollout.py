@@ -94,6 +94,7 @@ def test_pool_plays_every_task_once_with_the_expert(tmp_path):
         assert t.prompt == f"Say inc to count.\nCount to {target}.\n"
         assert t.instruction == f"count to {target}"
         assert t.policy["backend"] == "expert" and t.env == "count"
+        assert t.extra["agent_format"] == "webshop"  # the env's format, recorded for every later stage
     assert summary.steps == sum(len(t.turns) for t in trajs.values())
 
 
@@ -191,7 +192,7 @@ def test_engine_actor_merges_concurrent_requests_into_one_call(tiny_model):
     import asyncio
 
     from raysad.policies.hf import HFEngine
-    from raysad.rollout import EngineActor
+    from raysad.serving import EngineActor
 
     from raysad.models import load_tokenizer
 

@@ -124,7 +124,8 @@ def test_student_size_names():
 
 
 def test_chunks_split_the_steps_and_follow_one_schedule():
-    from raysad.distill import DistillConfig, lr_at
+    from raysad.distill import DistillConfig
+    from raysad.train_loop import lr_at
 
     whole = DistillConfig(trajectories="x", student="tiny-1m", max_steps=30, lr=1e-3, warmup_steps=4,
                           min_lr_ratio=0.1, seed=3)

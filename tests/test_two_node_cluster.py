@@ -19,7 +19,8 @@ from ray.cluster_utils import Cluster
 import raysad_envs
 from raysad import models
 from raysad.distill import DistillConfig, run_distill
-from raysad.rollout import RolloutConfig, _share, placement, run_rollout
+from raysad.rollout import RolloutConfig, run_rollout
+from raysad.serving import _share, placement
 from raysad.trajectory import read_trajectories
 
 ENV = "webshop"

@@ -24,3 +24,30 @@ def expert_turns(envs: list[Any]) -> list:
         thought, action = env.unwrapped.expert_turn()
         turns.append(Turn(thought=thought, action=action, observation=""))
     return turns
+
+
+def expert_episodes(env_name: str, n: int, max_turns: int = 6, prompt_chars: int | None = None,
+                    observation_chars: int | None = None, split: str = "train", id_prefix: str | None = None) -> list:
+    """n episodes of the scripted expert in this process (seeds 0..n-1) as Trajectories: small training data
+    for tests and benchmarks. `prompt_chars` / `observation_chars` keep only the prompt's last / each
+    observation's first that many characters (short sequences for tiny models)."""
+    import raysad_envs
+
+    from raysad.trajectory import Trajectory, Turn
+
+    env = raysad_envs.make(env_name, split=split)
+    episodes = []
+    for i in range(n):
+        obs, _ = env.reset(seed=i)
+        turns, reward, info = [], 0.0, {}
+        for _ in range(max_turns):
+            thought, action = env.unwrapped.expert_turn()
+            next_obs, reward, term, trunc, info = env.step(action)
+            turns.append(Turn(thought, action, next_obs[:observation_chars]))
+            if term or trunc:
+                break
+        episodes.append(Trajectory(
+            id=f"{id_prefix or env_name}-{i}", env=env_name, task_id=str(info.get("task_id", i)), split=split,
+            instruction="", prompt=obs[-prompt_chars:] if prompt_chars else obs, turns=turns,
+            reward=float(reward), success=bool(info.get("success")), policy={"backend": "expert", "model": "expert"}))
+    return episodes

@@ -1,0 +1,478 @@
+"""Training data: trajectories -> encoded examples -> the run's order -> each rank's stream.
+
+    examples, stats = load_examples(config, tokenizer)           # in this process (workers 0, prune, tests)
+    source = encode_on_cluster(config)                           # Ray Data: the driver holds no example
+    batches = step_batches(source.stats, config)                 # [step] -> example positions
+    datasets = rank_datasets(source, batches, world=2)           # {"rank_0": Dataset, "rank_1": Dataset}
+
+An *example* is one trajectory encoded for the student (raysad.segments.encode_trajectory): input_ids, the
+reason/act masks and, when the rollout stored them, the teacher's top-k rows. Examples are numbered by their
+position among the trajectories that have a loss token (the file's order), and every later step refers to them
+by that position, so the run's batch sequence is a pure function of (data, config): resume and "N workers ==
+one worker" hold by construction.
+
+On a cluster (`encode_on_cluster`) the file is cut into shards (raysad.trajectory.shards: JSONL byte ranges,
+Parquet row groups); Ray Data reads and encodes them in tasks and keeps the examples as blocks in the object
+store (spilled to disk when they outgrow it). The driver keeps only per-example statistics (a few numbers each:
+the token counts the loss normalisers need, the curriculum's complexity) and the block references. Each Train
+rank then reads, through `ray.train.get_dataset_shard`, a stream of exactly its examples in step order:
+Ray Data tasks gather them from the blocks (zero-copy on the node that holds a block). The tasks reserve no
+CPU, so they run while the Train workers hold every CPU (a 2-core machine, a Tune trial) instead of waiting.
+
+Nothing is lost in silence: the counts of what the data holds and what the length limit dropped become
+data/... metrics and warnings; a run whose examples hold no reason token, or no act token, fails.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DATA_COUNTS = ("trajectories", "examples", "skipped_no_loss_tokens", "reason_tokens", "act_tokens", "empty_thoughts",
+               "truncated_turns", "truncated_examples", "dropped_prompt_tokens", "dropped_loss_tokens",
+               "dropped_turns", "loss_tokens_without_teacher")
+RECORDS_PER_SHARD = 128   # trajectories per Ray Data read+encode task
+ROWS_PER_GATHER = 64      # examples per Ray Data gather task of a rank's stream
+PREFETCH_GATHERS = 4      # gather results a rank's stream keeps ready
+
+
+# ------------------------------------------------------------------------------ which tokens carry loss ----
+def uses_stored_topk(config) -> bool:
+    """Offline KD: the teacher signal is the trajectories' top-k (only tokens that have it carry loss)."""
+    from raysad.losses import get_method
+
+    return get_method(config.method).uses_teacher and not getattr(config, "teacher", None)
+
+
+def flat_mask(reason, act, valid):
+    """Every real target position from the first thought/action token on (the flat sequence after the
+    prompt: thoughts, actions, observations, the format's labels); works on torch [B, T] and numpy [T]."""
+    loss = reason | act
+    return (loss.cumsum(-1) > 0) & (valid != 0)
+
+
+def loss_masks(batch: dict, config):
+    """(reason, act) target masks [B, T-1] of a collated batch: with a stored top-k teacher, only the tokens
+    that have a teacher row. flat_kd: the act mask is every target after the prompt that is not a thought."""
+    from raysad.losses import get_method
+
+    reason, act = batch["reason_mask"], batch["act_mask"]
+    if get_method(config.method).flat:
+        return reason, flat_mask(reason, act, batch["attention_mask"][:, 1:]) & ~reason
+    if uses_stored_topk(config):
+        reason, act = reason & batch["has_topk"], act & batch["has_topk"]
+    return reason, act
+
+
+def example_counts(example: dict, config) -> tuple[int, int, int]:
+    """(reason targets, act targets, tokens) of one example, as loss_masks counts them after collate."""
+    from raysad.losses import get_method
+
+    reason, act = np.asarray(example["reason_mask"][1:]), np.asarray(example["act_mask"][1:])
+    if get_method(config.method).flat:
+        act = flat_mask(reason, act, np.ones_like(reason)) & ~reason
+    if uses_stored_topk(config):
+        has = (np.asarray(example["topk_mask"][1:]) if example.get("topk_mask") is not None
+               else np.zeros_like(reason))
+        reason, act = reason & has, act & has
+    return int(reason.sum()), int(act.sum()), len(example["input_ids"])
+
+
+# ----------------------------------------------------------------------------------------- encoding ----
+def encode_all(trajectories: Iterable, tokenizer, config, first_index: int = 0) -> Iterator[tuple[dict, dict]]:
+    """(example, its statistics) per trajectory, in order. Statistics: `index` (the trajectory's number in
+    the file), the data counts (DATA_COUNTS' per-trajectory parts), the loss token counts under config's
+    method (`loss_reason`, `loss_act`, `tokens`), `complexity` (the curriculum's score) and `has_topk`.
+    An example without any reason/act token has `skipped` set (it is not trained on)."""
+    from raysad.curriculum import complexity
+    from raysad.segments import encode_trajectory, trajectory_format
+
+    for index, traj in enumerate(trajectories, first_index):
+        example = encode_trajectory(traj, tokenizer, trajectory_format(traj), max_length=config.max_length)
+        n_reason, n_act = int(example["reason_mask"].sum()), int(example["act_mask"].sum())
+        has_topk = example.get("topk_mask") is not None
+        without_teacher = int(((example["reason_mask"] | example["act_mask"]) & ~example["topk_mask"]).sum()) \
+            if has_topk else 0
+        loss_reason, loss_act, tokens = example_counts(example, config)
+        stats = {"index": index, "skipped": n_reason + n_act == 0,
+                 "empty_thoughts": sum(1 for t in traj.turns if t.token_ids is not None and not t.thought.strip()),
+                 "truncated_turns": sum(1 for t in traj.turns if t.extra.get("truncated")),
+                 "truncated_examples": int(bool(example["truncated"])),
+                 "dropped_prompt_tokens": int(example["dropped_prompt_tokens"]),
+                 "dropped_loss_tokens": int(example["dropped_loss_tokens"]),
+                 "dropped_turns": int(example["dropped_turns"]),
+                 "reason_tokens": n_reason, "act_tokens": n_act, "loss_tokens_without_teacher": without_teacher,
+                 "loss_reason": loss_reason, "loss_act": loss_act, "tokens": tokens,
+                 "complexity": float(complexity(example)),
+                 "has_topk": bool(has_topk and example["topk_mask"].any())}
+        yield example, stats
+
+
+@dataclass
+class DataStats:
+    """What the driver knows of the examples: one entry per trained-on example, in example order, plus the
+    run's data counts (data/... metrics)."""
+    loss_reason: np.ndarray   # reason targets per example (after the method's masks)
+    loss_act: np.ndarray
+    tokens: np.ndarray
+    complexity: np.ndarray
+    has_topk: np.ndarray
+    counts: dict[str, int]
+
+    @property
+    def examples(self) -> int:
+        return len(self.tokens)
+
+    def metrics(self) -> dict[str, int]:
+        return {f"data/{k}": v for k, v in self.counts.items()}
+
+
+STAT_FIELDS = ("index", "skipped", *DATA_COUNTS[3:], "loss_reason", "loss_act", "tokens", "complexity", "has_topk")
+
+
+def columns_of(rows: list[dict]) -> dict[str, np.ndarray]:
+    """encode_all's per-example statistics as columns (one numpy array per field)."""
+    return {name: np.asarray([row[name] for row in rows]) for name in STAT_FIELDS}
+
+
+def summarize(columns: dict[str, np.ndarray], where: str, max_length: int | None) -> DataStats:
+    """DataStats from the per-example statistics (columns, in example order; skipped examples counted, not
+    kept). Fails when nothing, or no reason / no act token, is left to train on; warns about every loss."""
+    skipped = columns["skipped"].astype(bool)
+    kept = ~skipped
+    counts = {"trajectories": len(skipped), "examples": int(kept.sum()),
+              "skipped_no_loss_tokens": int(skipped.sum())}
+    for key in ("empty_thoughts", "truncated_turns", "truncated_examples", "dropped_prompt_tokens",
+                "dropped_loss_tokens", "dropped_turns"):
+        counts[key] = int(columns[key].sum())
+    for key in ("reason_tokens", "act_tokens", "loss_tokens_without_teacher"):
+        counts[key] = int(columns[key][kept].sum())
+    counts = {key: counts[key] for key in DATA_COUNTS}
+    if not counts["examples"]:
+        raise ValueError(f"{where}: no trajectory with reason/act tokens to train on")
+    if counts["reason_tokens"] == 0 or counts["act_tokens"] == 0:
+        raise ValueError(f"{where}: {counts['reason_tokens']} reason and {counts['act_tokens']} act tokens after "
+                         f"encoding (max_length {max_length}): a segment with no tokens makes the loss "
+                         "meaningless; check the trajectories' thoughts/actions and --max-length")
+    _warn_data(counts, where, max_length)
+    return DataStats(**{name: columns[name][kept] for name in ("loss_reason", "loss_act", "tokens", "complexity",
+                                                               "has_topk")}, counts=counts)
+
+
+def _warn_data(counts: dict, where: str, max_length: int | None) -> None:
+    n = counts["trajectories"]
+    if counts["skipped_no_loss_tokens"]:
+        log.warning("%s: %d of %d trajectories have no reason/act token (after --max-length %s) and are skipped",
+                    where, counts["skipped_no_loss_tokens"], n, max_length)
+    if counts["truncated_examples"]:
+        log.warning("%s: %d of %d trajectories exceed --max-length %s: %d prompt tokens cut from the left, "
+                    "%d loss tokens (%d whole turns) dropped from the end", where, counts["truncated_examples"], n,
+                    max_length, counts["dropped_prompt_tokens"], counts["dropped_loss_tokens"],
+                    counts["dropped_turns"])
+    if counts["empty_thoughts"]:
+        log.warning("%s: %d model turns have an empty thought (their reason segment is only the delimiter)",
+                    where, counts["empty_thoughts"])
+    if counts["truncated_turns"]:
+        log.warning("%s: %d turns were cut by the rollout's token budget (closed with their delimiter)",
+                    where, counts["truncated_turns"])
+    if counts["loss_tokens_without_teacher"]:
+        log.warning("%s: %d reason/act tokens have no stored teacher top-k (text-only turns): sad/token_kd skip "
+                    "them while sft trains on them", where, counts["loss_tokens_without_teacher"])
+
+
+def load_examples(config, tokenizer, stats: dict | None = None) -> list[dict]:
+    """Every trajectory of config.trajectories encoded, in this process (any config with `trajectories`,
+    `max_length` and `method`). `stats` (when given) receives the data/... counts."""
+    examples, data = load_examples_and_stats(config, tokenizer)
+    if stats is not None:
+        stats.update(data.metrics())
+    return examples
+
+
+def load_examples_and_stats(config, tokenizer) -> tuple[list[dict], DataStats]:
+    from raysad.trajectory import read_trajectories
+
+    examples, rows = [], []
+    for example, row in encode_all(read_trajectories(config.trajectories), tokenizer, config):
+        rows.append(row)
+        if not row["skipped"]:
+            examples.append(example)
+    return examples, summarize(columns_of(rows), config.trajectories, config.max_length)
+
+
+def check_teacher_signal(stats: DataStats | None, config) -> None:
+    """sad / token_kd need a teacher: --teacher, or top-k log-probs stored in the trajectories."""
+    if not uses_stored_topk(config):
+        return
+    if stats is None or not stats.has_topk.any():
+        raise ValueError(
+            f"--method {config.method} needs a teacher signal, but {config.trajectories} stores no teacher top-k "
+            "log-probs: give --teacher MODEL_DIR (online teacher, same tokenizer), or roll out with "
+            "`raysad rollout --topk K`, or use --method sft (imitation, needs no teacher)")
+    if not (stats.loss_reason + stats.loss_act).any():
+        raise ValueError(f"{config.trajectories}: no reason/act token has a stored teacher top-k row")
+
+
+# ----------------------------------------------------------------------------------------- the order ----
+def epoch_order(stats: DataStats, config, epoch: int) -> list[int]:
+    """The example order of an epoch: a seeded shuffle, or easy -> hard with pacing under --curriculum."""
+    n = stats.examples
+    if not config.curriculum:
+        order = list(range(n))
+        random.Random(config.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+    from raysad.curriculum import unlocked
+
+    ranked = sorted(range(n), key=lambda i: stats.complexity[i])  # stable: ties keep the file's order
+    return ranked[:unlocked(n, epoch, config.curriculum_start, max(config.epochs - 1, 1))]
+
+
+def step_batches(stats: DataStats, config) -> list[list[int]]:
+    """All global batches of the run, in order (a pure function of the data and the config: resumable)."""
+    batches = []
+    for epoch in range(config.epochs):
+        order = epoch_order(stats, config, epoch)
+        batches += [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    if config.max_steps:
+        while len(batches) < config.max_steps:  # cycle when asked for more steps than the epochs give
+            batches += batches[:config.max_steps - len(batches)]
+        batches = batches[:config.max_steps]
+    return batches
+
+
+def step_normalizers(batches: list[list[int]], stats: DataStats) -> list[tuple[int, int]]:
+    """(reason, act) loss targets of each step's global batch: the divisors every rank uses."""
+    return [(int(stats.loss_reason[b].sum()), int(stats.loss_act[b].sum())) for b in batches]
+
+
+def rank_rows(batch: list[int], rank: int, world: int) -> tuple[list[int], bool]:
+    """The examples rank `rank` trains on in a step (r, r+W, ...), and whether they are only a filler: a rank
+    with no example still joins every gradient sync, on the batch's first example with zero weight."""
+    mine = batch[rank::world]
+    return (mine, False) if mine else ([batch[0]], True)
+
+
+def collate(items: list[dict], pad_id: int):
+    """Right-pad a micro-batch. Returns tensors aligned for next-token prediction (position t predicts t+1)."""
+    import torch
+
+    length = max(len(x["input_ids"]) for x in items)
+    batch = len(items)
+    ids = torch.full((batch, length), pad_id, dtype=torch.long)
+    attention = torch.zeros((batch, length), dtype=torch.long)
+    reason = torch.zeros((batch, length), dtype=torch.bool)
+    act = torch.zeros((batch, length), dtype=torch.bool)
+    k = max((len(x["topk_ids"][0]) for x in items if x.get("topk_ids") is not None and len(x["topk_ids"])),
+            default=0)
+    topk_ids = torch.zeros((batch, length, k), dtype=torch.long) if k else None
+    topk_logprobs = torch.full((batch, length, k), -1e4, dtype=torch.float32) if k else None
+    has_topk = torch.zeros((batch, length), dtype=torch.bool)
+    for i, x in enumerate(items):
+        n = len(x["input_ids"])
+        ids[i, :n] = torch.as_tensor(x["input_ids"])
+        attention[i, :n] = 1
+        reason[i, :n] = torch.as_tensor(x["reason_mask"], dtype=torch.bool)
+        act[i, :n] = torch.as_tensor(x["act_mask"], dtype=torch.bool)
+        if k and x.get("topk_ids") is not None:
+            kk = len(x["topk_ids"][0])
+            topk_ids[i, :n, :kk] = torch.as_tensor(x["topk_ids"])
+            topk_logprobs[i, :n, :kk] = torch.as_tensor(x["topk_logprobs"], dtype=torch.float32)
+            has_topk[i, :n] = torch.as_tensor(x["topk_mask"], dtype=torch.bool)
+    shifted = {
+        "input_ids": ids, "attention_mask": attention,
+        "labels": ids[:, 1:], "reason_mask": reason[:, 1:], "act_mask": act[:, 1:], "has_topk": has_topk[:, 1:],
+    }
+    if k:
+        shifted["topk_ids"] = topk_ids[:, 1:]
+        shifted["topk_logprobs"] = topk_logprobs[:, 1:]
+    return shifted
+
+
+# ------------------------------------------------------------------------------ Ray Data: the cluster ----
+ARRAY_COLUMNS = ("input_ids", "reason_mask", "act_mask", "topk_ids", "topk_logprobs", "topk_mask")
+
+
+def to_row(example: dict) -> dict:
+    """An example as a flat row of scalars and bytes (one Arrow type for every block, whatever the lengths);
+    the top-k matrix is flattened, its width in topk_k (-1: no top-k stored)."""
+    has = example.get("topk_ids") is not None
+    n = len(example["input_ids"])
+    return {"input_ids": np.asarray(example["input_ids"], dtype=np.int64).tobytes(),
+            "reason_mask": np.asarray(example["reason_mask"], dtype=bool).tobytes(),
+            "act_mask": np.asarray(example["act_mask"], dtype=bool).tobytes(),
+            "topk_k": (int(np.asarray(example["topk_ids"]).shape[1]) if n else 0) if has else -1,
+            "topk_ids": np.asarray(example["topk_ids"], dtype=np.int64).tobytes() if has else b"",
+            "topk_logprobs": np.asarray(example["topk_logprobs"], dtype=np.float32).tobytes() if has else b"",
+            "topk_mask": np.asarray(example["topk_mask"], dtype=bool).tobytes() if has else b""}
+
+
+def from_row(row: dict) -> dict:
+    """The example of a to_row row (writable arrays of its own)."""
+    def array(name, dtype):
+        return np.frombuffer(row[name], dtype=dtype).copy()
+
+    ids = array("input_ids", np.int64)
+    example = {"input_ids": ids, "reason_mask": array("reason_mask", bool), "act_mask": array("act_mask", bool),
+               "topk_ids": None, "topk_logprobs": None, "topk_mask": None}
+    k = int(row["topk_k"])
+    if k >= 0:
+        example["topk_ids"] = array("topk_ids", np.int64).reshape(len(ids), k)
+        example["topk_logprobs"] = array("topk_logprobs", np.float32).reshape(len(ids), k)
+        example["topk_mask"] = array("topk_mask", bool)
+    return example
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(source: str):
+    from raysad import models
+
+    return models.load_tokenizer(source)
+
+
+def encode_shard(shard: dict, tokenizer_source: str, config) -> list[dict]:
+    """Ray Data task: the rows (example + statistics) of one shard. A bad record becomes one `error` row (the
+    driver raises it, naming file and line) rather than a task failure Ray would retry and wrap."""
+    from raysad.trajectory import TrajectoryError, read_shard
+
+    rows = []
+    try:
+        for example, stats in encode_all(read_shard(shard), _tokenizer(tokenizer_source), config,
+                                         shard["first_record"]):
+            rows.append({**stats, "error": "", **to_row(example)})
+    except (TrajectoryError, ValueError) as err:
+        return [{**_ERROR_STATS, "index": shard["first_record"], "error": str(err),
+                 **to_row(_EMPTY_EXAMPLE)}]
+    return rows
+
+
+_EMPTY_EXAMPLE = {"input_ids": np.zeros(0, np.int64), "reason_mask": np.zeros(0, bool),
+                  "act_mask": np.zeros(0, bool), "topk_ids": None, "topk_logprobs": None, "topk_mask": None}
+_ERROR_STATS = {"skipped": True, "empty_thoughts": 0, "truncated_turns": 0, "truncated_examples": 0,
+                "dropped_prompt_tokens": 0, "dropped_loss_tokens": 0, "dropped_turns": 0, "reason_tokens": 0,
+                "act_tokens": 0, "loss_tokens_without_teacher": 0, "loss_reason": 0, "loss_act": 0, "tokens": 0,
+                "complexity": 0.0, "has_topk": False}
+
+
+@dataclass
+class ClusterData:
+    """Examples held by Ray: blocks in the object store; the driver has their references, where each example
+    sits (block, row) and DataStats."""
+    blocks: list          # ObjectRef[pyarrow.Table] per block
+    block_of: np.ndarray  # [examples] block number
+    row_of: np.ndarray    # [examples] row in that block
+    stats: DataStats
+
+
+def quiet_ray_data() -> None:
+    """No progress bars or per-dataset banners from Ray Data (raysad prints its own progress)."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def encode_on_cluster(config, tokenizer_source: str) -> ClusterData:
+    """Read and encode config.trajectories with Ray Data tasks (needs a connected Ray); the examples stay in
+    the object store. Raises the first bad record's error (file:line: field) or the data checks' errors."""
+    import ray
+    import ray.data
+
+    from raysad.trajectory import shards
+
+    quiet_ray_data()
+    pieces = shards(config.trajectories, RECORDS_PER_SHARD)
+    workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    dataset = (ray.data.from_items(pieces, override_num_blocks=len(pieces))
+               .flat_map(encode_shard, fn_args=(tokenizer_source, _light_config(config)),
+                         num_cpus=0, compute=ray.data.TaskPoolStrategy(size=workers))
+               .materialize())
+    blocks = dataset.to_arrow_refs()
+    parts: dict[str, list] = {name: [] for name in (*STAT_FIELDS, "error", "block", "row")}
+    for b, ref in enumerate(blocks):
+        table = ray.get(ref)  # zero-copy from the object store; only the small columns are read
+        for name in (*STAT_FIELDS, "error"):
+            parts[name].append(table.column(name).to_numpy(zero_copy_only=False))
+        parts["block"].append(np.full(table.num_rows, b, dtype=np.int64))
+        parts["row"].append(np.arange(table.num_rows, dtype=np.int64))
+        del table
+    columns = {name: np.concatenate(values) for name, values in parts.items()}
+    order = np.argsort(columns["index"], kind="stable")  # the file's order, whatever order blocks came in
+    columns = {name: values[order] for name, values in columns.items()}
+    errors = np.flatnonzero(columns["error"] != "")
+    if len(errors):
+        raise ValueError(str(columns["error"][errors[0]]))
+    stats = summarize(columns, config.trajectories, config.max_length)
+    kept = ~columns["skipped"].astype(bool)
+    return ClusterData(blocks, columns["block"][kept], columns["row"][kept], stats)
+
+
+def _light_config(config):
+    """The fields encode_all reads, as a plain object (what ships to every task)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(method=config.method, teacher=getattr(config, "teacher", None),
+                           max_length=config.max_length)
+
+
+def _gather(batch, blocks):
+    """Ray Data task: the examples at (block, row) in the given order, as one Arrow table."""
+    import pyarrow as pa
+    import ray
+
+    tables: dict[int, Any] = {}
+    pieces = []
+    for b, r in zip(batch["block"].to_pylist(), batch["row"].to_pylist()):
+        if b not in tables:
+            tables[b] = ray.get(blocks[b]).select(["index", "topk_k", *ARRAY_COLUMNS])
+        pieces.append(tables[b].slice(r, 1))
+    return pa.concat_tables(pieces)
+
+
+def rank_sequence(batches: list[list[int]], rank: int, world: int, start: int = 0) -> list[int]:
+    """The examples rank `rank` reads from step `start` on, in order (fillers included)."""
+    return [i for step in batches[start:] for i in rank_rows(step, rank, world)[0]]
+
+
+def rank_datasets(data: ClusterData, batches: list[list[int]], world: int, start: int = 0) -> dict[str, Any]:
+    """{"rank_<r>": Dataset} for r < world: rank r's examples from step `start` on, in step order (each a lazy
+    Ray Data stream: gather tasks that reserve no CPU, so they run beside Train workers holding every CPU)."""
+    import pyarrow as pa
+    import ray.data
+
+    out = {}
+    for rank in range(world):
+        sequence = np.asarray(rank_sequence(batches, rank, world, start), dtype=np.int64)
+        tables = [pa.table({"block": data.block_of[sequence[i:i + ROWS_PER_GATHER]],
+                            "row": data.row_of[sequence[i:i + ROWS_PER_GATHER]]})
+                  for i in range(0, len(sequence), ROWS_PER_GATHER)]
+        out[f"rank_{rank}"] = ray.data.from_arrow(tables).map_batches(
+            _gather, fn_args=(data.blocks,), batch_format="pyarrow", batch_size=None, num_cpus=0,
+            compute=ray.data.TaskPoolStrategy(size=2))
+    return out
+
+
+def stream_examples(source) -> Iterator[dict]:
+    """The examples of a rank's stream (its Dataset, or the DataIterator ray.train.get_dataset_shard gives),
+    gather results prefetched while the rank trains."""
+    for table in source.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=PREFETCH_GATHERS):
+        for row in table.to_pylist():
+            yield from_row(row)
+
+
+def ingest_options():
+    """Ray Train's ingest options, with the stream's order kept (it is the step order)."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(datasets_to_split=[], execution_options=options)
