@@ -373,10 +373,10 @@ def quiet_ray_data() -> None:
     """No progress bars or per-dataset banners from Ray Data (raysad prints its own progress)."""
     import ray.data
 
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # first: setting the context logs at INFO
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def encode_on_cluster(config, tokenizer_source: str) -> ClusterData:

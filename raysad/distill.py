@@ -264,6 +264,13 @@ def _worker_places(rank: int, world: int, distributed: bool, device) -> list[dic
 
 
 # ---------------------------------------------------------------------------------------- the driver ----
+def run_params(config: DistillConfig) -> dict[str, Any]:
+    """The config as MLflow params, without the test hook (fail_once_at_step is no setting of the run)."""
+    from raysad.config import flatten
+
+    return {k: v for k, v in flatten(config).items() if k != "fail_once_at_step"}
+
+
 def derive_student(config: DistillConfig) -> DistillConfig:
     """A `derive:...` student is cut from --teacher once, into <out>/derived-student (with the teacher's
     tokenizer), and trained from there; a rerun (resume) reuses it."""
@@ -355,12 +362,11 @@ def _run_distill(config: DistillConfig, track: bool) -> DistillResult:
     run = contextlib.nullcontext()
     if track:
         from raysad import tracking
-        from raysad.config import flatten
 
         uri = tracking.absolute_uri(config.tracking_uri)
         student_size = spec if not Path(spec).is_dir() else Path(spec).name
         run = tracking.start_run(config.experiment, config.run_name or f"distill-{config.method}",
-                                 {**flatten(config), "student": spec},
+                                 {**run_params(config), "student": spec},
                                  tags={"stage": config.stage, "method": config.method, "student_size": student_size},
                                  uri=uri)
     data_stats = args.pop("data_stats")
@@ -437,16 +443,16 @@ def _log_artifacts(out: Path, config: DistillConfig) -> None:
 
 def main(config_path: str | Path | None = None, **flags: Any) -> DistillResult:
     """`raysad distill`: build the config (defaults < YAML < flags), train, print where the student went."""
-    from rich.console import Console
+    from raysad import ui
 
     from raysad.config import build_config
 
     config = build_config(DistillConfig, config_path, **flags)
     result = run_distill(config)
     m = result.metrics
-    Console().print(f"[green]distill[/green] ({config.method}): {result.steps} steps, final loss "
+    ui.console().print(f"[green]distill[/green] ({config.method}): {result.steps} steps, final loss "
                     f"{m.get('distill/loss', float('nan')):.4f}, student saved to [bold]{result.out}[/bold]")
-    Console().print(f"data: {m.get('data/examples', 0):.0f} examples, {m.get('data/reason_tokens', 0):.0f} reason "
+    ui.console().print(f"data: {m.get('data/examples', 0):.0f} examples, {m.get('data/reason_tokens', 0):.0f} reason "
                     f"and {m.get('data/act_tokens', 0):.0f} act tokens; dropped by --max-length "
                     f"{config.max_length}: {m.get('data/dropped_loss_tokens', 0):.0f} loss tokens, "
                     f"{m.get('data/dropped_prompt_tokens', 0):.0f} prompt tokens")

@@ -1,13 +1,13 @@
 """`raysad envs list` and `raysad envs play`: look at the environments as a person would."""
 from __future__ import annotations
 
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 import raysad_envs
+from raysad import ui
 
-console = Console()
+console = ui.console()
 
 
 def list_envs() -> None:

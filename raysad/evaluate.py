@@ -73,7 +73,7 @@ class EvalConfig:
     method: str | None = None              # what the student is (report params); None = from the model dir
     student_size: str | None = None
     experiment: str = "raysad"             # MLflow experiment
-    run_name: str = "evaluate"
+    run_name: str | None = None             # MLflow run name (default evaluate-<model or policy>-<env>-<split>)
     tracking_uri: str | None = None        # MLflow; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
     ray_address: str | None = None         # "auto" or host:port to join a cluster; None = $RAY_ADDRESS or local
     num_cpus: int | None = None            # CPUs of a local Ray (None = all)
@@ -473,7 +473,9 @@ def run_evaluate(cfg: EvalConfig, progress: bool = True, track: bool = True) -> 
                   **student,
                   # the evaluation's own settings under eval.*: a bare `seed` is the student's (report groups)
                   **{f"eval.{k}": v for k, v in flatten(cfg).items() if v is not None and v != {}}}
-        with tracking.start_run(cfg.experiment, cfg.run_name, params, uri=cfg.tracking_uri,
+        who = Path(cfg.model).name if cfg.model else cfg.policy
+        run_name = cfg.run_name or f"evaluate-{who}-{cfg.env}-{cfg.split}"
+        with tracking.start_run(cfg.experiment, run_name, params, uri=cfg.tracking_uri,
                                 tags={"stage": "evaluate", "env": cfg.env, "policy": cfg.policy}):
             tracking.log_metrics(metrics)
             tracking.log_text(json.dumps(result, indent=2) + "\n", "eval.json")
@@ -509,7 +511,7 @@ _ROWS = [  # (metric, label, format)
 
 
 def print_metrics(metrics: dict[str, float | None], cfg: EvalConfig) -> None:
-    from rich.console import Console
+    from raysad import ui
     from rich.table import Table
 
     table = Table(title=f"evaluate: {cfg.env} ({cfg.split}), policy {cfg.policy}"
@@ -521,7 +523,7 @@ def print_metrics(metrics: dict[str, float | None], cfg: EvalConfig) -> None:
             value = metrics[key]
             table.add_row(label, "-" if value is None else form.format(value))
     table.add_row("written to", str(Path(cfg.out) / "eval.json"))
-    Console().print(table)
+    ui.console().print(table)
 
 
 def main(config_path: str | None = None, **flags: Any) -> dict[str, float | None]:

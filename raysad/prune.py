@@ -432,20 +432,20 @@ def _shape(config) -> dict[str, int]:
 
 
 def _say(text: str) -> None:
-    from rich.console import Console
+    from raysad import ui
 
-    Console(stderr=True).print(text, highlight=False)
+    ui.console(stderr=True).print(text, highlight=False)
 
 
 def main(config_path: str | Path | None = None, **flags: Any) -> dict[str, Any]:
     """`raysad prune`: build the config (defaults < YAML < flags), prune, print the figures."""
-    from rich.console import Console
+    from raysad import ui
 
     from raysad.config import build_config
 
     config = build_config(PruneConfig, config_path, **flags)
     result = run_prune(config)
-    Console().print(f"[green]prune[/green]: {result['params_before']:,} -> {result['params_after']:,} parameters "
+    ui.console().print(f"[green]prune[/green]: {result['params_before']:,} -> {result['params_after']:,} parameters "
                     f"({result['fraction_removed']:.1%} fewer); model and tokenizer saved to "
                     f"[bold]{result['out']}[/bold]")
     return result

@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rich.console import Console
+from raysad import ui
 
-console = Console()
+console = ui.console()
 
 METHODS = ("sad", "token_kd", "sft")
 

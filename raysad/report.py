@@ -415,9 +415,9 @@ def _save(fig, path: str | Path) -> Path:
 
 def run_report(config: ReportConfig, console=None) -> Report:
     """Load, summarise, print, write and plot as `config` says; log into a `report` run when config.log."""
-    from rich.console import Console
+    from raysad import ui
 
-    console = console or Console()
+    console = console or ui.console()
     runs = load_runs(config.experiment, config.filter, config.tracking_uri)
     rows = evaluated(runs)
     grouped = bool(config.group_by)

@@ -91,7 +91,7 @@ class RolloutConfig:
     out: str = "trajectories.jsonl"        # .jsonl or .parquet
     only_success: bool = False             # write successful episodes only
     experiment: str = "raysad"             # MLflow experiment
-    run_name: str = "rollout"
+    run_name: str | None = None             # MLflow run name (default rollout-<policy>-<env>-<split>)
     tracking_uri: str | None = None        # MLflow; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
     ray_address: str | None = None         # "auto" or host:port to join a cluster; None = $RAY_ADDRESS or local
     num_cpus: int | None = None            # CPUs of a local Ray (None = all)
@@ -486,7 +486,8 @@ def _run_tracked(cfg, env_factory, engine_factory, progress, track, _on_write) -
         if _on_write is not None:
             _on_write(traj)
 
-    with tracking.start_run(cfg.experiment, cfg.run_name, flatten(cfg), uri=cfg.tracking_uri,
+    run_name = cfg.run_name or f"rollout-{cfg.policy}-{cfg.env}-{cfg.split}"
+    with tracking.start_run(cfg.experiment, run_name, flatten(cfg), uri=cfg.tracking_uri,
                             tags={"stage": "rollout", "env": cfg.env, "policy": cfg.policy}):
         summary = _run(cfg, env_factory, engine_factory, progress, on_write)
         warn_turns(summary, cfg)
@@ -611,9 +612,9 @@ def _wait_ready(actors: list, engines: list, progress: bool) -> None:
     and the steps/s measured after it are the pool's."""
     import contextlib
 
-    from rich.console import Console
+    from raysad import ui
 
-    status = (Console().status(f"starting {len(actors)} env actors and {len(engines)} engines") if progress
+    status = (ui.console().status(f"starting {len(actors)} env actors and {len(engines)} engines") if progress
               else contextlib.nullcontext())
     with status:
         try:
@@ -699,17 +700,13 @@ def _drive(cfg: RolloutConfig, actors: list, engines: list, queue: collections.d
 
 
 class _Progress:
-    """Episodes done, success so far and env steps/s on a rich progress bar."""
+    """Episodes done, success so far and env steps/s (raysad.ui.Progress: a bar, or log lines)."""
 
     def __init__(self, total: int, enabled: bool, summary: RolloutSummary):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from raysad.ui import Progress
 
         self.summary, self.steps, self.start = summary, 0, time.monotonic()
-        self.progress = Progress(TextColumn("rollout"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("success {task.fields[success]}"),
-                                 TextColumn("{task.fields[rate]} steps/s"), TimeElapsedColumn(),
-                                 disable=not enabled)
-        self.task = self.progress.add_task("rollout", total=total, success="-", rate="-")
+        self.progress = Progress("rollout", total, enabled, fields=("success", "rate"))
 
     def __enter__(self):
         self.progress.__enter__()
@@ -729,12 +726,12 @@ class _Progress:
     def _refresh(self, advance: int) -> None:
         s = self.summary
         rate = self.steps / max(time.monotonic() - self.start, 1e-9)
-        success = f"{s.successes / s.episodes:.0%}" if s.episodes else "-"
-        self.progress.update(self.task, advance=advance, success=success, rate=f"{rate:.1f}")
+        success = f"success {s.successes / s.episodes:.0%}" if s.episodes else "success -"
+        self.progress.update(advance, success=success, rate=f"{rate:.1f} steps/s")
 
 
 def print_summary(summary: RolloutSummary, cfg: RolloutConfig) -> None:
-    from rich.console import Console
+    from raysad import ui
     from rich.table import Table
 
     table = Table(title=f"rollout: {cfg.env} ({cfg.split}), policy {cfg.policy}"
@@ -759,7 +756,7 @@ def print_summary(summary: RolloutSummary, cfg: RolloutConfig) -> None:
     rows.append(("output", summary.out))
     for row in rows:
         table.add_row(*row)
-    Console().print(table)
+    ui.console().print(table)
 
 
 def main(config_path: str | None = None, **flags: Any) -> RolloutSummary:

@@ -155,11 +155,11 @@ def run_sft(config: SFTConfig, track: bool = True, progress: bool = True) -> Pat
 
 def main(config_path: str | Path | None = None, **flags: Any) -> Path:
     """`raysad sft`: build the config (defaults < YAML < flags), train, print where the model went."""
-    from rich.console import Console
+    from raysad import ui
 
     from raysad.config import build_config
 
     config = build_config(SFTConfig, config_path, **flags)
     out = run_sft(config)
-    Console().print(f"[green]sft[/green]: fine-tuned model and tokenizer saved to [bold]{out}[/bold]")
+    ui.console().print(f"[green]sft[/green]: fine-tuned model and tokenizer saved to [bold]{out}[/bold]")
     return out

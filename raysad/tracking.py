@@ -58,7 +58,8 @@ def start_run(experiment: str, run_name: str, params: dict[str, Any] | None = No
     with active as run:
         if params:
             params = redact(params)  # secrets (api_key, token, ...) never reach the params or config.json
-            mlflow.log_params({k: _param_value(v) for k, v in params.items()})
+            # an unset field is no param (MLflow would store the string 'None'); config.json keeps it as null
+            mlflow.log_params({k: _param_value(v) for k, v in params.items() if v is not None})
             mlflow.log_dict({k: v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
                              for k, v in params.items()}, "config.json")
         yield run

@@ -468,9 +468,9 @@ def tune_metric(sweep: SweepConfig) -> str:
 
 # ------------------------------------------------------------------------------------- shared inputs ----
 def _say(text: str) -> None:
-    from rich.console import Console
+    from raysad import ui
 
-    Console().print(f"[cyan]tune[/cyan] {text}")
+    ui.console().print(f"[cyan]tune[/cyan] {text}")
 
 
 def prepare_inputs(sweep: SweepConfig, sweep_dir: Path, uri: str) -> dict[str, Any]:
@@ -666,7 +666,7 @@ def run_trial(config: dict, sweep: dict, inputs: dict, parent_run_id: str | None
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from raysad.config import flatten
+    from raysad.distill import run_params
 
     sweep = SweepConfig(**sweep)
     config = config.get("params", config)  # grid sweeps put the whole trial config under "params"
@@ -685,7 +685,7 @@ def run_trial(config: dict, sweep: dict, inputs: dict, parent_run_id: str | None
                names.P_PRUNE_RATIO: prune_ratio, names.P_ENV: config["env"]}
     params = {**student, "lr": dcfg.lr, "temperature": dcfg.temperature, "student": spec, "trial_id": trial_id,
               "sweep": sweep.name, "chunks": sweep.chunks,
-              **{f"distill.{k}": v for k, v in flatten(dcfg).items() if v is not None}}
+              **{f"distill.{k}": v for k, v in run_params(dcfg).items() if v is not None}}
     tags = {names.STAGE_TAG: "trial", "sweep": sweep.name, "trial_id": trial_id, "method": student[names.P_METHOD],
             "student_size": student_size(spec), "env": config["env"]}
     if parent_run_id:

@@ -224,6 +224,8 @@ def test_saved_student_loads_and_mlflow_has_the_run(data, tmp_path):
     run = client.get_run(result.run_id)
     assert run.data.tags["method"] == "sad" and run.data.tags["model_path"] == str(result.out)
     assert run.data.params["lambda_act"] == "1.0"
+    # no test hook and no unset field among the params (an unset one used to be the string 'None')
+    assert "fail_once_at_step" not in run.data.params and "None" not in run.data.params.values()
     history = client.get_metric_history(result.run_id, "distill/loss")
     assert [m.value for m in history] == pytest.approx(losses(result))
     for name in ("reason_loss", "act_loss", "ce_loss", "reason_tokens", "act_tokens", "lr", "tokens_per_s",

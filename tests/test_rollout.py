@@ -229,6 +229,7 @@ def test_cli_with_yaml_config_logs_to_mlflow(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(uri)
     [run] = mlflow.search_runs(experiment_names=["cli-test"], output_format="list")
     assert run.data.params["env"] == "webshop" and run.data.params["episodes"] == "2"
+    assert run.info.run_name == "rollout-expert-webshop-test" and "None" not in run.data.params.values()
     assert run.data.metrics["rollout/success_rate"] == 1.0 and run.data.metrics["rollout/episodes"] == 2
     assert run.data.metrics["rollout/steps_per_s"] > 0
 
