@@ -210,3 +210,40 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+# --------------------------------------------------------------------------------- recorded settings ----
+# A stage that resumes from its output (rollout, quickstart, tune) records the settings it started with next to
+# it and refuses to continue with others; these two functions are that record, for all of them.
+
+def changed_settings(path: str | Path, settings: dict[str, Any], ignore: tuple[str, ...] = (),
+                     only_recorded: bool = False) -> list[str] | None:
+    """`key: old -> new` for each setting that differs from those recorded in `path` (None: nothing recorded,
+    or an unreadable record). Values compare as JSON reads them back (tuples are lists). `ignore`: keys that
+    may change; `only_recorded`: compare only keys the record has (a record older than a new setting)."""
+    import json
+
+    path = Path(path)
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(recorded, dict):
+        return None
+    current = json.loads(json.dumps(settings, default=str))
+    # what the record holds first (those are the real changes), then settings it has never seen
+    keys = [k for k in sorted(recorded) if k not in ignore]
+    keys += [] if only_recorded else [k for k in sorted(current) if k not in recorded and k not in ignore]
+    return [f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}" for k in keys if recorded.get(k) != current.get(k)]
+
+
+def record_settings(path: str | Path, settings: dict[str, Any]) -> None:
+    """Write the settings record atomically (a kill leaves the old record or the new one, never half of one)."""
+    import json
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(settings, indent=1, default=str) + "\n")
+    os.replace(tmp, path)

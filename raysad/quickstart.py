@@ -118,15 +118,14 @@ RESUME_MAY_CHANGE = ("out", "experiment", "tracking_uri")  # where results go, n
 def check_settings(cfg: QuickstartConfig, out: Path) -> None:
     """A rerun continues the stages finished in `out`: only with the settings they were made with (a finished
     teacher of another kind would otherwise be reused silently). The first run records them."""
-    from raysad.config import ConfigError
+    from raysad.config import ConfigError, changed_settings, record_settings
 
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_MAY_CHANGE}
     path = out / SETTINGS_FILE
-    if not path.exists():
-        path.write_text(json.dumps(settings, indent=1) + "\n")
+    changed = changed_settings(path, settings, ignore=RESUME_MAY_CHANGE)
+    if changed is None:
+        record_settings(path, settings)
         return
-    before = json.loads(path.read_text())
-    changed = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in settings.items() if before.get(k) != v]
     if changed:
         raise ConfigError(f"{out}: holds a quickstart run with other settings ({'; '.join(changed[:3])}); "
                           "continue it with its settings, or choose another --out")

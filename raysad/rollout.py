@@ -396,27 +396,19 @@ def _output_exists(out: Path) -> bool:
 def check_settings(cfg: RolloutConfig) -> None:
     """Refuse (ValueError, one line naming the fields) to resume an output written with other settings; record
     the settings of a new output (or of an older one that has none)."""
+    from raysad.config import changed_settings, record_settings
+
     out = Path(cfg.out)
     mine = {k: getattr(cfg, k) for k in RESUME_SETTINGS}
-    mine = json.loads(json.dumps(mine))  # as it reads back (tuples -> lists)
     path = settings_path(out)
     if path.is_file() and _output_exists(out):
-        try:
-            theirs = json.loads(path.read_text())
-        except ValueError:
-            theirs = None
-        if isinstance(theirs, dict):
-            diff = [k for k in RESUME_SETTINGS if k in theirs and theirs[k] != mine[k]]
-            if diff:
-                changes = ", ".join(f"{k}: {theirs[k]!r} -> {mine[k]!r}" for k in diff)
-                raise ValueError(f"{out} was written with other settings ({changes}); rerun with the same "
-                                 f"settings to resume it, or pass a fresh --out")
-            if all(k in theirs for k in RESUME_SETTINGS):
-                return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(mine, indent=1) + "\n")
-    os.replace(tmp, path)
+        changes = changed_settings(path, mine, only_recorded=True)
+        if changes:
+            raise ValueError(f"{out} was written with other settings ({', '.join(changes)}); rerun with the same "
+                             f"settings to resume it, or pass a fresh --out")
+        if changes is not None and set(RESUME_SETTINGS) <= set(json.loads(path.read_text())):
+            return
+    record_settings(path, mine)
 
 
 def select_tasks(cfg: RolloutConfig, make_env: Callable[[], Any] | None = None) -> list[str]:

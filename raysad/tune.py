@@ -810,27 +810,24 @@ def _trainable(sweep: SweepConfig, inputs: dict, parent_run_id: str | None):
     return tune.with_resources(fn, resources)
 
 
-def _settings(sweep: SweepConfig) -> str:
+def _settings(sweep: SweepConfig) -> dict:
     """The sweep's settings as SETTINGS_FILE holds them (secrets such as an engine's api_key redacted)."""
     from raysad.config import redact
 
-    return json.dumps(redact(dataclasses.asdict(sweep)), indent=1, default=str) + "\n"
+    return redact(dataclasses.asdict(sweep))
 
 
 def check_resume(sweep: SweepConfig, sweep_dir: Path) -> None:
     """A sweep resumes the Tune experiment it finds, with the grid it was started with: when this sweep's settings
     differ from those (a new space, other distill settings), resuming would silently run the old sweep, so refuse
     and say what changed. A sweep folder from before SETTINGS_FILE existed resumes unchecked."""
-    stored_file = sweep_dir / SETTINGS_FILE
-    if not stored_file.exists():
-        return
-    stored, current = json.loads(stored_file.read_text()), json.loads(_settings(sweep))
-    changed = sorted(k for k in set(stored) | set(current)
-                     if k not in RESUME_MAY_CHANGE and stored.get(k) != current.get(k))
+    from raysad.config import changed_settings
+
+    changed = changed_settings(sweep_dir / SETTINGS_FILE, _settings(sweep), ignore=RESUME_MAY_CHANGE)
     if changed:
         raise ConfigError(f"{sweep_dir} holds sweep {sweep.name!r} started with other settings (changed: "
-                          f"{', '.join(changed)}); resuming would run the old one. Rerun with --no-resume to start "
-                          "it again, or give the new sweep another `name`")
+                          f"{', '.join(k.split(':')[0] for k in changed)}); resuming would run the old one. Rerun with "
+                          "--no-resume to start it again, or give the new sweep another `name`")
 
 
 def _tuner(sweep: SweepConfig, trainable, tune_dir: Path, restore: bool):
@@ -910,7 +907,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = True) -> SweepResult:
 
     from raysad import tracking
     from raysad.cluster import init_ray
-    from raysad.config import flatten
+    from raysad.config import flatten, record_settings
 
     began = time.perf_counter()
     sweep_dir = (Path(sweep.storage).expanduser() / sweep.name).resolve()
@@ -924,7 +921,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = True) -> SweepResult:
         check_resume(sweep, sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if not resuming:
-        (sweep_dir / SETTINGS_FILE).write_text(_settings(sweep))
+        record_settings(sweep_dir / SETTINGS_FILE, _settings(sweep))
     uri = tracking.absolute_uri(sweep.tracking_uri)
     experiment = sweep.experiment or sweep.name
     started_ray = init_ray(sweep.ray_address, sweep.num_cpus)
