@@ -227,12 +227,14 @@ def trajectory_format(traj: Trajectory) -> AgentFormat:
     else (files from before it was recorded) the built-in format of its env's name."""
     recorded = traj.extra.get("agent_format")
     if recorded is None:
-        import raysad_envs
+        name = traj.env
+        if name.lower() not in BUILTIN_FORMATS:  # an alias of a built-in env (the envs package is optional here)
+            try:
+                import raysad_envs
 
-        try:
-            name = raysad_envs.canonical(traj.env)
-        except ValueError:
-            name = traj.env
+                name = raysad_envs.canonical(traj.env)
+            except (ImportError, ValueError):
+                pass
         if name.lower() not in BUILTIN_FORMATS:
             raise FormatError(f"trajectory {traj.id!r} (env {traj.env!r}) records no agent_format and {traj.env!r} "
                               f"has no built-in format ({', '.join(BUILTIN_FORMATS)}): roll it out again with "
