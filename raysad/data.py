@@ -353,10 +353,7 @@ def encode_shard(shard: dict, tokenizer_source: str, config) -> list[dict]:
 
 _EMPTY_EXAMPLE = {"input_ids": np.zeros(0, np.int64), "reason_mask": np.zeros(0, bool),
                   "act_mask": np.zeros(0, bool), "topk_ids": None, "topk_logprobs": None, "topk_mask": None}
-_ERROR_STATS = {"skipped": True, "empty_thoughts": 0, "truncated_turns": 0, "truncated_examples": 0,
-                "dropped_prompt_tokens": 0, "dropped_loss_tokens": 0, "dropped_turns": 0, "reason_tokens": 0,
-                "act_tokens": 0, "loss_tokens_without_teacher": 0, "loss_reason": 0, "loss_act": 0, "tokens": 0,
-                "complexity": 0.0, "has_topk": False}
+_ERROR_STATS = {**dict.fromkeys(STAT_FIELDS, 0), "skipped": True, "complexity": 0.0, "has_topk": False}
 
 
 @dataclass

@@ -406,8 +406,7 @@ def check_settings(cfg: RolloutConfig) -> None:
         if changes:
             raise ValueError(f"{out} was written with other settings ({', '.join(changes)}); rerun with the same "
                              f"settings to resume it, or pass a fresh --out")
-        if changes is not None and set(RESUME_SETTINGS) <= set(json.loads(path.read_text())):
-            return
+    # (re)written: a new output, or an older record completed with the settings it lacked
     record_settings(path, mine)
 
 
