@@ -37,7 +37,7 @@ def build(root: Path, episodes: int = 200) -> list[str]:
     """Tokenizer + student under root; returns the pool of JSONL lines (one trajectory each, `{id}` marked)."""
     from raysad import models
     from raysad.policies.expert import expert_episodes
-    from raysad.segments import get_format
+    from raysad.agent_formats import get_format
     from raysad.sft import trajectory_texts
 
     trajs = expert_episodes("hotpotqa", episodes, max_turns=6, prompt_chars=300, observation_chars=200)

@@ -44,7 +44,7 @@ def build(root: Path, args) -> None:
     from raysad import models
     from raysad.policies.expert import expert_episodes
     from raysad.sft import trajectory_texts
-    from raysad.trajectory import TrajectoryWriter
+    from raysad.trajectory_writer import TrajectoryWriter
 
     # more episodes than are trained on, for the tokenizer: a vocabulary of a few thousand tokens needs text
     trajs = expert_episodes("hotpotqa", max(args.examples, args.tokenizer_examples), max_turns=8,
@@ -72,7 +72,7 @@ def run_raysad(root: Path, args) -> dict:
                            gpus_per_worker=1.0 if torch.cuda.is_available() else 0.0)
     import ray.train.torch  # noqa: F401  (imported by run_distill anyway: counted in the baseline)
     import raysad_envs  # noqa: F401  (as in the TRL run, whose baseline comes after encoding the data)
-    import raysad.segments  # noqa: F401
+    import raysad.encoding  # noqa: F401
 
     before = rss_mb()  # after imports, before models and data
     result = run_distill(config, track=False)

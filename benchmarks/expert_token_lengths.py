@@ -4,7 +4,7 @@
     python benchmarks/expert_token_lengths.py --tokenizer models/smollm2-135m-instruct --episodes 300
 
 A segment is counted as an engine writes it: the prefix's lead space, the text and its end delimiter
-(segments.encode_trajectory's reason / act tokens). Prints max, p99 and mean per env and segment, and the
+(encoding.encode_trajectory's reason / act tokens). Prints max, p99 and mean per env and segment, and the
 budget each env declares next to it.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from raysad.models import load_tokenizer
-    from raysad.segments import encode_trajectory
+    from raysad.encoding import encode_trajectory
 
     tokenizer = load_tokenizer(args.tokenizer)
     print(f"tokenizer {args.tokenizer} ({len(tokenizer)} ids), {args.episodes} expert episodes per env ({args.split})")

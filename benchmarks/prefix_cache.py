@@ -21,7 +21,8 @@ def play(engine, env_name: str, tasks: list[str], max_steps: int, max_new_tokens
     """All `tasks` at once, one batched turn per step; returns (actions per episode, env steps, seconds)."""
     import raysad_envs
     from raysad.policies.base import next_turns
-    from raysad.segments import get_format, render_context
+    from raysad.agent_formats import get_format
+    from raysad.segments import render_context
 
     envs = [raysad_envs.make(env_name, split="test", max_steps=max_steps) for _ in tasks]
     fmt = get_format(envs[0].unwrapped.agent_format)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 def expert_trajectories(path: Path, episodes: int) -> None:
     import raysad_envs
-    from raysad.trajectory import Trajectory, TrajectoryWriter, Turn
+    from raysad.trajectory import Trajectory, Turn
+    from raysad.trajectory_writer import TrajectoryWriter
 
     env = raysad_envs.make("hotpotqa", split="train")
     with TrajectoryWriter(path) as writer:

@@ -80,7 +80,7 @@ class ReplicateConfig:
     cot_reference: int = 25                # teacher test trajectories the CoT match rate replays
     lambda_pairs: list[list[float]] = field(default_factory=lambda: [[0.0, 1.0], [2.0, 1.0], [1.0, 2.0]])
     prune_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5])
-    max_steps: int = 8                     # per episode
+    max_turns: int = 8                     # per episode
     max_new_tokens: int | None = None      # per thought / action; None = the env's token_budget
     max_length: int = 768
     experiment: str = "replicate"          # MLflow experiment prefix: <experiment>-<env>
@@ -89,7 +89,7 @@ class ReplicateConfig:
 
 SMALL = dict(out="runs/replicate-small", envs=["hotpotqa"], expert_episodes=24, teacher="tiny-1m",
              teacher_steps=20, teacher_episodes=6, students=["derive:keep_every=2"], seeds=1, distill_steps=6,
-             test_episodes=3, cot_reference=2, lambda_pairs=[[0.0, 1.0]], prune_ratios=[0.5], max_steps=4,
+             test_episodes=3, cot_reference=2, lambda_pairs=[[0.0, 1.0]], prune_ratios=[0.5], max_turns=4,
              max_new_tokens=16, max_length=512, methods=list(METHODS), experiment="replicate-small")
 # the real-weights replication: a SmolLM2-135M-Instruct teacher fine-tuned on 600 expert episodes (one epoch of
 # batch 8), students cut to 8 of its 30 layers, 300 test tasks. A cut student starts far from the teacher (CE
@@ -113,7 +113,8 @@ def prepare_env(cfg: ReplicateConfig, env: str, out: Path, uri: str) -> dict[str
     from raysad.evaluate import EvalConfig, run_evaluate
     from raysad.rollout import RolloutConfig, run_rollout
     from raysad.sft import SFTConfig, run_sft
-    from raysad.trajectory import TrajectoryWriter, read_trajectories
+    from raysad.trajectory_reader import read_trajectories
+    from raysad.trajectory_writer import TrajectoryWriter
 
     experiment = f"{cfg.experiment}-{env}"
     common = dict(experiment=experiment, tracking_uri=uri)
@@ -129,7 +130,7 @@ def prepare_env(cfg: ReplicateConfig, env: str, out: Path, uri: str) -> dict[str
         done.touch()
         times[key] = time.perf_counter() - began
 
-    from raysad.models import starting_model
+    from raysad.convert import starting_model
 
     base = starting_model(cfg.teacher, out.parent, log=say)
     expert, teacher, data, test_dir = out / "expert.jsonl", out / "teacher", out / "teacher.jsonl", out / "teacher_test"
@@ -145,12 +146,12 @@ def prepare_env(cfg: ReplicateConfig, env: str, out: Path, uri: str) -> dict[str
     stage("teacher_rollout_s", out / "teacher.done",
           f"teacher plays {cfg.teacher_episodes} train tasks (top-{cfg.topk} log-probs kept)", lambda: run_rollout(
               RolloutConfig(env=env, split="train", policy="hf", model=str(teacher), episodes=cfg.teacher_episodes,
-                            topk=cfg.topk, max_steps=cfg.max_steps, max_new_tokens=cfg.max_new_tokens, env_actors=2,
+                            topk=cfg.topk, max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, env_actors=2,
                             envs_per_actor=16, out=str(data), run_name="rollout-teacher", **common), progress=False))
     stage("teacher_eval_s", test_dir / "eval.json", f"teacher on the test split (up to {cfg.test_episodes} tasks)",
           lambda: run_evaluate(EvalConfig(
               env=env, split="test", policy="hf", model=str(teacher), episodes=cfg.test_episodes,
-              max_steps=cfg.max_steps, max_new_tokens=cfg.max_new_tokens, env_actors=2, envs_per_actor=16,
+              max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, env_actors=2, envs_per_actor=16,
               method="teacher", student_size=cfg.teacher, out=str(test_dir), run_name="evaluate-teacher",
               **common), progress=False))
     teacher_test = json.loads((test_dir / "eval.json").read_text())["metrics"]
@@ -221,7 +222,7 @@ def write_sweep(cfg: ReplicateConfig, env: str, kind: str, space: dict | list, i
                         # long trials checkpoint on the way, so one cut short loses at most 100 steps
                         **({"checkpoint_every": 100} if (cfg.distill_steps or 0) > 100 else {})}
     sweep["prune"] = {**sweep.get("prune", {}), "max_length": cfg.max_length}
-    sweep["evaluate"] = {**sweep.get("evaluate", {}), "max_steps": cfg.max_steps,
+    sweep["evaluate"] = {**sweep.get("evaluate", {}), "max_turns": cfg.max_turns,
                          "max_new_tokens": cfg.max_new_tokens, "reference": inputs["reference"]}
     path.write_text(f"# written by benchmarks/replicate.py from {cfg.sweep_file}\n" + yaml.safe_dump(sweep))
     return path
@@ -265,7 +266,7 @@ def select(rows, size: str, methods: list[str], seeds: int):
 
 
 def student_spec(size_label: str, students: list[str]) -> str:
-    from raysad.tune import student_size
+    from raysad.sweep import student_size
 
     return next(s for s in students if student_size(s) == size_label)
 
@@ -358,7 +359,7 @@ def run_env(cfg: ReplicateConfig, env: str, uri: str) -> dict[str, Any] | None:
 
 # ------------------------------------------------------------------------------------------ results ----
 RUN_SETTINGS = ("expert_episodes", "teacher", "teacher_steps", "teacher_episodes", "topk", "students", "seeds",
-                "distill_steps", "test_episodes", "max_steps", "max_new_tokens", "max_length")
+                "distill_steps", "test_episodes", "max_turns", "max_new_tokens", "max_length")
 COLUMNS = [("eval/success_rate", "success"), ("eval/score", "score"), ("eval/f1", "F1"),
            ("eval/cot_match_rate", "CoT match"), ("eval/thought_f1", "thought F1"),
            ("eval/reasoning_tokens", "reason tok/ep"), ("eval/latency_per_step_s", "s/step"), ("eval/params", "params")]

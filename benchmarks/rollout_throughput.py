@@ -3,7 +3,7 @@
 The sequential loop is what the ReAct scripts do: one env, one prompt per generate call, in this process.
 The pool is `raysad rollout`: env actors stepping `--envs` environments in all, one HF engine actor that merges
 their requests into batches. Same teacher (a tiny random model built from config, so the actions are mostly
-invalid and episodes run to --max-steps: the cost per step is what is compared), same env and tasks.
+invalid and episodes run to --max-turns: the cost per step is what is compared), same env and tasks.
 
     python benchmarks/rollout_throughput.py                       # 32 envs = 4 actors x 8
     python benchmarks/rollout_throughput.py --envs 8 --env-actors 2 --size tiny-5m
@@ -47,10 +47,11 @@ def sequential(env_name: str, model_dir: str, tasks: list[str], args) -> tuple[i
     import raysad_envs
     from raysad.policies.base import next_turns
     from raysad.policies.hf import HFEngine
-    from raysad.segments import get_format, render_context
+    from raysad.agent_formats import get_format
+    from raysad.segments import render_context
 
     engine = HFEngine(model_dir, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=0)
-    env = raysad_envs.make(env_name, split="test", max_steps=args.max_steps)
+    env = raysad_envs.make(env_name, split="test", max_steps=args.max_turns)
     fmt = get_format(env.unwrapped.agent_format)
     steps, tokens, start = 0, 0, time.perf_counter()
     for task_id in tasks:
@@ -72,7 +73,7 @@ def pool(env_name: str, model_dir: str, tasks: list[str], args, out: Path) -> tu
 
     start = time.perf_counter()
     cfg = RolloutConfig(env=env_name, split="test", task_ids=tasks, policy="hf", model=model_dir,
-                        max_steps=args.max_steps, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        max_turns=args.max_turns, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         env_actors=args.env_actors,
                         envs_per_actor=args.envs // args.env_actors, engine_batch_size=args.envs,
                         cpus_per_engine=args.threads, out=str(out))
@@ -91,7 +92,7 @@ def main() -> None:
     parser.add_argument("--env-actors", type=int, default=4)
     parser.add_argument("--tasks", type=int, default=64, help="episodes the pool plays")
     parser.add_argument("--seq-tasks", type=int, default=6, help="episodes the sequential loop plays")
-    parser.add_argument("--max-steps", type=int, default=4)
+    parser.add_argument("--max-turns", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="sampling: a random model then writes a stop string after ~20 tokens, as a teacher "
@@ -124,7 +125,7 @@ def main() -> None:
     pool_steps, pool_tokens, pool_s, pool_total_s = max(pool_runs, key=lambda run: run[0] / run[2])
     seq_rate, pool_rate = seq_steps / seq_s, pool_steps / pool_s
     print(f"env {args.env}, teacher {args.size} (hf, CPU, {torch.get_num_threads()} threads), "
-          f"max_steps {args.max_steps}, max_new_tokens {args.max_new_tokens} per segment")
+          f"max_turns {args.max_turns}, max_new_tokens {args.max_new_tokens} per segment")
     print(f"sequential (1 env, 1 prompt per call): {seq_steps:4d} steps in {seq_s:6.1f} s = {seq_rate:6.2f} steps/s"
           f"  ({seq_tokens / seq_steps:.1f} tokens/step)")
     print(f"ray pool ({args.env_actors} actors x {args.envs // args.env_actors} envs, 1 engine): {pool_steps:4d} steps "

@@ -36,9 +36,9 @@ def mean_ce(model, examples) -> float:
 def main(argv: list[str] | None = None) -> None:
     import torch
 
-    from raysad import models
-    from raysad.segments import encode_trajectory
-    from raysad.trajectory import read_trajectories
+    from raysad import models, students
+    from raysad.encoding import encode_trajectory
+    from raysad.trajectory_reader import read_trajectories
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", required=True, help="HF folder of the (fine-tuned) teacher")
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
              "derive:keep_every=1,width_factor=0.5"]
     print(f"{'student (derive spec)':40s} {'layers':>6s} {'params':>8s} {'CE':>7s}")
     for spec in specs:
-        model = models.derive_student(teacher, **models.parse_derive_spec(spec))
+        model = students.derive_student(teacher, **students.parse_derive_spec(spec))
         params = sum(p.numel() for p in model.parameters())
         name = spec + (" (the teacher)" if spec == "derive:keep_every=1" else "")
         print(f"{name:40s} {model.config.num_hidden_layers:6d} {params / 1e6:7.1f}M {mean_ce(model, examples):7.3f}",

@@ -7,7 +7,7 @@ fp32), and the shares of truncated and empty turns.
     .venv-vllm/bin/python benchmarks/tokenization_fidelity.py --engine vllm --model ... --episodes 50
 
 Every prompt the engine is given is recorded (raysad.fidelity.RecordingEngine) and compared with what
-segments.encode_trajectory makes of the written trajectories.
+encoding.encode_trajectory makes of the written trajectories.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("--engine", default="hf", choices=["hf", "vllm"])
     parser.add_argument("--envs", default="hotpotqa,webshop,alfworld")
     parser.add_argument("--episodes", type=int, default=50)
-    parser.add_argument("--max-steps", type=int, default=4, help="env steps per episode (turns)")
+    parser.add_argument("--max-turns", type=int, default=4, help="env steps per episode (turns)")
     parser.add_argument("--few-shot", type=int, default=1)
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--data", default=None, help="real data path (one env)")
@@ -33,21 +33,21 @@ def main() -> None:
     from raysad import fidelity, models
     from raysad.rollout import RolloutConfig, run_rollout
     from raysad.serving import default_engine_factory
-    from raysad.trajectory import read_trajectories
+    from raysad.trajectory_reader import read_trajectories
 
     out = Path(args.out or tempfile.mkdtemp(prefix="fidelity-"))
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = models.load_tokenizer(args.model)
     model = models.load_model(args.model, dtype="float32", device="cpu")
     engine_args = {"dtype": "float32"} if args.engine == "hf" else {"dtype": "float32", "max_model_len": 4096}
-    print(f"teacher {args.model} ({args.engine}, fp32), {args.episodes} episodes per env, <= {args.max_steps} "
+    print(f"teacher {args.model} ({args.engine}, fp32), {args.episodes} episodes per env, <= {args.max_turns} "
           f"steps, few-shot {args.few_shot}, top-{args.topk}")
     rows = []
     for env in args.envs.split(","):
         prompts = out / f"{env}.prompts.jsonl"
         prompts.unlink(missing_ok=True)
         cfg = RolloutConfig(env=env, split="train", data=args.data, episodes=args.episodes, policy=args.engine,
-                            model=args.model, topk=args.topk, few_shot=args.few_shot, max_steps=args.max_steps,
+                            model=args.model, topk=args.topk, few_shot=args.few_shot, max_turns=args.max_turns,
                             env_actors=1, envs_per_actor=16, engine_args=engine_args,
                             out=str(out / f"{env}.jsonl"), experiment="tokenization-fidelity")
         (out / f"{env}.jsonl").unlink(missing_ok=True)

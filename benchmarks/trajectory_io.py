@@ -15,8 +15,11 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from raysad.segments import encode_trajectory, render
-from raysad.trajectory import Trajectory, TrajectoryWriter, Turn, read_trajectories
+from raysad.encoding import encode_trajectory
+from raysad.segments import render
+from raysad.trajectory import Trajectory, Turn
+from raysad.trajectory_reader import read_trajectories
+from raysad.trajectory_writer import TrajectoryWriter
 
 
 def synthetic(n: int, turns: int, tokens: int, k: int, seed: int = 0):

@@ -1,7 +1,9 @@
-"""Typed stage configs: dataclasses filled from a YAML file and command-line flags, with clear errors.
+"""How a stage config is declared, filled and checked: defaults < YAML `--config` file < command-line flags.
 
-Each pipeline stage keeps its own config dataclass next to its code (rollout.py has RolloutConfig, ...);
-this module only knows how to fill one: defaults < YAML `--config` file < flags given on the command line.
+The configs themselves are in raysad/configs.py, composed from shared parts. A field is declared with
+`setting(default, help)`: its name, type, default and help live there once, and the CLI builds each command's
+flags from them (raysad/cli.py). `Checked` runs every part's `check` when a config is built, so a bad value
+fails on the driver in one line that names the field, before Ray starts or anything is written.
 """
 from __future__ import annotations
 
@@ -20,6 +22,42 @@ C = TypeVar("C")
 
 class ConfigError(ValueError):
     """A config value is missing, unknown or of the wrong type; the message names the file and the field."""
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING,
+            flag: str | None = None, shown: str | None = None) -> Any:
+    """A config field with its command-line help. `help` "" keeps the field out of the CLI (YAML only);
+    `flag` names a boolean's pair (`--prune-heads/--keep-heads`; default `--x/--no-x`); `shown` is the
+    default as --help prints it, where the value itself says little (None = "the env's")."""
+    metadata = {"help": help, "flag": flag, "shown": shown}
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def default_of(part: type, name: str, default: Any, help: str | None = None, shown: str | None = None) -> Any:
+    """Field `name` of a shared part with another default (help, shown default) in one stage: sft trains for
+    3 epochs where distill trains for 1, evaluate plays the test split where rollout plays train."""
+    meta = part.__dataclass_fields__[name].metadata  # the part's `shown` described its default, not this one
+    return setting(default, meta["help"] if help is None else help, flag=meta["flag"], shown=shown)
+
+
+class Checked:
+    """Base of the config parts: building a config runs the `check` of each class it is made of (its parts
+    first, then its own), each checking its own fields."""
+
+    def __post_init__(self) -> None:
+        for klass in reversed(type(self).__mro__):
+            check = vars(klass).get("check")
+            if check is not None:
+                check(self)
+
+
+def values_of(config: Any, *parts: type) -> dict[str, Any]:
+    """The values of `config`'s fields that belong to `parts`: how one stage hands shared settings to the
+    stage it runs (evaluate plays through rollout, sft trains through distill)."""
+    names = [f.name for part in parts for f in dataclasses.fields(part)]
+    return {name: getattr(config, name) for name in names}
 
 
 def _bound(x: float) -> str:
@@ -60,7 +98,7 @@ SEED_MAX = 2**40 - 1  # seeds: >= 0 (gymnasium refuses negative ones); derived s
 #                      step, tune's chunk seeds seed·1000 + i) must still fit torch's 64 bits
 
 
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
+def coerce(value: Any, annotation: Any, where: str) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if annotation is Any or value is None and (type(None) in args or annotation is None):
@@ -69,7 +107,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _coerce(value, arg, where)
+                return coerce(value, arg, where)
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(errors[0] if errors else f"{where}: cannot be None")
@@ -83,7 +121,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
         item = args[0] if args else Any
-        return origin(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+        return origin(coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is dict or annotation is dict:
         if isinstance(value, str):  # from a flag: k=v,k=v
             value = _parse_mapping(value, where)
@@ -91,7 +129,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
         if len(args) != 2:
             return dict(value)
-        return {_coerce(k, args[0], f"{where}[{k!r}]"): _coerce(v, args[1], f"{where}[{k!r}]")
+        return {coerce(k, args[0], f"{where}[{k!r}]"): coerce(v, args[1], f"{where}[{k!r}]")
                 for k, v in value.items()}
     if annotation is bool:
         if isinstance(value, bool):
@@ -137,7 +175,7 @@ def _parse_mapping(text: str, where: str) -> dict[str, Any]:
 def read_config_file(yaml_path: str | Path) -> dict[str, Any]:
     """The field: value mapping of a --config YAML file (dashes in names read as underscores)."""
     try:
-        loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        loaded = yaml.safe_load(Path(yaml_path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"{yaml_path}: config file not found") from None
     except yaml.YAMLError as err:
@@ -159,14 +197,26 @@ def build_config(cls: type[C], yaml_path: str | Path | None = None, **overrides:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)} for {cls.__name__}; "
-                          f"known: {', '.join(fields)}")
-    kwargs = {name: _coerce(value, hints[name], f"{source}: field '{name}'") for name, value in values.items()}
+        raise ConfigError(f"{source}: unknown field(s) {', '.join(_with_hints(unknown, cls, fields))} for "
+                          f"{cls.__name__}; known: {', '.join(fields)}")
+    kwargs = {name: coerce(value, hints[name], f"{source}: field '{name}'") for name, value in values.items()}
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
         raise ConfigError(f"{source}: missing required field(s) {', '.join(missing)} for {cls.__name__}")
     return cls(**kwargs)
+
+
+def _with_hints(unknown: list[str], cls: type, fields: dict[str, Any]) -> list[str]:
+    """Each unknown name, with the field it was renamed to (a class's RENAMED) or the closest known name."""
+    import difflib
+
+    renamed = getattr(cls, "RENAMED", {})
+    hinted = []
+    for name in unknown:
+        close = [renamed[name]] if name in renamed else difflib.get_close_matches(name, fields, n=1)
+        hinted.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return hinted
 
 
 REDACTED = "***"
@@ -217,10 +267,11 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
 # it and refuses to continue with others; these two functions are that record, for all of them.
 
 def changed_settings(path: str | Path, settings: dict[str, Any], ignore: tuple[str, ...] = (),
-                     only_recorded: bool = False) -> list[str] | None:
+                     only_recorded: bool = False, renamed: dict[str, str] | None = None) -> list[str] | None:
     """`key: old -> new` for each setting that differs from those recorded in `path` (None: nothing recorded,
     or an unreadable record). Values compare as JSON reads them back (tuples are lists). `ignore`: keys that
-    may change; `only_recorded`: compare only keys the record has (a record older than a new setting)."""
+    may change; `only_recorded`: compare only keys the record has (a record older than a new setting);
+    `renamed`: old name -> new name of settings an older record holds under their old name."""
     import json
 
     path = Path(path)
@@ -230,6 +281,7 @@ def changed_settings(path: str | Path, settings: dict[str, Any], ignore: tuple[s
         return None
     if not isinstance(recorded, dict):
         return None
+    recorded = {(renamed or {}).get(k, k): v for k, v in recorded.items()}
     current = json.loads(json.dumps(settings, default=str))
     # what the record holds first (those are the real changes), then settings it has never seen
     keys = [k for k in sorted(recorded) if k not in ignore]

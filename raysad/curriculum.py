@@ -18,7 +18,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from raysad.segments import AgentFormat, encode_trajectory
+from raysad.agent_formats import AgentFormat
+from raysad.encoding import encode_trajectory
 from raysad.trajectory import Trajectory
 
 DEFAULT_A, DEFAULT_B, DEFAULT_C = 1.0, 1.0, 100.0

@@ -5,13 +5,13 @@
     batches = step_batches(source.stats, config)                 # [step] -> example positions
     datasets = rank_datasets(source, batches, world=2)           # {"rank_0": Dataset, "rank_1": Dataset}
 
-An *example* is one trajectory encoded for the student (raysad.segments.encode_trajectory): input_ids, the
+An *example* is one trajectory encoded for the student (raysad.encoding.encode_trajectory): input_ids, the
 reason/act masks and, when the rollout stored them, the teacher's top-k rows. Examples are numbered by their
 position among the trajectories that have a loss token (the file's order), and every later step refers to them
 by that position, so the run's batch sequence is a pure function of (data, config): resume and "N workers ==
 one worker" hold by construction.
 
-On a cluster (`encode_on_cluster`) the file is cut into shards (raysad.trajectory.shards: JSONL byte ranges,
+On a cluster (`encode_on_cluster`) the file is cut into shards (raysad.trajectory_reader.shards: JSONL byte ranges,
 Parquet row groups); Ray Data reads and encodes them in tasks and keeps the examples as blocks in the object
 store (spilled to disk when they outgrow it). The driver keeps only per-example statistics (a few numbers each:
 the token counts the loss normalisers need, the curriculum's complexity) and the block references. Each Train
@@ -25,7 +25,9 @@ data/... metrics and warnings; a run whose examples hold no reason token, or no 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import math
 import random
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -91,7 +93,8 @@ def encode_all(trajectories: Iterable, tokenizer, config, first_index: int = 0) 
     method (`loss_reason`, `loss_act`, `tokens`), `complexity` (the curriculum's score) and `has_topk`.
     An example without any reason/act token has `skipped` set (it is not trained on)."""
     from raysad.curriculum import complexity
-    from raysad.segments import encode_trajectory, trajectory_format
+    from raysad.agent_formats import trajectory_format
+    from raysad.encoding import encode_trajectory
 
     for index, traj in enumerate(trajectories, first_index):
         example = encode_trajectory(traj, tokenizer, trajectory_format(traj), max_length=config.max_length)
@@ -196,7 +199,7 @@ def load_examples(config, tokenizer, stats: dict | None = None) -> list[dict]:
 
 
 def load_examples_and_stats(config, tokenizer) -> tuple[list[dict], DataStats]:
-    from raysad.trajectory import read_trajectories
+    from raysad.trajectory_reader import read_trajectories
 
     examples, rows = [], []
     for example, row in encode_all(read_trajectories(config.trajectories), tokenizer, config):
@@ -220,8 +223,9 @@ def check_teacher_signal(stats: DataStats | None, config) -> None:
 
 
 # ----------------------------------------------------------------------------------------- the order ----
-def epoch_order(stats: DataStats, config, epoch: int) -> list[int]:
-    """The example order of an epoch: a seeded shuffle, or easy -> hard with pacing under --curriculum."""
+def epoch_order(stats: DataStats, config, epoch: int, epochs: int | None = None) -> list[int]:
+    """The example order of an epoch: a seeded shuffle, or easy -> hard with pacing under --curriculum (the
+    unlocked share grows from curriculum_start to all of the data at the last of `epochs`)."""
     n = stats.examples
     if not config.curriculum:
         order = list(range(n))
@@ -230,18 +234,39 @@ def epoch_order(stats: DataStats, config, epoch: int) -> list[int]:
     from raysad.curriculum import unlocked
 
     ranked = sorted(range(n), key=lambda i: stats.complexity[i])  # stable: ties keep the file's order
-    return ranked[:unlocked(n, epoch, config.curriculum_start, max(config.epochs - 1, 1))]
+    return ranked[:unlocked(n, epoch, config.curriculum_start, max((epochs or config.epochs) - 1, 1))]
+
+
+def curriculum_epochs(stats: DataStats, config) -> int:
+    """The epochs a curriculum paces over: config.epochs, or, under max_steps, as many as fit in the step
+    budget, so that all of the data is unlocked within it. (Cycling the first epoch instead, as a plain run
+    does, trained a curriculum run on its easiest share only.)"""
+    from raysad.curriculum import unlocked
+
+    def steps(epochs: int) -> int:
+        return sum(math.ceil(unlocked(stats.examples, e, config.curriculum_start, max(epochs - 1, 1))
+                             / config.batch_size) for e in range(epochs))
+
+    epochs = max(config.epochs, 1)
+    while config.max_steps and epochs < config.max_steps and steps(epochs + 1) <= config.max_steps:
+        epochs += 1
+    return epochs
 
 
 def step_batches(stats: DataStats, config) -> list[list[int]]:
-    """All global batches of the run, in order (a pure function of the data and the config: resumable)."""
-    batches = []
-    for epoch in range(config.epochs):
-        order = epoch_order(stats, config, epoch)
+    """All global batches of the run, in order (a pure function of the data and the config: resumable).
+    When max_steps asks for more than the epochs give, a plain run cycles its batches from the start; a
+    curriculum run, once all of its data is unlocked, cycles its last (full) epoch."""
+    epochs = curriculum_epochs(stats, config) if config.curriculum else config.epochs
+    batches, last = [], 0
+    for epoch in range(epochs):
+        order = epoch_order(stats, config, epoch, epochs)
+        last = len(batches)
         batches += [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     if config.max_steps:
-        while len(batches) < config.max_steps:  # cycle when asked for more steps than the epochs give
-            batches += batches[:config.max_steps - len(batches)]
+        cycle = batches[last:] if config.curriculum else list(batches)
+        while len(batches) < config.max_steps:
+            batches += cycle[:config.max_steps - len(batches)]
         batches = batches[:config.max_steps]
     return batches
 
@@ -338,7 +363,8 @@ def _tokenizer(source: str):
 def encode_shard(shard: dict, tokenizer_source: str, config) -> list[dict]:
     """Ray Data task: the rows (example + statistics) of one shard. A bad record becomes one `error` row (the
     driver raises it, naming file and line) rather than a task failure Ray would retry and wrap."""
-    from raysad.trajectory import TrajectoryError, read_shard
+    from raysad.trajectory import TrajectoryError
+    from raysad.trajectory_reader import read_shard
 
     rows = []
     try:
@@ -382,13 +408,12 @@ def encode_on_cluster(config, tokenizer_source: str) -> ClusterData:
     import ray
     import ray.data
 
-    from raysad.trajectory import shards
+    from raysad.trajectory_reader import shards
 
     quiet_ray_data()
     pieces = shards(config.trajectories, RECORDS_PER_SHARD)
     workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True
+    # the blocks' order does not matter: each example is found by (block, row), sorted by its index below
     dataset = (ray.data.from_items(pieces, override_num_blocks=len(pieces))
                .flat_map(encode_shard, fn_args=(tokenizer_source, _light_config(config)),
                          num_cpus=0, compute=ray.data.TaskPoolStrategy(size=workers))
@@ -468,9 +493,11 @@ def rank_datasets(data: ClusterData, batches: list[list[int]], world: int, start
         tables = [pa.table({"block": data.block_of[sequence[i:i + ROWS_PER_GATHER]],
                             "row": data.row_of[sequence[i:i + ROWS_PER_GATHER]]})
                   for i in range(0, len(sequence), ROWS_PER_GATHER)]
-        out[f"rank_{rank}"] = ray.data.from_arrow(tables).map_batches(
+        stream = ray.data.from_arrow(tables).map_batches(
             _gather, fn_args=(data.blocks,), batch_format="pyarrow", batch_size=None, num_cpus=0,
             compute=ray.data.TaskPoolStrategy(size=2))
+        stream.context.execution_options.preserve_order = True  # the stream's order is the step order
+        out[f"rank_{rank}"] = stream
     return out
 
 
@@ -480,6 +507,20 @@ def stream_examples(source) -> Iterator[dict]:
     for table in source.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=PREFETCH_GATHERS):
         for row in table.to_pylist():
             yield from_row(row)
+
+
+def take(examples: Iterator[dict], n: int, where: str, keep: bool = True) -> list[dict]:
+    """The next `n` examples of a rank's stream (`keep=False`: passed over, none held). A stream that ends
+    early (shorter than the run's plan) is an error that says where, not a bare StopIteration."""
+    got, seen = [], 0
+    for example in itertools.islice(examples, n):
+        seen += 1
+        if keep:
+            got.append(example)
+    if seen < n:
+        raise RuntimeError(f"{where}: the rank's example stream ended {n - seen} example(s) early; its dataset "
+                           "shard is shorter than the run's plan (was the data changed under the run?)")
+    return got
 
 
 def ingest_options():

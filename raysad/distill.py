@@ -7,8 +7,8 @@
 
 The driver checks everything, has Ray Data encode the trajectories on the cluster (raysad.data: the
 driver keeps per-example token counts, never the examples), plans every step's global batch and starts a
-TorchTrainer; each worker restores its checkpoint, reads its own stream of examples and runs
-raysad.train_loop.train (plain torch: the step, DDP/FSDP, checkpoint state), the method's loss looked up in
+TorchTrainer; each worker (raysad.train_worker) restores its checkpoint, reads its own stream of examples
+and runs raysad.train_loop.train (plain torch: the step, DDP/FSDP, checkpoint state), the method's loss looked up in
 raysad.losses.METHODS.
 
 Methods: `sad` (λ_r·KD over [REASON] tokens + λ_a·KD over [ACT] tokens), `token_kd` (one KD over
@@ -33,120 +33,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from raysad.train_loop import (TRAIN_LOG, WORKERS_FILE, CheckpointError, check_resumable, latest_checkpoint,
-                               load_tokenizer, reads_teacher, tokenizer_source)
-from raysad.trajectory import content_sha256
+from raysad.checkpoints import CheckpointError, check_resumable, latest_checkpoint
+from raysad.configs import DistillConfig
+from raysad.train_loop import TRAIN_LOG, WORKERS_FILE, load_tokenizer, reads_teacher, tokenizer_source
+from raysad.trajectory_files import content_sha256
 
-RUN_NAME = "distill"            # Ray Train run name under the storage folder: same --out, same run -> resume
-CHECKPOINTS_KEPT = 2
-# fields that decide the maths and the batch sequence: a checkpoint only resumes a run that agrees on them
-@dataclass
-class DistillConfig:
-    trajectories: str                      # JSONL/Parquet from `raysad rollout`
-    student: str                           # HF model dir, or a tiny size name (tiny-1m, tiny-5m, tiny-20m)
-    out: str = "runs/student"
-    teacher: str | None = None             # HF model dir: online teacher (full logits); None = stored top-k
-    tokenizer: str | None = None           # tokenizer dir when --student is a size name (default: teacher's)
-    trajectories_sha256: str | None = None  # set by the driver: the content a run trained on (a resume over other
-    #                                         content under the same path is refused)
-    method: Literal["sad", "token_kd", "flat_kd", "sft"] = "sad"
-    lambda_reason: float = 1.0
-    lambda_act: float = 1.0
-    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
-    beta: float = 0.5                      # generalised JSD mixing weight
-    temperature: float = 1.0
-    ce_weight: float = 0.0                 # extra cross-entropy on teacher tokens (sad / token_kd)
-    curriculum: bool = False               # order easy -> hard by trajectory complexity
-    curriculum_start: float = 0.3          # fraction of the (sorted) data unlocked in the first epoch
-    epochs: int = 1
-    max_steps: int = 0                     # 0 = as many as the epochs give
-    batch_size: int = 8                    # global batch (examples per optimizer step, all workers)
-    micro_batch_size: int = 4              # per worker forward pass; gradient accumulation fills the rest
-    lr: float = 5e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0             # 0 = no clipping
-    max_length: int = 1024
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
-    seed: int = 0
-    workers: int = 1                       # Ray Train workers; 0 = run in this process (no Ray cluster)
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
-    worker_resources: dict[str, float] = dataclasses.field(default_factory=dict)  # custom resources per worker:
-    #                                        pins workers to a node type, e.g. {trainer: 1} (cluster.yaml)
-    strategy: Literal["ddp", "fsdp"] = "ddp"
-    checkpoint_every: int = 50             # steps; a checkpoint is also written at the end
-    resume: bool = True                    # continue from the last checkpoint of a run with the same --out
-    max_failures: int = 2                  # worker failures Ray Train recovers from (from the last checkpoint)
-    log_every: int = 10                    # print a progress line every this many steps (rank 0)
-    experiment: str = "raysad"
-    run_name: str | None = None            # MLflow run name (default distill-<method>)
-    stage: str = "distill"                 # MLflow `stage` tag (`raysad sft` runs this trainer as "sft")
-    tracking_uri: str | None = None        # MLflow; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
-    log_model_weights: bool = False        # upload the weights as MLflow artifacts too (small files always)
-    storage: str | None = None             # Ray Train storage for checkpoints (default: <out>/checkpoints)
-    ray_address: str | None = None         # "auto" or host:port; None = $RAY_ADDRESS or a local Ray
-    num_cpus: int | None = None            # CPUs of a local Ray (None = all)
-    loss_chunk_size: int = 512             # sequence positions per chunk in the loss
-    fail_once_at_step: int = 0             # test hook: the last rank raises once after this many steps
-    #                                        (before that step's log line and checkpoint; <out>/.injected_failure
-    #                                        records it so the replacement worker goes on); 0 = never
-
-    def __post_init__(self) -> None:
-        from raysad.losses import METHODS
-
-        if self.method not in METHODS:
-            raise ValueError(f"field 'method': must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if METHODS[self.method].flat and not self.teacher:
-            raise ValueError(f"field 'method': {self.method} distils the observation tokens too, where no teacher "
-                             "top-k is stored; it needs an online teacher (--teacher DIR)")
-        from raysad.config import SEED_MAX, check_range
-
-        # Every number is range-checked here, on the driver, before Ray starts or anything is written (a bad
-        # one used to fail only inside the workers, after their retries). Upper bounds sit where a bigger value
-        # would only exhaust memory: max_length <= 1_048_576 tokens, batch sizes <= 65_536 trajectories.
-        # lambdas: >= 0. Both 0 is allowed on purpose: tune_configs/loss_weights.yaml sweeps the 4x4 grid
-        # including (0, 0), the heat map's no-distillation corner.
-        check_range("lambda_reason", self.lambda_reason, 0)
-        check_range("lambda_act", self.lambda_act, 0)
-        check_range("beta", self.beta, 0, 1)
-        check_range("temperature", self.temperature, 0, low_inclusive=False)
-        check_range("ce_weight", self.ce_weight, 0)
-        check_range("curriculum_start", self.curriculum_start, 0, 1, low_inclusive=False)
-        check_range("epochs", self.epochs, 1)
-        check_range("max_steps", self.max_steps, 0, why="0 = the epochs decide")
-        check_range("batch_size", self.batch_size, 1, 65_536)
-        check_range("micro_batch_size", self.micro_batch_size, 1, 65_536)
-        check_range("lr", self.lr, 0, low_inclusive=False)
-        check_range("min_lr_ratio", self.min_lr_ratio, 0, 1)
-        check_range("warmup_steps", self.warmup_steps, 0)
-        check_range("weight_decay", self.weight_decay, 0)
-        check_range("max_grad_norm", self.max_grad_norm, 0, why="0 = no clipping")
-        check_range("max_length", self.max_length, 2, 1_048_576)
-        check_range("seed", self.seed, 0, SEED_MAX)
-        check_range("workers", self.workers, 0, 4_096, why="0 = run in this process")
-        check_range("gpus_per_worker", self.gpus_per_worker, 0, 1_024)
-        check_range("cpus_per_worker", self.cpus_per_worker, 0, 100_000)
-        check_range("checkpoint_every", self.checkpoint_every, 1)
-        check_range("max_failures", self.max_failures, 0, 1_000)
-        check_range("log_every", self.log_every, 1)
-        check_range("num_cpus", self.num_cpus, 1, optional=True)
-        check_range("loss_chunk_size", self.loss_chunk_size, 1, 1_048_576)
-        check_range("fail_once_at_step", self.fail_once_at_step, 0, why="0 = never")
-        if self.workers == 0 and self.strategy == "fsdp":
-            raise ValueError("strategy fsdp needs workers >= 1 (workers 0 runs in this process)")
-        from raysad.cluster import check_custom_resources
-
-        check_custom_resources("worker_resources", self.worker_resources)
+from raysad.train_worker import CHECKPOINTS_KEPT, RUN_NAME, train_worker
 
 
 @dataclass
@@ -160,131 +57,12 @@ class DistillResult:
     workers: list[dict] = dataclasses.field(default_factory=list)  # workers.json: where each rank ran
 
 
-# ------------------------------------------------------------------------------------ the worker loop --
-def train_worker(args: dict) -> None:
-    """Ray Train's per-worker function (also run in-process for workers=0): the rank's placement, its
-    restored checkpoint and its examples, then raysad.train_loop.train."""
-    import functools
-
-    import ray.train
-    import torch
-    import torch.distributed as dist
-
-    from raysad import train_loop
-
-    config = DistillConfig(**args["config"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    distributed = world > 1 and dist.is_available() and dist.is_initialized()
-    if config.gpus_per_worker > 0 and torch.cuda.is_available():
-        import ray.train.torch
-
-        device = ray.train.torch.get_device() if config.workers else torch.device("cuda")
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    # restore: the checkpoint Ray Train hands back (worker restart, or a run restarted with the same
-    # name + storage), else (in-process runs) the one the driver found
-    state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as path:
-            state = train_loop.load_state(path)
-    elif args.get("resume_from"):
-        state = train_loop.load_state(args["resume_from"])
-    place = train_loop.Placement(
-        rank=rank, world=world, distributed=distributed, device=device,
-        report=functools.partial(_report, args, config.workers, rank),
-        checkpoint_folder=functools.partial(_checkpoint_folder, args, config.workers),
-        places=_worker_places(rank, world, distributed, device), tracking=args.get("mlflow"))
-    train_loop.train(config, args["batches"], args["normalizers"],
-                     functools.partial(_rank_examples, args, rank, world), state, place)
-
-
-def _checkpoint_folder(args: dict, workers: int, step: int) -> Path:
-    """In-process runs write straight into the run folder (Ray does not copy there); Ray workers write a
-    temporary folder that ray.train.report copies into storage."""
-    if not workers:
-        return Path(args["run_dir"]) / f"checkpoint_{step:06d}"
-    return Path(tempfile.mkdtemp(prefix="raysad-ckpt-"))
-
-
-def _report(args: dict, workers: int, rank: int, step: int, metrics: dict, folder: Path | None) -> str:
-    """Every rank reports (Ray Train syncs on it); rank 0 hands over the checkpoint folder it wrote."""
-    import ray.train
-
-    name = f"checkpoint_{step:06d}"
-    checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if folder is not None else None
-    ray.train.report({"distill/step": step, **metrics}, checkpoint=checkpoint, checkpoint_dir_name=name)
-    if folder is not None and not workers:
-        kept = sorted(Path(args["run_dir"]).glob("checkpoint_*"))
-        for old in kept[:-CHECKPOINTS_KEPT]:
-            shutil.rmtree(old, ignore_errors=True)
-    elif folder is not None:
-        shutil.rmtree(folder, ignore_errors=True)
-    return str(Path(args["run_dir"]) / name)
-
-
-def _rank_examples(args: dict, rank: int, world: int, start: int):
-    """This rank's examples from step `start` on, in step order: from the driver's list (in-process runs) or
-    streamed by Ray Data (`rank_<r>` dataset shard, built from step `data_start`; a worker restored at a
-    later step skips the rows of the steps in between)."""
-    from raysad.data import rank_rows, rank_sequence, stream_examples
-
-    batches = args["batches"]
-    if args.get("examples") is not None:
-        examples = args["examples"]
-        return iter([examples[i] for i in rank_sequence(batches, rank, world, start)])
-    import ray.train
-
-    from raysad.data import quiet_ray_data
-
-    quiet_ray_data()
-    stream = stream_examples(ray.train.get_dataset_shard(f"rank_{rank}"))
-    for step in range(args["data_start"], start):
-        for _ in rank_rows(batches[step], rank, world)[0]:
-            next(stream)
-    return stream
-
-
-def _worker_places(rank: int, world: int, distributed: bool, device) -> list[dict] | None:
-    """Where every rank runs (Ray node id, host, pid, device), gathered on rank 0 (None on the other ranks)."""
-    import socket
-
-    import ray
-    import torch.distributed as dist
-
-    here = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
-            "host": socket.gethostname(), "pid": os.getpid(), "device": str(device)}
-    if not distributed:
-        return [here]
-    places = [None] * world if rank == 0 else None
-    dist.gather_object(here, places, dst=0)
-    return places
-
-
 # ---------------------------------------------------------------------------------------- the driver ----
 def run_params(config: DistillConfig) -> dict[str, Any]:
     """The config as MLflow params, without the test hook (fail_once_at_step is no setting of the run)."""
     from raysad.config import flatten
 
     return {k: v for k, v in flatten(config).items() if k != "fail_once_at_step"}
-
-
-def derive_student(config: DistillConfig) -> DistillConfig:
-    """A `derive:...` student is cut from --teacher once, into <out>/derived-student (with the teacher's
-    tokenizer), and trained from there; a rerun (resume) reuses it."""
-    from raysad import models
-
-    if not models.is_derive_spec(config.student):
-        return config
-    if not config.teacher:
-        raise ValueError(f"--student {config.student}: a derived student is cut from --teacher DIR; give it")
-    models.parse_derive_spec(config.student)  # a bad spec fails here, in one line
-    out = Path(config.out) / "derived-student"
-    if not (out / "config.json").is_file():
-        models.derive_student_dir(config.teacher, out, config.student)
-    return dataclasses.replace(config, student=str(out))
 
 
 def _absolute(config: DistillConfig) -> DistillConfig:
@@ -307,7 +85,9 @@ def prepare(config: DistillConfig) -> tuple[DistillConfig, dict, dict]:
         raise ValueError(f"--trajectories {config.trajectories}: file not found")
     if config.teacher and not reads_teacher(config):
         print("distill: --method sft imitates the trajectories' tokens; --teacher is not used")
-    config = derive_student(config)
+    from raysad.students import student_dir
+
+    config = dataclasses.replace(config, student=student_dir(config.student, config.teacher, config.out))
     config = dataclasses.replace(config, trajectories_sha256=content_sha256(config.trajectories))
     tokenizer = load_tokenizer(config)
     if config.teacher and reads_teacher(config):  # fail here, not in every worker

@@ -33,11 +33,12 @@ import logging
 import struct
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from raysad import report as names
+from raysad.config import values_of
+from raysad.configs import EvalConfig, Play, Policy, RayCluster, RolloutConfig, Tasks, Tracking
 from raysad.policies.base import ENV_SIDE_POLICIES
 
 log = logging.getLogger(__name__)
@@ -46,67 +47,18 @@ COT_BATCH = 32                            # reference prefixes per next_turns ca
 SAMPLES_LOGGED = 5
 
 
-@dataclass
-class EvalConfig:
-    env: str = "webshop"                   # alfworld, hotpotqa, webshop, or a registered gymnasium id
-    split: str = "test"
-    data: str | None = None                # real data path; None = the env's generated offline tasks
-    num_tasks: int | None = None           # tasks to generate (offline envs); None = the env's default
-    max_steps: int | None = None           # per-episode step limit; None = the env's default
-    episodes: int | None = None            # play the first N tasks of the split; None = all of them
-    policy: Literal["expert", "random", "hf", "vllm", "openai"] = "hf"
-    model: str | None = None               # HF model directory (hf, vllm) or a served model's name (openai)
-    tokenizer: str | None = None           # the model's tokenizer (contexts are encoded with it); None = --model
-    reference: str | None = None           # teacher trajectories for the CoT match rate (.jsonl / .parquet)
-    few_shot: int = 0                      # ReAct examples in the prompt
-    chat_template: bool = False            # wrap the prompt in the tokenizer's chat template (instruct models)
-    topk: int = 0                          # keep top-k logprobs in the written trajectories (0 = none)
-    max_new_tokens: int | None = None      # token budget per segment (thought, action); None = the env's
-    temperature: float = 0.0               # 0 = greedy
-    env_actors: int = 2
-    envs_per_actor: int = 4
-    engines: int = 1
-    tensor_parallel: int = 1               # vLLM tensor parallel size per engine
-    engine_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # more engine keywords (YAML)
-    seed: int = 0
-    out: str = "runs/eval"                 # directory: trajectories.jsonl, eval.json
-    method: str | None = None              # what the student is (report params); None = from the model dir
-    student_size: str | None = None
-    experiment: str = "raysad"             # MLflow experiment
-    run_name: str | None = None             # MLflow run name (default evaluate-<model or policy>-<env>-<split>)
-    tracking_uri: str | None = None        # MLflow; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
-    ray_address: str | None = None         # "auto" or host:port to join a cluster; None = $RAY_ADDRESS or local
-    num_cpus: int | None = None            # CPUs of a local Ray (None = all)
-
-    def __post_init__(self) -> None:
-        if self.policy not in ENV_SIDE_POLICIES and not self.model:
-            raise ValueError(f"--policy {self.policy} needs --model")
-        # the numbers this evaluation plays with are RolloutConfig's: its checks run here, on the driver,
-        # before <out> is created or Ray starts
-        rollout_config(self)
-
-
 # --- playing the split ---------------------------------------------------------------------------------------
 
-def rollout_config(cfg: EvalConfig):
+def rollout_config(cfg: EvalConfig) -> RolloutConfig:
     """The RolloutConfig that plays this evaluation (its output: <out>/trajectories.jsonl)."""
-    from raysad.rollout import RolloutConfig
-
-    policy, model = cfg.policy, (None if cfg.policy in ENV_SIDE_POLICIES else cfg.model)
-    return RolloutConfig(
-        env=cfg.env, split=cfg.split, data=cfg.data, num_tasks=cfg.num_tasks, max_steps=cfg.max_steps,
-        episodes=cfg.episodes, policy=policy, model=model, tokenizer=cfg.tokenizer, few_shot=cfg.few_shot,
-        chat_template=cfg.chat_template, topk=cfg.topk,
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, env_actors=cfg.env_actors,
-        envs_per_actor=cfg.envs_per_actor, engines=cfg.engines, tensor_parallel=cfg.tensor_parallel,
-        engine_args=dict(cfg.engine_args), seed=cfg.seed, out=str(Path(cfg.out) / "trajectories.jsonl"),
-        experiment=cfg.experiment, tracking_uri=cfg.tracking_uri, ray_address=cfg.ray_address,
-        num_cpus=cfg.num_cpus)
+    shared = values_of(cfg, Tasks, Policy, Play, Tracking, RayCluster)
+    shared.update(run_name=None, model=None if cfg.policy in ENV_SIDE_POLICIES else cfg.model)
+    return RolloutConfig(**shared, out=str(Path(cfg.out) / "trajectories.jsonl"))
 
 
 def _check_output(path: Path, cfg: EvalConfig, rcfg) -> None:
     """A rerun resumes <out>/trajectories.jsonl; refuse to mix in episodes of another policy or split."""
-    from raysad.trajectory import read_trajectories
+    from raysad.trajectory_reader import read_trajectories
 
     if not path.exists() or path.stat().st_size == 0:
         return
@@ -123,7 +75,7 @@ def _check_output(path: Path, cfg: EvalConfig, rcfg) -> None:
 def play(cfg: EvalConfig, progress: bool = True):
     """Play the split (resuming <out>/trajectories.jsonl); returns (this run's trajectories, RolloutSummary)."""
     from raysad.rollout import run_rollout, select_tasks
-    from raysad.trajectory import read_trajectories
+    from raysad.trajectory_reader import read_trajectories
 
     rcfg = rollout_config(cfg)
     out = Path(rcfg.out)
@@ -255,7 +207,7 @@ def compare_turns(pairs: list[tuple[Any, Any]]) -> dict[str, float | None]:
 def read_reference(path: str | Path, env: str, limit: int | None = None) -> list:
     """The reference trajectories of `env` in `path` (the first `limit` of them)."""
     import raysad_envs
-    from raysad.trajectory import read_trajectories
+    from raysad.trajectory_reader import read_trajectories
 
     want = raysad_envs.canonical(env)
     kept, other = [], Counter()
@@ -326,7 +278,7 @@ def cot_match(cfg: EvalConfig, rcfg, fmt, progress: bool = True) -> dict[str, fl
     """CoT/action/thought match of the policy against cfg.reference (see the module docstring)."""
     import ray
 
-    from raysad.rollout import default_env_factory
+    from raysad.env_actors import default_env_factory
     from raysad.serving import RemoteEngine, default_engine_factory, placement, start_engines
 
     reference = read_reference(cfg.reference, cfg.env, cfg.episodes)
@@ -401,7 +353,7 @@ def student_params(cfg: EvalConfig) -> dict[str, str]:
 
 def env_token_budget(cfg: EvalConfig) -> tuple[int, int]:
     """The (thought, action) token budgets the evaluation's rollouts use (rollout.token_budget)."""
-    from raysad.rollout import default_env_factory, token_budget
+    from raysad.env_actors import default_env_factory, token_budget
 
     if cfg.max_new_tokens:
         return token_budget(None, cfg.max_new_tokens)
@@ -424,7 +376,7 @@ def _load_tokenizer(cfg: EvalConfig):
 def agent_format(env: str, make_env=None):
     """The agent format of an env: the built-in one of the same name, else the env's own `agent_format`."""
     import raysad_envs
-    from raysad.segments import BUILTIN_FORMATS, get_format
+    from raysad.agent_formats import BUILTIN_FORMATS, get_format
 
     name = raysad_envs.canonical(env)
     if name in BUILTIN_FORMATS:
@@ -439,7 +391,7 @@ def run_evaluate(cfg: EvalConfig, progress: bool = True, track: bool = True) -> 
     from raysad import tracking
     from raysad.config import flatten, redact
     from raysad.cluster import init_ray
-    from raysad.rollout import default_env_factory
+    from raysad.env_actors import default_env_factory
 
     rcfg = rollout_config(cfg)
     started_ray = init_ray(rcfg.ray_address, rcfg.num_cpus)

@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from raysad.segments import TOPK_PAD_LOGPROB, encode_context, encode_trajectory, trajectory_format
+from raysad.agent_formats import trajectory_format
+from raysad.encoding import TOPK_PAD_LOGPROB, encode_context, encode_trajectory
 from raysad.trajectory import Turn
 
 

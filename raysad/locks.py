@@ -61,7 +61,8 @@ def _command() -> str:
     return shlex.join(words).replace("\n", " ")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (someone else's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -134,7 +135,7 @@ class OutputLock:
         info = _holder(self._read(fd))  # no flock here (some network filesystems): the pid decides
         pid = info.get("pid")
         if info and (info.get("host") != socket.gethostname() or
-                     (isinstance(pid, int) and pid > 0 and pid != os.getpid() and _pid_alive(pid))):
+                     (isinstance(pid, int) and pid > 0 and pid != os.getpid() and pid_alive(pid))):
             self._refuse(info)
         return True
 
@@ -160,7 +161,7 @@ class OutputLock:
             info = _holder(old)
             pid = info.get("pid")
             gone = ("(pid dead)" if info.get("host") == socket.gethostname() and isinstance(pid, int)
-                    and not _pid_alive(pid) else "(no longer holds it)")
+                    and not pid_alive(pid) else "(no longer holds it)")
             log.warning("%s: taking over a stale lock of %s left by %s %s", self.path, self.what, describe(info),
                         gone)
         info = {"pid": os.getpid(), "host": socket.gethostname(),

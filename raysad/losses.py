@@ -10,7 +10,8 @@ Conventions
 - Teacher: full logits ``[B, T, V]``, ``HiddenStates`` (logits computed per chunk, no grad), or
   ``TopK(ids, logprobs)`` with ``[B, T, k]`` ids and log-probabilities (over the full vocab, at τ=1).
 - Only masked tokens are computed; everything goes through one per-chunk function built on `divergence`,
-  whatever the student or teacher form (so plain and chunked paths share all the maths).
+  whatever the student or teacher form (so plain and chunked paths share all the maths), run chunk by chunk
+  by raysad.chunked_loss.
 
 Divergences (per token, over the vocabulary or the k+1 top-k buckets), with P = teacher, Q = student:
 - ``forward_kl``: KL(P‖Q) (default; mass-covering, classic KD).
@@ -31,7 +32,7 @@ full-vocabulary one. When k == V there is no tail and the result equals the full
   both sides alike: the (k+1)-bucket log-probs at τ=1 are divided by τ and re-normalised. At k == V this is
   exactly the full-vocabulary tempered loss; for k < V the tail is tempered as if it were one token.
 - Padded slots (a stored log-prob at or below ``TOPK_PAD_THRESHOLD``: rows shorter than k, padded with id 0 and
-  segments.TOPK_PAD_LOGPROB) hold no mass on either side: the student's probability of the pad id stays in its
+  encoding.TOPK_PAD_LOGPROB) hold no mass on either side: the student's probability of the pad id stays in its
   tail, so a row with pads gives the same loss as the same row stored without them.
 - The teacher tail is floored at ``TAIL_FLOOR`` (1e-6): stored float32 log-probs sum to 1 only up to about
   1e-7, so a smaller tail is rounding noise, and the floor keeps reverse KL / JSD finite when the top-k holds
@@ -45,12 +46,14 @@ from typing import Callable, Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from raysad.chunked_loss import ChunkedLoss, ChunkPlan
+
 Kind = Literal["forward_kl", "reverse_kl", "jsd"]
 KINDS = ("forward_kl", "reverse_kl", "jsd")
 
 CHUNK_ELEMENTS = 2**23  # default chunk: tokens such that one [chunk, V] float32 tensor is about 32 MiB
 TAIL_FLOOR = 1e-6  # smallest teacher tail mass for top-k teachers (see the module docstring)
-TOPK_PAD_THRESHOLD = -5e3  # stored top-k log-probs at or below this are padding (segments pads with -1e4)
+TOPK_PAD_THRESHOLD = -5e3  # stored top-k log-probs at or below this are padding (encoding pads with -1e4)
 _LOGP_FLOOR = -1e4  # -inf log-probs (masked vocab rows) become this: exp() is exactly 0, no inf - inf = nan
 
 
@@ -169,114 +172,38 @@ def _check_kind(kind, beta, temperature):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Chunked, masked evaluation: one autograd.Function for every student/teacher form
+# Chunked, masked evaluation: the per-chunk maths, run by raysad.chunked_loss for every student/teacher form
 
 
-class _Plan(NamedTuple):
-    """What one chunked pass computes: tokens (b, t), their weights, the teacher, the maths' settings."""
+class _ChunkMaths(NamedTuple):
+    """The per-token losses of one chunk of student logits: divergence to the teacher and/or CE to the labels."""
 
-    rows_b: torch.Tensor
-    rows_t: torch.Tensor
-    div_weight: torch.Tensor | None  # [n] weight of each token's divergence in the total; None = no KD
-    ce_weight: torch.Tensor | None  # [n] weight of each token's CE in the total; None = no CE
     teacher: torch.Tensor | TopK | HiddenStates | None
     labels: torch.Tensor | None
     kind: str
     beta: float
     temperature: float
-    chunk_size: int
-    grad_enabled: bool
+    with_divergence: bool
+    with_ce: bool
 
-
-def _chunk_losses(logits, plan: _Plan, b, t):
-    """Per-token divergence and CE (each [c] or None) for one chunk of student logits [c, V]."""
-    div = ce = None
-    if plan.div_weight is not None:
-        teacher = plan.teacher
-        if isinstance(teacher, TopK):
-            teacher = TopK(teacher.ids[b, t], teacher.logprobs[b, t])
-        elif isinstance(teacher, HiddenStates):
-            with torch.no_grad():
-                teacher = teacher.hidden[b, t] @ teacher.lm_head.T
-        else:
-            teacher = teacher[b, t]
-        div = divergence(logits, teacher, plan.kind, plan.beta, plan.temperature)
-    if plan.ce_weight is not None:
-        labels = plan.labels[b, t]
-        logits32 = logits.float()
-        ce = torch.logsumexp(logits32, dim=-1) - logits32.gather(-1, labels[:, None]).squeeze(-1)
-    return div, ce
-
-
-class _ChunkedLoss(torch.autograd.Function):
-    """Σ_tokens div_weight·div + ce_weight·ce, chunk by chunk; gradients are computed during the forward pass.
-
-    Each chunk's logits [c, V] (sliced, or hidden @ lm_head.T) are a fresh leaf: autograd gives d total /
-    d logits for that chunk, then the matmul's gradients are accumulated by hand (grad_hidden rows, and
-    grad_lm_head += dlogits.T @ hidden in float32). So at most one chunk of [c, V] tensors is alive, nothing
-    is recomputed, and backward only scales the stored gradients (as Liger's fused linear + loss).
-    Outputs: the total (differentiable), and the detached per-token divergence and CE (empty if not asked).
-    """
-
-    @staticmethod
-    def forward(ctx, student_x, lm_head, plan: _Plan):
-        want_x = plan.grad_enabled and student_x.requires_grad
-        want_w = plan.grad_enabled and lm_head is not None and lm_head.requires_grad
-        grad_x = torch.zeros_like(student_x) if want_x else None
-        grad_w = torch.zeros_like(lm_head, dtype=torch.float32) if want_w else None
-        n = plan.rows_b.numel()
-        device = student_x.device
-        div_all = torch.zeros(n, device=device) if plan.div_weight is not None else torch.empty(0, device=device)
-        ce_all = torch.zeros(n, device=device) if plan.ce_weight is not None else torch.empty(0, device=device)
-        for start in range(0, n, plan.chunk_size):
-            end = min(start + plan.chunk_size, n)
-            b, t = plan.rows_b[start:end], plan.rows_t[start:end]
-            x = student_x[b, t]
-            logits = (x @ lm_head.T if lm_head is not None else x).requires_grad_(want_x or want_w)
-            with torch.set_grad_enabled(want_x or want_w):
-                div, ce = _chunk_losses(logits, plan, b, t)
-                chunk_total = logits.new_zeros((), dtype=torch.float32)
-                if div is not None:
-                    chunk_total = chunk_total + (div * plan.div_weight[start:end]).sum()
-                    div_all[start:end] = div.detach()
-                if ce is not None:
-                    chunk_total = chunk_total + (ce * plan.ce_weight[start:end]).sum()
-                    ce_all[start:end] = ce.detach()
-            if not (want_x or want_w):
-                continue
-            (dlogits,) = torch.autograd.grad(chunk_total, logits)
-            del logits, div, ce, chunk_total  # free this chunk's graph before the next one
-            if lm_head is None:
-                grad_x[b, t] = dlogits.to(grad_x.dtype)
-                continue
-            if want_x:  # under autocast the product may come out in another dtype than the hidden states
-                grad_x[b, t] = (dlogits @ lm_head).to(grad_x.dtype)
-            if want_w and dlogits.dtype == torch.float32:
-                grad_w.addmm_(dlogits.T, x)
-            elif want_w:  # low-precision weights: the product in their dtype, the running sum in float32
-                grad_w += dlogits.T @ x
-        total = div_all.new_zeros(())
-        if plan.div_weight is not None:
-            total = total + (div_all * plan.div_weight).sum()
-        if plan.ce_weight is not None:
-            total = total + (ce_all * plan.ce_weight).sum()
-        ctx.grads = (grad_x, grad_w.to(lm_head.dtype) if want_w else None)
-        ctx.mark_non_differentiable(div_all, ce_all)
-        return total, div_all, ce_all
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_total, _grad_div, _grad_ce):
-        if ctx.grads is None:
-            raise RuntimeError("raysad.losses: backward through a chunked loss can run only once")
-        grad_x, grad_w = ctx.grads
-        ctx.grads = None
-        # in place: a second [B, T, V] buffer is exactly what chunking avoids
-        if grad_x is not None:
-            grad_x.mul_(grad_total.to(grad_x.dtype))
-        if grad_w is not None:
-            grad_w.mul_(grad_total.to(grad_w.dtype))
-        return grad_x, grad_w, None
+    def __call__(self, logits, b, t):
+        """(divergence, CE), each [c] or None, for student logits [c, V] at positions (b, t)."""
+        div = ce = None
+        if self.with_divergence:
+            teacher = self.teacher
+            if isinstance(teacher, TopK):
+                teacher = TopK(teacher.ids[b, t], teacher.logprobs[b, t])
+            elif isinstance(teacher, HiddenStates):
+                with torch.no_grad():
+                    teacher = teacher.hidden[b, t] @ teacher.lm_head.T
+            else:
+                teacher = teacher[b, t]
+            div = divergence(logits, teacher, self.kind, self.beta, self.temperature)
+        if self.with_ce:
+            labels = self.labels[b, t]
+            logits32 = logits.float()
+            ce = torch.logsumexp(logits32, dim=-1) - logits32.gather(-1, labels[:, None]).squeeze(-1)
+        return div, ce
 
 
 def _run(student, plan_args: dict, rows: torch.Tensor):
@@ -311,8 +238,12 @@ def _run(student, plan_args: dict, rows: torch.Tensor):
     if plan_args["chunk_size"] < 1:
         raise ValueError(f"chunk_size must be >= 1 (or None for automatic), got {plan_args['chunk_size']}")
     rows_b, rows_t = rows.nonzero(as_tuple=True)
-    plan = _Plan(rows_b=rows_b, rows_t=rows_t, grad_enabled=torch.is_grad_enabled(), **plan_args)
-    return _ChunkedLoss.apply(student_x, lm_head, plan)
+    div_weight, ce_weight = plan_args["div_weight"], plan_args["ce_weight"]
+    maths = _ChunkMaths(plan_args["teacher"], plan_args["labels"], plan_args["kind"], plan_args["beta"],
+                        plan_args["temperature"], with_divergence=div_weight is not None, with_ce=ce_weight is not None)
+    plan = ChunkPlan(rows_b=rows_b, rows_t=rows_t, div_weight=div_weight, ce_weight=ce_weight, chunk_losses=maths,
+                     chunk_size=plan_args["chunk_size"], grad_enabled=torch.is_grad_enabled())
+    return ChunkedLoss.apply(student_x, lm_head, plan)
 
 
 def _check_teacher(teacher, batch_shape, vocab):

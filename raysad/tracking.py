@@ -65,6 +65,24 @@ def start_run(experiment: str, run_name: str, params: dict[str, Any] | None = No
         yield run
 
 
+def resumable_run(id_file: Path, experiment: str, uri: str, name: str, params: dict, tags: dict):
+    """A new MLflow run whose id is kept in `id_file`, or, when that file exists (a resumed sweep or a retried
+    trial), the same run reopened. Ended FINISHED, or FAILED if the body raises."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    if id_file.is_file():
+        mlflow.set_experiment(experiment)
+        return mlflow.start_run(run_id=id_file.read_text().strip(), nested=mlflow.active_run() is not None)
+
+    @contextlib.contextmanager
+    def new_run():
+        with start_run(experiment, name, params, tags=tags, uri=uri) as run:
+            id_file.write_text(run.info.run_id)
+            yield run
+    return new_run()
+
+
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     """Log `stage/metric` values to the active run (values that are not numbers, such as None, are skipped)."""
     import mlflow

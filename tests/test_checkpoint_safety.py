@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from raysad.distill import run_distill
-from raysad.train_loop import CheckpointError, latest_checkpoint, load_state
+from raysad.checkpoints import CheckpointError, latest_checkpoint, load_state
 from test_distill import config, data, losses, one_thread  # noqa: F401 - the fixtures used here
 
 

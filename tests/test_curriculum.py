@@ -9,7 +9,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from raysad.curriculum import complexity, complexity_features, order_easy_to_hard, topk_entropy, unlocked
-from raysad.segments import TOPK_PAD_LOGPROB, encode_trajectory, get_format
+from raysad.agent_formats import get_format
+from raysad.encoding import TOPK_PAD_LOGPROB, encode_trajectory
 from raysad.trajectory import Trajectory, Turn
 
 LN2 = math.log(2)
@@ -106,3 +107,26 @@ def test_trajectories_with_stored_ids_need_no_tokenizer_and_agree_with_encoding(
     with pytest.raises(ValueError, match="pass a tokenizer"):
         complexity(text_only)
     assert complexity(text_only, tokenizer=tok) == len(ids)  # fmt defaults to the format named like env
+
+
+@pytest.mark.parametrize("epochs, max_steps", [(1, 300), (1, 40), (3, 0), (2, 500)])
+def test_a_curriculum_unlocks_all_the_data_within_the_step_budget(epochs, max_steps):
+    # 200 examples of batch 8: one full epoch is 25 steps. A run of 300 steps with epochs 1 used to cycle its
+    # first epoch, i.e. train on the easiest 30% only; the pacing now spans the whole budget.
+    from types import SimpleNamespace
+
+    from raysad.data import step_batches
+
+    n = 200
+    stats = SimpleNamespace(examples=n, complexity=np.random.default_rng(0).random(n))
+    config = SimpleNamespace(curriculum=True, curriculum_start=0.3, epochs=epochs, max_steps=max_steps,
+                             batch_size=8, seed=0)
+    batches = step_batches(stats, config)
+    assert len(batches) == (max_steps or sum(math.ceil(unlocked(n, e, 0.3, epochs - 1) / 8) for e in range(epochs)))
+    seen = [i for b in batches for i in b]
+    assert set(seen) == set(range(n))  # every example, the hardest included
+    easiest = set(np.argsort(stats.complexity, kind="stable")[:60].tolist())
+    assert set(batches[0]) <= easiest  # easy first
+    if max_steps > 25:  # the harder share arrives only after the easy one was trained on
+        first_hard = next(s for s, b in enumerate(batches) if not set(b) <= easiest)
+        assert first_hard >= 60 // 8

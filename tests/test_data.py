@@ -17,8 +17,10 @@ from raysad import data as rdata
 from raysad import models
 from raysad.distill import run_distill
 from raysad.train_loop import load_tokenizer, tokenizer_source
-from raysad.segments import FormatError, format_record, get_format, trajectory_format
-from raysad.trajectory import Trajectory, TrajectoryWriter, Turn, read_shard, read_trajectories, shards
+from raysad.agent_formats import FormatError, format_record, get_format, trajectory_format
+from raysad.trajectory import Trajectory, Turn
+from raysad.trajectory_reader import read_shard, read_trajectories, shards
+from raysad.trajectory_writer import TrajectoryWriter
 from test_distill import config, data, losses, one_thread  # noqa: F401 - the fixtures used here
 
 
@@ -90,8 +92,15 @@ def test_a_trajectory_is_encoded_in_the_format_it_records(data, tmp_path):
 
 
 @pytest.mark.usefixtures("small_blocks")
-def test_ray_data_encodes_what_this_process_encodes(data, tmp_path, ray_cluster):
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_ray_data_encodes_what_this_process_encodes(data, tmp_path, ray_cluster, suffix):
     cfg = config(data, tmp_path, method="sad")
+    if suffix == ".parquet":  # row groups of 3 records: the shards are the row groups
+        parquet = tmp_path / "topk.parquet"
+        with TrajectoryWriter(parquet, row_group_size=3) as out:
+            for traj in read_trajectories(data / "topk.jsonl"):
+                out.write(traj)
+        cfg = dataclasses.replace(cfg, trajectories=str(parquet))
     examples, here = rdata.load_examples_and_stats(cfg, load_tokenizer(cfg))
     cluster = rdata.encode_on_cluster(cfg, tokenizer_source(cfg))
     assert cluster.stats.counts == here.counts
@@ -108,6 +117,13 @@ def test_ray_data_encodes_what_this_process_encodes(data, tmp_path, ray_cluster)
         for a, b in zip(got, want):
             for key in ("input_ids", "reason_mask", "act_mask", "topk_ids", "topk_logprobs", "topk_mask"):
                 np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_a_stream_that_ends_early_says_where():
+    assert rdata.take(iter(range(5)), 3, "rank 0, step 1") == [0, 1, 2]
+    assert rdata.take(iter(range(5)), 5, "rank 0", keep=False) == []
+    with pytest.raises(RuntimeError, match="rank 1, step 7: the rank's example stream ended 2 example"):
+        rdata.take(iter(range(3)), 5, "rank 1, step 7")
 
 
 @pytest.mark.usefixtures("small_blocks")

@@ -21,8 +21,10 @@ from raysad.data import collate, example_counts, load_examples, loss_masks
 from raysad.distill import DistillConfig, run_distill
 from raysad.train_loop import batch_loss, hidden_states
 from raysad.policies.expert import expert_episodes
-from raysad.segments import encode_trajectory, get_format
-from raysad.trajectory import Trajectory, TrajectoryWriter
+from raysad.agent_formats import get_format
+from raysad.encoding import encode_trajectory
+from raysad.trajectory import Trajectory
+from raysad.trajectory_writer import TrajectoryWriter
 
 
 # --------------------------------------------------------------------------------------------- data ----

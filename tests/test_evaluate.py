@@ -16,7 +16,7 @@ from raysad import models
 from raysad.cli import app
 from raysad.evaluate import (EvalConfig, count_parameters, normalize_action, run_evaluate, student_params,
                              token_f1)
-from raysad.trajectory import read_trajectories
+from raysad.trajectory_reader import read_trajectories
 
 JSON_KEYS = ("eval/success_rate", "eval/mean_reward", "eval/score", "eval/steps", "eval/invalid_action_rate",
              "eval/reasoning_tokens", "eval/latency_per_step_s", "eval/tokens_per_s", "eval/params")
@@ -91,7 +91,7 @@ def test_expert_near_one_random_near_zero(tmp_path, env):
 def test_alfworld_expert_solves_random_does_not(tmp_path):
     kw = dict(env="alfworld", episodes=2, envs_per_actor=2)
     expert, _ = evaluate(tmp_path, "expert", policy="expert", **kw)
-    random, trajs = evaluate(tmp_path, "random", policy="random", max_steps=8, **kw)
+    random, trajs = evaluate(tmp_path, "random", policy="random", max_turns=8, **kw)
     assert expert["eval/success_rate"] == 1.0 and expert["eval/score"] == 1.0
     assert random["eval/success_rate"] == 0.0 and all(len(t.turns) == 8 for t in trajs)
 
@@ -108,7 +108,7 @@ def test_expert_cot_match_on_its_own_reference(tmp_path):
 
 def test_hf_student_metrics_and_cot_match(tmp_path, tiny_models):
     first, other = tiny_models
-    common = dict(env="hotpotqa", policy="hf", episodes=3, max_steps=2, max_new_tokens=6)
+    common = dict(env="hotpotqa", policy="hf", episodes=3, max_turns=2, max_new_tokens=6)
     m, trajs = evaluate(tmp_path, "self", model=first, **common)
     turns = [t for tr in trajs for t in tr.turns]
     assert all(t.num_thought_tokens is not None for t in turns)

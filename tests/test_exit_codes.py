@@ -18,7 +18,9 @@ import yaml
 from typer.testing import CliRunner
 
 from raysad.cli import app
-from raysad.trajectory import TrajectoryError, TrajectoryWriter, read_trajectories
+from raysad.trajectory import TrajectoryError
+from raysad.trajectory_reader import read_trajectories
+from raysad.trajectory_writer import TrajectoryWriter
 from test_distill import expert_trajectories
 from test_tune import data, ray_cluster, sweep_file  # noqa: F401  (module fixtures of the real sweeps)
 
@@ -104,7 +106,8 @@ def test_a_kd_sweep_over_trajectories_without_topk_fails_before_any_trial(plain,
     assert_one_line_error(invoke("tune", path), str(plain), "top-k", "sad")
     assert not (tmp_path / "runs" / "notopk").exists()  # no trial, no sweep folder, no Ray
     body["space"]["method"] = ["sft"]  # imitation needs no teacher signal: the pre-flight lets it through
-    from raysad.tune import check_stored_topk, load_sweep
+    from raysad.sweep import check_stored_topk
+    from raysad.tune import load_sweep
 
     path.write_text(yaml.safe_dump(body))
     check_stored_topk(load_sweep(path))

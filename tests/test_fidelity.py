@@ -16,12 +16,12 @@ def rollout(smollm2_dir, tmp_path_factory):
     from raysad import fidelity
     from raysad.rollout import RolloutConfig, run_rollout
     from raysad.serving import default_engine_factory
-    from raysad.trajectory import read_trajectories
+    from raysad.trajectory_reader import read_trajectories
 
     out = tmp_path_factory.mktemp("fidelity")
     prompts = out / "prompts.jsonl"
     cfg = RolloutConfig(env="hotpotqa", split="train", data=str(FIXTURES), episodes=4, policy="hf",
-                        model=str(smollm2_dir), topk=4, few_shot=2, max_steps=2, env_actors=1, envs_per_actor=4,
+                        model=str(smollm2_dir), topk=4, few_shot=2, max_turns=2, env_actors=1, envs_per_actor=4,
                         engine_args={"dtype": "float32"}, out=str(out / "t.jsonl"), num_cpus=2)
     summary = run_rollout(cfg, engine_factory=fidelity.recording_factory(default_engine_factory(cfg), prompts),
                           progress=False, track=False)
@@ -51,7 +51,7 @@ def test_a_student_cut_from_smollm2_distils_on_those_ids_and_reports_its_tokens(
 
     from raysad import models
     from raysad.distill import DistillConfig, run_distill
-    from raysad.segments import encode_trajectory
+    from raysad.encoding import encode_trajectory
 
     _, trajs, _, cfg = rollout
     config = DistillConfig(trajectories=cfg.out, student="derive:keep_every=10", teacher=str(smollm2_dir),

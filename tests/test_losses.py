@@ -104,9 +104,9 @@ def test_topk_teacher_matches_hand_computation(small, kind, beta, temperature):
 
 @pytest.mark.parametrize("kind,beta", DIVERGENCES)
 def test_padded_topk_slots_carry_no_mass(small, kind, beta):
-    """Rows padded to a common k (id 0, log-prob -1e4, as segments.encode_trajectory stores them) give the
+    """Rows padded to a common k (id 0, log-prob -1e4, as encoding.encode_trajectory stores them) give the
     hand-computed loss of the row without pads, on both sides: token 0 stays in the student's tail."""
-    from raysad.segments import TOPK_PAD_LOGPROB
+    from raysad.encoding import TOPK_PAD_LOGPROB
 
     student, teacher_logits = small
     teacher = topk_of(teacher_logits, k=3)

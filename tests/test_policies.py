@@ -8,7 +8,9 @@ from raysad import models
 from raysad.policies import Generation, cut_at_stop, make_policy, next_turns
 from raysad.policies.expert import ExpertPolicy, expert_turns
 from raysad.policies.hf import HFEngine
-from raysad.segments import _lead, encode_context, encode_trajectory, get_format
+from raysad.agent_formats import get_format
+from raysad.encoding import encode_context, encode_trajectory
+from raysad.segments import _lead
 from raysad.trajectory import Trajectory, Turn
 from raysad_envs.core import TextEnv
 
@@ -186,7 +188,7 @@ def test_next_turns_two_phase_prompts(tokenizer, name):
     prompts = ["Task: find item 7.\n", "Task: buy x.\n"]
     earlier = [Turn("I start.", "search[x]", "results"), Turn("", "click[y]", "a page")]
     turns = next_turns(engine, tokenizer, fmt, prompts, [[], earlier], topk=2)
-    # token ids in: the contexts are segments.encode_context's, up to the prefix without its lead
+    # token ids in: the contexts are encoding.encode_context's, up to the prefix without its lead
     assert tokenizer.decode(engine.prompts[0][0]) == prompts[0] + fmt.fill(fmt.reason_prefix, 1).rstrip(" ")
     assert engine.prompts[0][1] == encode_context(prompts[1], [*earlier, Turn("", "", "")], "thought", tokenizer, fmt)
     thought_ids = tokenizer.encode(f"{r_lead}go{fmt.reason_end}", add_special_tokens=False)

@@ -13,7 +13,8 @@ from raysad import models
 from raysad.cli import app
 from raysad.prune import PruneConfig, calibration_batches, kept_sizes, prune_model, run_prune
 from raysad.sft import train_tokenizer_from_trajectories
-from raysad.trajectory import Trajectory, TrajectoryWriter, Turn
+from raysad.trajectory import Trajectory, Turn
+from raysad.trajectory_writer import TrajectoryWriter
 
 SMALL = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2)  # head_dim 16, 2 query heads per k/v head

@@ -16,7 +16,7 @@ import raysad_envs
 from raysad.cli import app
 
 from raysad.rollout import RolloutConfig, finished_task_ids, run_rollout
-from raysad.trajectory import read_trajectories
+from raysad.trajectory_reader import read_trajectories
 from raysad_envs.core import InvalidAction, TextEnv
 
 # CountEnv below is defined in this test module, which Ray workers cannot import: Ray ships it by value.
@@ -166,7 +166,7 @@ def test_expert_solves_the_real_envs(tmp_path, env):
 
 def test_hf_teacher_keeps_token_ids_and_topk(tmp_path, tiny_model):
     cfg = config(tmp_path, env="hotpotqa", split="test", policy="hf", model=tiny_model, topk=3,
-                 max_new_tokens=5, max_steps=2, episodes=4, envs_per_actor=2)
+                 max_new_tokens=5, max_turns=2, episodes=4, envs_per_actor=2)
     summary = run_rollout(cfg, progress=False, track=False)
     env = raysad_envs.make("hotpotqa", split="test")
     trajs = list(read_trajectories(cfg.out))

@@ -19,8 +19,9 @@ import ray
 from ray import cloudpickle
 
 from raysad.rollout import RolloutConfig, done_path, finished_task_ids, run_rollout, settings_path
-from raysad.trajectory import (TrajectoryWriter, count_trajectories, parts_dir, read_task_ids, read_task_status,
-                               read_trajectories)
+from raysad.trajectory_files import parts_dir
+from raysad.trajectory_reader import count_trajectories, read_task_ids, read_task_status, read_trajectories
+from raysad.trajectory_writer import TrajectoryWriter
 from raysad_envs.core import InvalidAction, TextEnv
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -127,7 +128,7 @@ def test_killed_parquet_writer_keeps_its_flushed_parts_and_a_rerun_merges_them(t
     path = tmp_path / "t.parquet"
     code = textwrap.dedent(f"""
         import json, os, signal
-        from raysad.trajectory import TrajectoryWriter
+        from raysad.trajectory_writer import TrajectoryWriter
         template = json.loads({json.dumps(json.dumps(_traj(0)))})
         w = TrajectoryWriter({str(path)!r}, part_rows=2, part_s=3600)
         for i in range(5):

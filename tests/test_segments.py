@@ -9,9 +9,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 import raysad
-from raysad.segments import (TOPK_PAD_LOGPROB, FormatError, _lead, check_piecewise, encode_context,
-                             encode_trajectory, fit_to_length, get_format, parse_turn, render, render_context,
-                             segment_text, token_masks)
+from raysad.agent_formats import FormatError, get_format
+from raysad.encoding import (TOPK_PAD_LOGPROB, check_piecewise, encode_context, encode_trajectory, fit_to_length,
+                             token_masks)
+from raysad.segments import _lead, parse_turn, render, render_context, segment_text
 from raysad.trajectory import Trajectory, Turn
 
 # --- hand-written trajectories and their expected spans --------------------------------------------------
@@ -482,7 +483,7 @@ def test_chat_prompt_wraps_the_task_as_the_users_message(smollm2_dir, tokenizer)
     """--chat-template: the prompt becomes the user's message with the assistant's turn opened; its special
     tokens are encoded as themselves (one id each) and turns follow as the assistant's text."""
     from raysad.models import load_tokenizer
-    from raysad.segments import chat_prompt
+    from raysad.encoding import chat_prompt
 
     tok = load_tokenizer(smollm2_dir)
     text = chat_prompt(tok, "Question: where is the apple?\n")

@@ -13,7 +13,8 @@ import time
 import pytest
 
 from raysad.policies import openai_server
-from raysad.policies.openai_server import OpenAIEngine, OpenAIServerError, serve_hf
+from raysad.policies.openai_client import OpenAIEngine, OpenAIServerError
+from raysad.policies.openai_server import serve_hf
 
 pytestmark = pytest.mark.timeout(120)
 

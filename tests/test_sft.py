@@ -11,9 +11,11 @@ from typer.testing import CliRunner
 
 from raysad import models
 from raysad.cli import app
-from raysad.segments import encode_trajectory, get_format
+from raysad.agent_formats import get_format
+from raysad.encoding import encode_trajectory
 from raysad.sft import SFTConfig, run_sft, train_tokenizer_from_trajectories
-from raysad.trajectory import Trajectory, TrajectoryWriter, Turn
+from raysad.trajectory import Trajectory, Turn
+from raysad.trajectory_writer import TrajectoryWriter
 
 
 def hotpot_trajectory(n: int) -> Trajectory:
@@ -42,7 +44,7 @@ def act_loss(model_dir, data_path) -> float:
     loaded the plain Hugging Face way."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from raysad.trajectory import read_trajectories
+    from raysad.trajectory_reader import read_trajectories
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)

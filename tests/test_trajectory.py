@@ -8,8 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raysad.trajectory import (Trajectory, TrajectoryError, TrajectoryWriter, Turn, count_trajectories,
-                               read_task_ids, read_trajectories)
+from raysad.trajectory import Trajectory, TrajectoryError, Turn
+from raysad.trajectory_reader import count_trajectories, read_task_ids, read_trajectories
+from raysad.trajectory_writer import TrajectoryWriter
 
 
 def make_traj(n: int = 0, with_tokens: bool = True) -> Trajectory:

@@ -17,8 +17,9 @@ import yaml
 
 from raysad import models
 from raysad.config import ConfigError
-from raysad.tune import (SETTINGS_FILE, SweepConfig, check_resume, check_sweep, chunk_config, grid_points,
-                         load_sweep, run_sweep, student_size)
+from raysad.sweep import SweepConfig, grid_points, student_size
+from raysad.trial import chunk_config
+from raysad.tune import SETTINGS_FILE, check_resume, load_sweep, run_sweep
 from test_distill import expert_trajectories, with_teacher_topk
 
 CONFIGS = Path(__file__).resolve().parents[1] / "tune_configs"
@@ -154,7 +155,7 @@ def ray_cluster():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from raysad.sft import trajectory_texts
-    from raysad.trajectory import TrajectoryWriter
+    from raysad.trajectory_writer import TrajectoryWriter
 
     root = tmp_path_factory.mktemp("tune")
     trajs = expert_trajectories(8)
@@ -178,7 +179,7 @@ def sweep_file(data: Path, tmp: Path, name: str, methods: list[str], **extra) ->
         "space": {"student": ["tiny-1m"], "method": methods},
         "distill": {"max_steps": 3, "batch_size": 4, "micro_batch_size": 4, "max_length": 160, "lr": 3e-3,
                     "warmup_steps": 1, "workers": 1, "log_every": 100},
-        "test_episodes": 2, "evaluate": {"max_steps": 2, "max_new_tokens": 12, "env_actors": 1, "envs_per_actor": 2},
+        "test_episodes": 2, "evaluate": {"max_turns": 2, "max_new_tokens": 12, "env_actors": 1, "envs_per_actor": 2},
         "cpus_per_trial": 0, "max_concurrent_trials": 1, "max_failures": 0,
         "storage": str(tmp / "runs"), "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", **extra}
     path = tmp / f"{name}.yaml"

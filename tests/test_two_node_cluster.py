@@ -21,7 +21,7 @@ from raysad import models
 from raysad.distill import DistillConfig, run_distill
 from raysad.rollout import RolloutConfig, run_rollout
 from raysad.serving import _share, placement
-from raysad.trajectory import read_trajectories
+from raysad.trajectory_reader import read_trajectories
 
 ENV = "webshop"
 
@@ -67,7 +67,8 @@ def expert_rollout(nodes, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(expert_rollout, tmp_path_factory):
-    from raysad.segments import get_format, render_context
+    from raysad.agent_formats import get_format
+    from raysad.segments import render_context
 
     cfg, _ = expert_rollout
     fmt = get_format(ENV)
@@ -112,7 +113,7 @@ def test_env_actors_play_on_the_node_holding_their_resource(nodes, expert_rollou
 
 def test_hf_engine_on_one_node_env_actors_on_the_other(nodes, tokenizer_dir, tmp_path):
     model = models.init_model_dir("tiny-1m", tokenizer_dir, tmp_path / "teacher")
-    cfg = RolloutConfig(env=ENV, split="test", episodes=2, max_steps=1, policy="hf", model=str(model),
+    cfg = RolloutConfig(env=ENV, split="test", episodes=2, max_turns=1, policy="hf", model=str(model),
                         max_new_tokens=4, env_actors=1, envs_per_actor=2, engine_resources={"node_a": 1},
                         env_actor_resources={"node_b": 1}, out=str(tmp_path / "hf.jsonl"))
     gpus, engine_cpus, actor_cpus = placement(cfg)

@@ -44,7 +44,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ids(model_dir):
-    """PROMPTS as token ids: engines take ids (segments.encode_context builds them in a rollout)."""
+    """PROMPTS as token ids: engines take ids (encoding.encode_context builds them in a rollout)."""
     from raysad import models
 
     tok = models.load_tokenizer(model_dir)
@@ -173,7 +173,7 @@ def test_token_in_token_out_through_next_turns(engine, model_dir):
     model's own log-probs on the training sequence (fp32, within 1e-4)."""
     from raysad import fidelity, models
     from raysad.policies.base import next_turns
-    from raysad.segments import get_format
+    from raysad.agent_formats import get_format
     from raysad.trajectory import Trajectory
 
     tok = models.load_tokenizer(model_dir)

@@ -4,7 +4,7 @@ An engine (hf.HFEngine, vllm, openai) has one method, token ids in, token ids ou
 
     generate(prompts, stop=None, max_tokens=None, topk=0, temperature=None, seed=None) -> list[Generation]
 
-`prompts` are token id lists, built by segments.encode_context (the same encoder as training; an engine never
+`prompts` are token id lists, built by encoding.encode_context (the same encoder as training; an engine never
 tokenises a context itself, so what a model reads at rollout is what it is trained on). None means the
 engine's own default (set when it was built). For each prompt it returns a `Generation`:
   text            the generated text, cut right after the first stop string (the stop string included);
@@ -102,7 +102,7 @@ def next_turns(engine: Engine, tokenizer, fmt, prompts: list[str], histories: li
     """One ReAct turn for each agent, generated in two batched phases; observations are left empty.
 
     Agent j has the prompt prompts[j] and the finished turns histories[j] (with the ids they were generated
-    with, where they have them). Thought phase: segments.encode_context(..., "thought") (the context up to the
+    with, where they have them). Thought phase: encoding.encode_context(..., "thought") (the context up to the
     reason prefix), stop at reason_end. Action phase: encode_context(..., "action") with the thought's ids
     spliced in as generated, stop at act_end. Turn.thought / Turn.action are the texts cut at their end
     delimiter, without the prefix's lead (segments.parse_turn); `token_ids` are the generated ids, thought's
@@ -110,7 +110,9 @@ def next_turns(engine: Engine, tokenizer, fmt, prompts: list[str], histories: li
     come with every token. A segment the engine had to close (token budget or EOS before the delimiter) is
     named in turn.extra["truncated"] ("thought", "action"), so rollouts can count and report it.
     """
-    from raysad.segments import encode_context, get_format, parse_turn
+    from raysad.agent_formats import get_format
+    from raysad.encoding import encode_context
+    from raysad.segments import parse_turn
     from raysad.trajectory import Turn
 
     fmt = get_format(fmt)
@@ -185,6 +187,6 @@ def make_policy(backend: str, model: Any = None, **kwargs) -> Any:
         from raysad.policies.vllm import VLLMEngine
 
         return VLLMEngine(model, **kwargs)
-    from raysad.policies.openai_server import OpenAIEngine
+    from raysad.policies.openai_client import OpenAIEngine
 
     return OpenAIEngine(model, **kwargs)

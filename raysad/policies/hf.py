@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from raysad.policies.base import Generation, call_settings, cut_at_stop
+from raysad.policies.base import Generation, cut_at_stop
+from raysad.policies.batched import BatchedEngine
 
 
 class PrefixCache:
@@ -104,7 +105,7 @@ def _hit_stop(tokenizer, ids: list[int], stops: list[str], window: int) -> bool:
     return any(s in text for s in stops)
 
 
-class HFEngine:
+class HFEngine(BatchedEngine):
     """`model` is a directory (the tokenizer then defaults to the same directory) or a loaded model.
     `prefix_cache` is how many sequences' keys/values to keep for reuse (0: none)."""
 
@@ -138,15 +139,6 @@ class HFEngine:
         self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     # ------------------------------------------------------------------------------------- generate ---
-    def generate(self, prompts: list[list[int]], stop: list[str] | None = None, max_tokens: int | None = None,
-                 topk: int = 0, temperature: float | None = None, seed: int | None = None) -> list[Generation]:
-        stop, max_tokens, temperature, seed = call_settings(self, stop, max_tokens, temperature, seed)
-        out: list[Generation] = []
-        for start in range(0, len(prompts), self.batch_size):
-            out += self._generate_batch(prompts[start:start + self.batch_size], stop, max_tokens, topk,
-                                        temperature, seed)
-        return out
-
     def _forward(self, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, cache):
         """Run the new columns `ids` [B, q] against the cache; `valid` [B, kv] marks the real (non-pad) columns
         of cache + new. Returns (last position's logits [B, V], cache)."""

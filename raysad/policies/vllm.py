@@ -10,7 +10,7 @@ Top-k rows. vLLM returns, per generated position, a dict token_id -> Logprob hol
 default `raw_logprobs`: log_softmax of the raw logits (temperature 1, before any sampling transform), the same
 quantity the HF engine reports and the distillation losses expect.
 
-Prompts are token ids (segments.encode_context builds them for every engine), passed to vLLM as they are.
+Prompts are token ids (encoding.encode_context builds them for every engine), passed to vLLM as they are.
 Token bookkeeping at stop strings (a last token that runs past the stop, a text closed with stop[0] when the
 model wrote none) is base.cut_at_stop's; positions it re-encoded are scored with one teacher-forced vLLM pass
 (prompt_logprobs), so every token has its top-k row.

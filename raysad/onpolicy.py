@@ -1,0 +1,251 @@
+"""On-policy, multi-turn SAD (`raysad onpolicy`): the student plays, the teacher scores the student's own
+tokens, and the student learns from them segment by segment, iteration after iteration.
+
+    from raysad.onpolicy import OnPolicyConfig, run_onpolicy
+    result = run_onpolicy(OnPolicyConfig(student="derive:keep_every=4", teacher="runs/teacher", env="hotpotqa",
+                                         iterations=4, episodes=16, max_steps=8))
+    result.student, result.iterations        # the last student's HF folder, each iteration's metrics
+
+Iteration k (folder <out>/iter_<k>):
+  1. play       the current student plays `episodes` train tasks (the split's tasks in turn, so every iteration
+                meets new ones) on Ray env actors through its engine actors (raysad.rollout), sampling at
+                `sample_temperature`: trajectories.jsonl holds the ids it generated, per turn.
+  2. score and  raysad.distill on those trajectories with the teacher online: encoding.encode_trajectory reuses
+     train      the student's stored ids (token-in, token-out), so the teacher's forward pass reads exactly the
+                tokens the student wrote and gives its full distribution at each; the student minimises
+                λ_r·D(reason) + λ_a·D(act) over its own thought and action tokens (reverse KL by default, the
+                on-policy divergence; forward KL and JSD too; `method token_kd` is the vanilla one-loss
+                baseline) for `max_steps` steps -> student/, the next iteration's policy. With
+                `teacher_trajectories`, `teacher_share` of the iteration's trajectories are the teacher's own
+                (off-policy examples, GKD's λ).
+  Weight sync: the next iteration's engine actors load student/ from disk. The loop is synchronous: every
+  sample comes from the weights being trained (staleness 0, logged), and each iteration starts a fresh AdamW
+  (its learning rate warms up in the first iteration only).
+
+Resume: each iteration's rollout and distillation resume on their own (raysad.rollout, raysad.distill), and a
+finished iteration leaves iter_<k>/done.json; a rerun of the same command continues from the first unfinished
+iteration, in the same MLflow run. Settings that change what is computed are recorded in
+<out>/onpolicy.settings.json; a rerun with others is refused (`iterations` may grow).
+
+MLflow: one run (stage onpolicy) with per-iteration metrics `onpolicy/*`: the student's train success rate,
+the per-segment divergence of the iteration's last step (reason / act), tokens trained, staleness, and the time
+split (play, score + train: with an online teacher the scoring is the teacher's forward inside each step).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raysad.config import values_of
+from raysad.configs import (DistillConfig, Distillation, OnPolicyConfig, Optimizer, Play, RayCluster, RolloutConfig,
+                            Training)
+
+SETTINGS_FILE = "onpolicy.settings.json"
+RUN_ID_FILE = "mlflow_run_id"
+DONE_FILE = "done.json"
+# settings a rerun may change: how far to go and where it runs, not what an iteration computes
+RESUME_MAY_CHANGE = ("iterations", "experiment", "run_name", "tracking_uri", "ray_address", "num_cpus",
+                     "env_actors", "envs_per_actor", "engines", "workers")
+
+
+@dataclass
+class OnPolicyResult:
+    student: Path                                   # the last iteration's student (HF folder)
+    iterations: list[dict[str, float]] = field(default_factory=list)  # each iteration's onpolicy/* metrics
+    run_id: str | None = None
+
+
+def iteration_dir(out: str | Path, k: int) -> Path:
+    return Path(out) / f"iter_{k:03d}"
+
+
+def iteration_tasks(pool: list[str], k: int, episodes: int) -> list[str]:
+    """The tasks iteration k plays: the next `episodes` of the pool, wrapping around, so that successive
+    iterations meet new tasks and the whole split is used before any task repeats."""
+    if not pool:
+        raise ValueError("the split has no tasks to play")
+    start = (k * episodes) % len(pool)
+    return [pool[(start + i) % len(pool)] for i in range(min(episodes, len(pool)))]
+
+
+def play_config(cfg: OnPolicyConfig, k: int, student: str, task_ids: list[str]) -> RolloutConfig:
+    """Iteration k's rollout: the student samples on the iteration's tasks, with its own seed."""
+    settings = values_of(cfg, Play, RayCluster)
+    settings.update(env=cfg.env, split=cfg.split, data=cfg.data, num_tasks=cfg.num_tasks, max_turns=cfg.max_turns,
+                    task_ids=task_ids, policy=cfg.engine, model=student, temperature=cfg.sample_temperature, topk=0,
+                    seed=cfg.seed * 1_000 + k, out=str(iteration_dir(cfg.out, k) / "trajectories.jsonl"))
+    return RolloutConfig(**settings)
+
+
+def train_config(cfg: OnPolicyConfig, k: int, student: str, data: Path) -> DistillConfig:
+    """Iteration k's distillation: the student on its own trajectories, the teacher online."""
+    settings = values_of(cfg, Distillation, Training, Optimizer, RayCluster)
+    steps = max(cfg.max_steps, 1)
+    settings.update(trajectories=str(data), student=student, out=str(iteration_dir(cfg.out, k) / "student"),
+                    warmup_steps=cfg.warmup_steps if k == 0 else 0, seed=cfg.seed * 1_000 + k,
+                    checkpoint_every=steps, log_every=steps, stage="onpolicy")
+    return DistillConfig(**settings)
+
+
+def mix_in_teacher(cfg: OnPolicyConfig, k: int, played: Path) -> Path:
+    """The iteration's training file: the student's trajectories, plus (teacher_share > 0) the next run of the
+    teacher's trajectories, cycling through that file (read as a stream, never held whole)."""
+    if not cfg.teacher_trajectories or not cfg.teacher_share:
+        return played
+    from raysad.trajectory_reader import count_trajectories, read_trajectories
+    from raysad.trajectory_writer import TrajectoryWriter
+
+    with read_trajectories(played) as reader:
+        own = list(reader)
+    wanted = round(len(own) * cfg.teacher_share / (1 - cfg.teacher_share))
+    total = count_trajectories(cfg.teacher_trajectories)
+    if not total:
+        raise ValueError(f"--teacher-trajectories {cfg.teacher_trajectories}: no trajectories")
+    picked = {(k * wanted + i) % total for i in range(wanted)}
+    path = played.with_name("train.jsonl")
+    tmp = path.with_name(path.name + ".tmp")
+    with TrajectoryWriter(tmp) as out:
+        for traj in own:
+            out.write(traj)
+        with read_trajectories(cfg.teacher_trajectories) as reader:
+            for i, traj in enumerate(reader):
+                if i in picked:
+                    out.write(traj)
+    tmp.replace(path)
+    return path
+
+
+def success_rate(path: Path) -> float:
+    from raysad.trajectory_reader import read_trajectories
+
+    with read_trajectories(path) as reader:
+        outcomes = [t.success for t in reader]
+    return sum(outcomes) / len(outcomes) if outcomes else 0.0
+
+
+def run_iteration(cfg: OnPolicyConfig, k: int, student: str, pool: list[str], progress: bool) -> dict[str, float]:
+    """Play, then score + train; returns the iteration's metrics (also written to iter_<k>/done.json)."""
+    from raysad.distill import run_distill
+    from raysad.rollout import run_rollout
+
+    began = time.monotonic()
+    played = run_rollout(play_config(cfg, k, student, iteration_tasks(pool, k, cfg.episodes)),
+                         progress=progress, track=False)
+    played_at = time.monotonic()
+    path = Path(played.out)
+    data = mix_in_teacher(cfg, k, path)
+    trained = run_distill(train_config(cfg, k, student, data), track=False)
+    m = trained.metrics
+    metrics = {"onpolicy/iteration": k, "onpolicy/train_success_rate": success_rate(path),
+               "onpolicy/episodes": played.episodes + played.skipped,
+               "onpolicy/play_s": played_at - began, "onpolicy/score_train_s": time.monotonic() - played_at,
+               "onpolicy/staleness": 0.0,  # synchronous: the samples come from the weights being trained
+               "onpolicy/tokens_trained": float(sum(r.get("reason_tokens", 0) + r.get("act_tokens", 0)
+                                                    for r in trained.log)),
+               "onpolicy/loss": m.get("distill/loss"), "onpolicy/reason_divergence": m.get("distill/reason_loss"),
+               "onpolicy/act_divergence": m.get("distill/act_loss"), "onpolicy/steps": float(trained.steps)}
+    metrics = {k_: float(v) for k_, v in metrics.items() if v is not None}
+    done = iteration_dir(cfg.out, k) / DONE_FILE
+    tmp = done.with_name(done.name + ".tmp")
+    tmp.write_text(json.dumps({"student": str(trained.out), "metrics": metrics}, indent=1) + "\n")
+    tmp.replace(done)
+    # a finished iteration is never resumed: its checkpoints (a model and optimizer copy each) only take disk
+    shutil.rmtree(Path(trained.out) / "checkpoints", ignore_errors=True)
+    return metrics
+
+
+def check_settings(cfg: OnPolicyConfig) -> None:
+    """Refuse to continue an <out> started with settings that change what an iteration computes."""
+    from raysad.config import changed_settings, record_settings
+
+    path = Path(cfg.out) / SETTINGS_FILE
+    settings = dataclasses.asdict(cfg)
+    changes = changed_settings(path, settings, ignore=RESUME_MAY_CHANGE)
+    if changes:
+        raise ValueError(f"{cfg.out} holds an on-policy run with other settings ({', '.join(changes)}); rerun with "
+                         "the same settings to continue it, or pass a fresh --out")
+    record_settings(path, settings)
+
+
+def run_onpolicy(cfg: OnPolicyConfig, track: bool = True, progress: bool = True) -> OnPolicyResult:
+    """Run (or continue) the iterations; returns the last student and every iteration's metrics."""
+    import contextlib
+
+    from raysad import models, tracking, ui
+    from raysad.cluster import init_ray
+    from raysad.config import flatten
+    from raysad.rollout import select_tasks
+    from raysad.students import student_dir
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    check_settings(cfg)
+    student = student_dir(cfg.student, cfg.teacher, cfg.out)
+    for role, path in (("--student", student), ("--teacher", cfg.teacher)):
+        if not (Path(path) / "config.json").is_file():
+            raise ValueError(f"{role} {path}: not a model directory (no config.json)")
+    # the teacher scores the student's token ids: both must mean the same by every id (checked before any play)
+    models.check_same_tokenizer(models.load_tokenizer(cfg.teacher), models.load_tokenizer(student))
+    pool = select_tasks(dataclasses.replace(play_config(cfg, 0, student, []), task_ids=cfg.task_ids, episodes=None))
+    result = OnPolicyResult(student=Path(student))
+    run = contextlib.nullcontext()
+    if track:
+        uri = tracking.absolute_uri(cfg.tracking_uri)
+        run = tracking.resumable_run(out / RUN_ID_FILE, cfg.experiment, uri,
+                                     cfg.run_name or f"onpolicy-{cfg.method}-{cfg.env}", flatten(cfg),
+                                     {"stage": "onpolicy", "method": cfg.method, "env": cfg.env})
+    started_ray = init_ray(cfg.ray_address, cfg.num_cpus)
+    try:
+        with run as active:
+            result.run_id = active.info.run_id if active is not None else None
+            for k in range(cfg.iterations):
+                done = iteration_dir(out, k) / DONE_FILE
+                if done.is_file():  # finished before an interruption: its student is the next one's policy
+                    record = json.loads(done.read_text())
+                    student, metrics = record["student"], record["metrics"]
+                else:
+                    metrics = run_iteration(cfg, k, student, pool, progress)
+                    student = json.loads(done.read_text())["student"]
+                    if active is not None:
+                        tracking.log_metrics(metrics, step=k)
+                result.iterations.append(metrics)
+                ui.console().print(
+                    f"onpolicy iteration {k + 1}/{cfg.iterations}: train success "
+                    f"{metrics['onpolicy/train_success_rate']:.1%}, reason {metrics.get('onpolicy/reason_divergence', 0):.4f}, "
+                    f"act {metrics.get('onpolicy/act_divergence', 0):.4f}, play {metrics['onpolicy/play_s']:.0f} s, "
+                    f"score+train {metrics['onpolicy/score_train_s']:.0f} s", highlight=False)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    result.student = _publish(out, Path(student))
+    return result
+
+
+def _publish(out: Path, student: Path) -> Path:
+    """<out>/student: the last iteration's student (a copy, replaced atomically)."""
+    final = out / "student"
+    tmp = out / "student.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(student, tmp, ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def main(config_path: str | Path | None = None, **flags: Any) -> OnPolicyResult:
+    """`raysad onpolicy`: the config (defaults < YAML < flags), the iterations, where the student went."""
+    from raysad import ui
+    from raysad.config import build_config
+
+    cfg = build_config(OnPolicyConfig, config_path, **flags)
+    result = run_onpolicy(cfg)
+    ui.console().print(f"[green]onpolicy[/green] ({cfg.method}, {cfg.divergence}): {len(result.iterations)} "
+                       f"iterations, student saved to [bold]{result.student}[/bold]")
+    return result

@@ -1,0 +1,54 @@
+"""The stage commands are built from their configs (raysad/configs.py): every field with help is a flag of the
+same name, the help and default come from the field, and a flag given wins over the --config file."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from typer.testing import CliRunner
+
+from raysad import configs
+from raysad.cli import app, config_options
+from raysad.config import ConfigError, build_config
+
+COMMANDS = {"rollout": configs.RolloutConfig, "evaluate": configs.EvalConfig, "distill": configs.DistillConfig,
+            "sft": configs.SFTConfig, "prune": configs.PruneConfig, "report": configs.ReportConfig}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_field_with_help_is_a_flag(command):
+    config_cls = COMMANDS[command]
+    with_help = {f.name for f in dataclasses.fields(config_cls) if f.metadata.get("help")}
+    assert {p.name for p in config_options(config_cls)} == with_help
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for name in with_help:
+        assert "--" + name.replace("_", "-") in result.output, name
+
+
+def test_a_shared_part_means_the_same_in_every_stage():
+    # evaluate has the engine placement and tracking flags rollout has (it lacked --tracking-uri and
+    # --gpus-per-engine when each command declared its own)
+    rollout = {p.name for p in config_options(configs.RolloutConfig)}
+    evaluate = {p.name for p in config_options(configs.EvalConfig)}
+    assert {"tracking_uri", "gpus_per_engine", "engine_resources", "task_ids"} <= rollout & evaluate
+    for part in (configs.Tasks, configs.Policy, configs.Play):
+        for field in dataclasses.fields(part):
+            assert configs.RolloutConfig.__dataclass_fields__[field.name].metadata["help"]
+    # a stage's own default (evaluate plays the test split) keeps the part's help
+    split = configs.EvalConfig.__dataclass_fields__["split"]
+    assert split.default == "test" and configs.RolloutConfig.__dataclass_fields__["split"].default == "train"
+
+
+def test_flags_win_over_the_config_file(tmp_path):
+    config = tmp_path / "eval.yaml"
+    config.write_text("policy: random\nenv: hotpotqa\nepisodes: 2\nout: nowhere\n")
+    result = CliRunner().invoke(app, ["evaluate", "--config", str(config), "--episodes", "0"])
+    assert result.exit_code == 2 and "field 'episodes' must be >= 1" in result.output  # the flag, not the file's 2
+
+
+def test_an_unknown_or_renamed_field_names_its_replacement(tmp_path):
+    with pytest.raises(ConfigError, match=r"grad_clip \(did you mean max_grad_norm\?\)"):
+        build_config(configs.SFTConfig, None, trajectories="t.jsonl", grad_clip=1.0)
+    with pytest.raises(ConfigError, match=r"lamda_act \(did you mean lambda_act\?\)"):
+        build_config(configs.DistillConfig, None, trajectories="t", student="s", lamda_act=1.0)

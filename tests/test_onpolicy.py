@@ -1,0 +1,152 @@
+"""raysad.onpolicy on tiny models: the student plays HotPotQA on Ray actors, the teacher scores exactly the
+student's tokens, the student trains on them, and the next iteration plays with the trained weights.
+
+Teacher and student: tiny random models sharing the tokenizer of test_distill's data (the teacher's final
+norm scaled up, so its distributions are peaked). Episodes are 2 turns of at most 6 tokens per segment.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raysad import models
+from raysad.agent_formats import trajectory_format
+from raysad.configs import OnPolicyConfig
+from raysad.encoding import encode_trajectory
+from raysad.onpolicy import iteration_dir, iteration_tasks, run_onpolicy
+from raysad.trajectory_reader import read_trajectories
+from test_distill import data, one_thread  # noqa: F401 - the fixtures used here
+
+
+@pytest.fixture(scope="module")
+def student_dir(data):
+    tokenizer = models.load_tokenizer(data / "tok")
+    student = models.build_tiny_model("tiny-1m", tokenizer, seed=7)
+    out = data / "onpolicy-student"
+    student.save_pretrained(out)
+    models.save_tokenizer(tokenizer, out)
+    return out
+
+
+def onpolicy_config(data, student_dir, out, **overrides) -> OnPolicyConfig:
+    base = dict(student=str(student_dir), teacher=str(data / "teacher"), out=str(out), env="hotpotqa",
+                iterations=2, episodes=2, max_turns=2, max_new_tokens=6, max_steps=2, batch_size=2,
+                micro_batch_size=2, max_length=512, lr=3e-3, warmup_steps=0, workers=0, env_actors=1,
+                envs_per_actor=2, num_cpus=2, seed=0)
+    return OnPolicyConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def run(data, student_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onpolicy")
+    cfg = onpolicy_config(data, student_dir, out)
+    return cfg, run_onpolicy(cfg, track=False, progress=False)
+
+
+def test_each_iteration_plays_new_tasks_and_trains_on_them(run):
+    cfg, result = run
+    assert len(result.iterations) == 2 and (result.student / "config.json").is_file()
+    played = [list(read_trajectories(iteration_dir(cfg.out, k) / "trajectories.jsonl")) for k in range(2)]
+    assert [sorted(t.task_id for t in p) for p in played] != [sorted(t.task_id for t in played[0])] * 2
+    for k, metrics in enumerate(result.iterations):
+        assert metrics["onpolicy/iteration"] == k and metrics["onpolicy/steps"] == 2
+        assert metrics["onpolicy/tokens_trained"] > 0 and metrics["onpolicy/staleness"] == 0
+        assert np.isfinite(metrics["onpolicy/reason_divergence"]) and np.isfinite(metrics["onpolicy/act_divergence"])
+    # iteration 1 is played by iteration 0's trained student: the weight sync
+    assert {t.policy["model"] for t in played[1]} == {str(iteration_dir(cfg.out, 0) / "student")}
+    before = models.load_model(cfg.student).state_dict()
+    after = models.load_model(iteration_dir(cfg.out, 0) / "student").state_dict()
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+
+
+def test_the_teacher_reads_exactly_the_students_tokens(run, data):
+    cfg, _ = run
+    tokenizer = models.load_tokenizer(cfg.student)
+    (traj, *_) = read_trajectories(iteration_dir(cfg.out, 0) / "trajectories.jsonl")
+    example = encode_trajectory(traj, tokenizer, trajectory_format(traj), max_length=cfg.max_length)
+    generated = [i for turn in traj.turns for i in turn.token_ids]
+    scored = example["input_ids"][example["reason_mask"] | example["act_mask"]].tolist()
+    assert generated and scored == generated  # token-in, token-out: no id re-derived from text
+    # the teacher's log-probs at those positions are its forward pass over exactly these ids
+    teacher = models.load_model(cfg.teacher)
+    with torch.no_grad():
+        logp = teacher(torch.as_tensor(example["input_ids"])[None]).logits[0].log_softmax(-1)
+    rows = np.nonzero(example["reason_mask"] | example["act_mask"])[0]
+    assert torch.isfinite(logp[rows - 1, torch.as_tensor(scored)]).all()
+
+
+def test_the_next_iteration_samples_from_the_trained_weights(data, student_dir, tmp_path):
+    # greedy play: iteration 1's first thought must be what iteration 0's trained student writes greedily
+    from raysad.agent_formats import get_format
+    from raysad.policies import make_policy, next_turns
+
+    cfg = onpolicy_config(data, student_dir, tmp_path / "greedy", sample_temperature=0.0, episodes=1)
+    run_onpolicy(cfg, track=False, progress=False)
+    (traj,) = read_trajectories(iteration_dir(cfg.out, 1) / "trajectories.jsonl")
+    trained = str(iteration_dir(cfg.out, 0) / "student")
+    engine = make_policy("hf", trained)
+    (turn,) = next_turns(engine, models.load_tokenizer(trained), get_format("hotpotqa"), [traj.prompt], [[]],
+                         max_thought_tokens=6, max_action_tokens=6, temperature=0.0)
+    assert turn.token_ids == traj.turns[0].token_ids
+
+
+def test_lambda_reason_zero_gives_no_gradient_on_thought_tokens(run):
+    from raysad.data import collate, loss_masks
+    from raysad.train_loop import batch_loss
+
+    cfg, _ = run
+    tokenizer = models.load_tokenizer(cfg.student)
+    (traj, *_) = read_trajectories(iteration_dir(cfg.out, 0) / "trajectories.jsonl")
+    batch = collate([encode_trajectory(traj, tokenizer, trajectory_format(traj), max_length=cfg.max_length)],
+                    tokenizer.pad_token_id)
+    student, teacher = models.load_model(cfg.student), models.load_model(cfg.teacher)
+    with torch.no_grad():  # position t predicts target t (the batch's labels are the ids shifted by one)
+        teacher_logits = teacher(batch["input_ids"]).logits[:, :-1]
+    logits = student(batch["input_ids"]).logits[:, :-1].detach().requires_grad_(True)
+    for lambda_reason, lambda_act in ((0.0, 1.0), (1.0, 0.0)):
+        config = OnPolicyConfig(student="s", teacher="t", lambda_reason=lambda_reason, lambda_act=lambda_act)
+        reason, act = loss_masks(batch, config)
+        assert reason.any() and act.any()
+        logits.grad = None
+        total, _ = batch_loss(logits, teacher_logits, batch, config)
+        total.backward()
+        grad = logits.grad.abs().sum(-1)[0]
+        zero, nonzero = (reason[0], act[0]) if lambda_reason == 0 else (act[0], reason[0])
+        assert grad[zero].max() == 0 and grad[nonzero].min() > 0
+
+
+def test_a_rerun_continues_and_refuses_other_settings(run, data, student_dir):
+    cfg, result = run
+    again = run_onpolicy(cfg, track=False, progress=False)  # both iterations done: nothing is played again
+    assert again.iterations == result.iterations
+    done = json.loads((iteration_dir(cfg.out, 1) / "done.json").read_text())
+    assert done["metrics"] == result.iterations[1]
+    with pytest.raises(ValueError, match="other settings .*lambda_act"):
+        run_onpolicy(onpolicy_config(data, student_dir, cfg.out, lambda_act=2.0), track=False, progress=False)
+
+
+def test_tasks_walk_through_the_split():
+    pool = [str(i) for i in range(5)]
+    assert iteration_tasks(pool, 0, 2) == ["0", "1"] and iteration_tasks(pool, 2, 2) == ["4", "0"]
+    assert iteration_tasks(pool, 0, 9) == pool
+
+
+def test_bad_settings_fail_in_one_line(data, student_dir, tmp_path):
+    with pytest.raises(ValueError, match="on-policy distillation uses sad"):
+        onpolicy_config(data, student_dir, tmp_path, method="sft")
+    with pytest.raises(ValueError, match="teacher_share' needs --teacher-trajectories"):
+        onpolicy_config(data, student_dir, tmp_path, teacher_share=0.5)
+    with pytest.raises(ValueError, match="not a model directory"):
+        run_onpolicy(onpolicy_config(data, student_dir, tmp_path, student=str(tmp_path / "none")), track=False)
+    # a student with another tokenizer: refused before anything is played
+    other_tok = models.train_tokenizer(["some other text entirely"] * 20, vocab_size=300, out_dir=tmp_path / "tok2")
+    other = tmp_path / "other-student"
+    models.build_tiny_model("tiny-1m", other_tok, seed=1).save_pretrained(other)
+    models.save_tokenizer(other_tok, other)
+    with pytest.raises(ValueError, match="tokenizer"):
+        run_onpolicy(onpolicy_config(data, student_dir, tmp_path / "o", student=str(other)), track=False)
+    assert not list(Path(tmp_path).rglob("iter_*"))
