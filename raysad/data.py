@@ -1,9 +1,9 @@
-"""Training data: trajectories -> encoded examples -> the run's order -> each rank's stream.
+"""Training data: trajectories -> encoded examples (`Example`) -> the run's order -> micro-batches (`Batch`).
 
-    examples, stats = load_examples(config, tokenizer)           # in this process (workers 0, prune, tests)
-    source = encode_on_cluster(config)                           # Ray Data: the driver holds no example
+    examples, stats = load_examples_and_stats(config, tokenizer)  # in this process (workers 0, prune, tests)
+    source = data_stream.encode_on_cluster(config, tok)          # Ray Data: the driver holds no example
     batches = step_batches(source.stats, config)                 # [step] -> example positions
-    datasets = rank_datasets(source, batches, world=2)           # {"rank_0": Dataset, "rank_1": Dataset}
+    datasets = data_stream.rank_datasets(source, batches, 2)     # {"rank_0": Dataset, "rank_1": Dataset}
 
 An *example* is one trajectory encoded for the student (raysad.encoding.encode_trajectory): input_ids, the
 reason/act masks and, when the rollout stored them, the teacher's top-k rows. Examples are numbered by their
@@ -11,7 +11,7 @@ position among the trajectories that have a loss token (the file's order), and e
 by that position, so the run's batch sequence is a pure function of (data, config): resume and "N workers ==
 one worker" hold by construction.
 
-On a cluster (`encode_on_cluster`) the file is cut into shards (raysad.trajectory_reader.shards: JSONL byte ranges,
+On a cluster (raysad.data_stream) the file is cut into shards (raysad.trajectory_reader.shards: JSONL byte ranges,
 Parquet row groups); Ray Data reads and encodes them in tasks and keeps the examples as blocks in the object
 store (spilled to disk when they outgrow it). The driver keeps only per-example statistics (a few numbers each:
 the token counts the loss normalisers need, the curriculum's complexity) and the block references. Each Train
@@ -24,13 +24,12 @@ data/... metrics and warnings; a run whose examples hold no reason token, or no 
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, TypedDict
 
 import numpy as np
 
@@ -39,9 +38,31 @@ log = logging.getLogger(__name__)
 DATA_COUNTS = ("trajectories", "examples", "skipped_no_loss_tokens", "reason_tokens", "act_tokens", "empty_thoughts",
                "truncated_turns", "truncated_examples", "dropped_prompt_tokens", "dropped_loss_tokens",
                "dropped_turns", "loss_tokens_without_teacher")
-RECORDS_PER_SHARD = 512   # trajectories per Ray Data read+encode task (each block costs the driver ~0.1 MB of Ray metadata)
-ROWS_PER_GATHER = 64      # examples per Ray Data gather task of a rank's stream
-PREFETCH_GATHERS = 4      # gather results a rank's stream keeps ready
+
+
+class Example(TypedDict, total=False):
+    """One trajectory encoded for the student (encoding.encode_trajectory); arrays of one length T."""
+    id: str                         # the trajectory's id
+    input_ids: np.ndarray           # [T] int64
+    reason_mask: np.ndarray         # [T] bool: thought tokens (with their end delimiter): [REASON]
+    act_mask: np.ndarray            # [T] bool: action tokens (with their end delimiter): [ACT]
+    topk_ids: np.ndarray | None     # [T, k] int64: the teacher's top-k at each generated token (rollout --topk)
+    topk_logprobs: np.ndarray | None  # [T, k] float32
+    topk_mask: np.ndarray | None    # [T] bool: the tokens that have a teacher row
+    truncated: bool                 # cut by max_length (what was dropped: dropped_prompt_tokens, ...)
+
+
+class Batch(TypedDict, total=False):
+    """A collated micro-batch of examples (torch tensors, right-padded), aligned for next-token prediction:
+    position t of the model's output predicts `labels[t]` (= input_ids[t + 1])."""
+    input_ids: Any                  # [B, T]
+    attention_mask: Any             # [B, T]
+    labels: Any                     # [B, T-1]
+    reason_mask: Any                # [B, T-1] bool, over the labels
+    act_mask: Any                   # [B, T-1] bool
+    has_topk: Any                   # [B, T-1] bool
+    topk_ids: Any                   # [B, T-1, k] (only when an example has stored top-k)
+    topk_logprobs: Any              # [B, T-1, k]
 
 
 # ------------------------------------------------------------------------------ which tokens carry loss ----
@@ -59,7 +80,7 @@ def flat_mask(reason, act, valid):
     return (loss.cumsum(-1) > 0) & (valid != 0)
 
 
-def loss_masks(batch: dict, config):
+def loss_masks(batch: Batch, config):
     """(reason, act) target masks [B, T-1] of a collated batch: with a stored top-k teacher, only the tokens
     that have a teacher row. flat_kd: the act mask is every target after the prompt that is not a thought."""
     from raysad.losses import get_method
@@ -72,7 +93,7 @@ def loss_masks(batch: dict, config):
     return reason, act
 
 
-def example_counts(example: dict, config) -> tuple[int, int, int]:
+def example_counts(example: Example, config) -> tuple[int, int, int]:
     """(reason targets, act targets, tokens) of one example, as loss_masks counts them after collate."""
     from raysad.losses import get_method
 
@@ -87,7 +108,7 @@ def example_counts(example: dict, config) -> tuple[int, int, int]:
 
 
 # ----------------------------------------------------------------------------------------- encoding ----
-def encode_all(trajectories: Iterable, tokenizer, config, first_index: int = 0) -> Iterator[tuple[dict, dict]]:
+def encode_all(trajectories: Iterable, tokenizer, config, first_index: int = 0) -> Iterator[tuple[Example, dict]]:
     """(example, its statistics) per trajectory, in order. Statistics: `index` (the trajectory's number in
     the file), the data counts (DATA_COUNTS' per-trajectory parts), the loss token counts under config's
     method (`loss_reason`, `loss_act`, `tokens`), `complexity` (the curriculum's score) and `has_topk`.
@@ -189,7 +210,7 @@ def _warn_data(counts: dict, where: str, max_length: int | None) -> None:
                     "them while sft trains on them", where, counts["loss_tokens_without_teacher"])
 
 
-def load_examples(config, tokenizer, stats: dict | None = None) -> list[dict]:
+def load_examples(config, tokenizer, stats: dict | None = None) -> list[Example]:
     """Every trajectory of config.trajectories encoded, in this process (any config with `trajectories`,
     `max_length` and `method`). `stats` (when given) receives the data/... counts."""
     examples, data = load_examples_and_stats(config, tokenizer)
@@ -198,7 +219,7 @@ def load_examples(config, tokenizer, stats: dict | None = None) -> list[dict]:
     return examples
 
 
-def load_examples_and_stats(config, tokenizer) -> tuple[list[dict], DataStats]:
+def load_examples_and_stats(config, tokenizer) -> tuple[list[Example], DataStats]:
     from raysad.trajectory_reader import read_trajectories
 
     examples, rows = [], []
@@ -283,7 +304,26 @@ def rank_rows(batch: list[int], rank: int, world: int) -> tuple[list[int], bool]
     return (mine, False) if mine else ([batch[0]], True)
 
 
-def collate(items: list[dict], pad_id: int):
+def rank_sequence(batches: list[list[int]], rank: int, world: int, start: int = 0) -> list[int]:
+    """The examples rank `rank` reads from step `start` on, in order (fillers included)."""
+    return [i for step in batches[start:] for i in rank_rows(step, rank, world)[0]]
+
+
+def take(examples: Iterator[Example], n: int, where: str, keep: bool = True) -> list[Example]:
+    """The next `n` examples of a rank's stream (`keep=False`: passed over, none held). A stream that ends
+    early (shorter than the run's plan) is an error that says where, not a bare StopIteration."""
+    got, seen = [], 0
+    for example in itertools.islice(examples, n):
+        seen += 1
+        if keep:
+            got.append(example)
+    if seen < n:
+        raise RuntimeError(f"{where}: the rank's example stream ended {n - seen} example(s) early; its dataset "
+                           "shard is shorter than the run's plan (was the data changed under the run?)")
+    return got
+
+
+def collate(items: list[Example], pad_id: int) -> Batch:
     """Right-pad a micro-batch. Returns tensors aligned for next-token prediction (position t predicts t+1)."""
     import torch
 
@@ -317,216 +357,3 @@ def collate(items: list[dict], pad_id: int):
         shifted["topk_ids"] = topk_ids[:, 1:]
         shifted["topk_logprobs"] = topk_logprobs[:, 1:]
     return shifted
-
-
-# ------------------------------------------------------------------------------ Ray Data: the cluster ----
-ARRAY_COLUMNS = ("input_ids", "reason_mask", "act_mask", "topk_ids", "topk_logprobs", "topk_mask")
-
-
-def to_row(example: dict) -> dict:
-    """An example as a flat row of scalars and bytes (one Arrow type for every block, whatever the lengths);
-    the top-k matrix is flattened, its width in topk_k (-1: no top-k stored)."""
-    has = example.get("topk_ids") is not None
-    n = len(example["input_ids"])
-    return {"input_ids": np.asarray(example["input_ids"], dtype=np.int64).tobytes(),
-            "reason_mask": np.asarray(example["reason_mask"], dtype=bool).tobytes(),
-            "act_mask": np.asarray(example["act_mask"], dtype=bool).tobytes(),
-            "topk_k": (int(np.asarray(example["topk_ids"]).shape[1]) if n else 0) if has else -1,
-            "topk_ids": np.asarray(example["topk_ids"], dtype=np.int64).tobytes() if has else b"",
-            "topk_logprobs": np.asarray(example["topk_logprobs"], dtype=np.float32).tobytes() if has else b"",
-            "topk_mask": np.asarray(example["topk_mask"], dtype=bool).tobytes() if has else b""}
-
-
-def from_row(row: dict) -> dict:
-    """The example of a to_row row (writable arrays of its own)."""
-    def array(name, dtype):
-        return np.frombuffer(row[name], dtype=dtype).copy()
-
-    ids = array("input_ids", np.int64)
-    example = {"input_ids": ids, "reason_mask": array("reason_mask", bool), "act_mask": array("act_mask", bool),
-               "topk_ids": None, "topk_logprobs": None, "topk_mask": None}
-    k = int(row["topk_k"])
-    if k >= 0:
-        example["topk_ids"] = array("topk_ids", np.int64).reshape(len(ids), k)
-        example["topk_logprobs"] = array("topk_logprobs", np.float32).reshape(len(ids), k)
-        example["topk_mask"] = array("topk_mask", bool)
-    return example
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer(source: str):
-    from raysad import models
-
-    return models.load_tokenizer(source)
-
-
-def encode_shard(shard: dict, tokenizer_source: str, config) -> list[dict]:
-    """Ray Data task: the rows (example + statistics) of one shard. A bad record becomes one `error` row (the
-    driver raises it, naming file and line) rather than a task failure Ray would retry and wrap."""
-    from raysad.trajectory import TrajectoryError
-    from raysad.trajectory_reader import read_shard
-
-    rows = []
-    try:
-        for example, stats in encode_all(read_shard(shard), _tokenizer(tokenizer_source), config,
-                                         shard["first_record"]):
-            rows.append({**stats, "error": "", **to_row(example)})
-    except (TrajectoryError, ValueError) as err:
-        return [{**_ERROR_STATS, "index": shard["first_record"], "error": str(err),
-                 **to_row(_EMPTY_EXAMPLE)}]
-    return rows
-
-
-_EMPTY_EXAMPLE = {"input_ids": np.zeros(0, np.int64), "reason_mask": np.zeros(0, bool),
-                  "act_mask": np.zeros(0, bool), "topk_ids": None, "topk_logprobs": None, "topk_mask": None}
-_ERROR_STATS = {**dict.fromkeys(STAT_FIELDS, 0), "skipped": True, "complexity": 0.0, "has_topk": False}
-
-
-@dataclass
-class ClusterData:
-    """Examples held by Ray: blocks in the object store; the driver has their references, where each example
-    sits (block, row) and DataStats."""
-    blocks: list          # ObjectRef[pyarrow.Table] per block
-    block_of: np.ndarray  # [examples] block number
-    row_of: np.ndarray    # [examples] row in that block
-    stats: DataStats
-
-
-def quiet_ray_data() -> None:
-    """No progress bars or per-dataset banners from Ray Data (raysad prints its own progress)."""
-    import ray.data
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # first: setting the context logs at INFO
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-
-
-def encode_on_cluster(config, tokenizer_source: str) -> ClusterData:
-    """Read and encode config.trajectories with Ray Data tasks (needs a connected Ray); the examples stay in
-    the object store. Raises the first bad record's error (file:line: field) or the data checks' errors."""
-    import ray
-    import ray.data
-
-    from raysad.trajectory_reader import shards
-
-    quiet_ray_data()
-    pieces = shards(config.trajectories, RECORDS_PER_SHARD)
-    workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    # the blocks' order does not matter: each example is found by (block, row), sorted by its index below
-    dataset = (ray.data.from_items(pieces, override_num_blocks=len(pieces))
-               .flat_map(encode_shard, fn_args=(tokenizer_source, _light_config(config)),
-                         num_cpus=0, compute=ray.data.TaskPoolStrategy(size=workers))
-               .materialize())
-    blocks = dataset.to_arrow_refs()
-    # each block's statistics are read in a task next to it: the driver never maps a block into its memory,
-    # and keeps a few compact numbers per example
-    block_stats = ray.remote(num_cpus=0)(_block_stats)
-    parts: dict[str, list] = {name: [] for name in (*STAT_FIELDS, "block", "row")}
-    errors: list[tuple[int, str]] = []
-    for b, (stats, bad) in enumerate(ray.get([block_stats.remote(ref) for ref in blocks])):
-        for name, values in stats.items():
-            parts[name].append(values)
-        parts["block"].append(np.full(len(stats["index"]), b, dtype=np.int32))
-        parts["row"].append(np.arange(len(stats["index"]), dtype=np.int32))
-        errors += bad
-    if errors:
-        raise ValueError(min(errors)[1])  # the first bad record of the file
-    order = np.argsort(np.concatenate(parts["index"]), kind="stable")  # the file's order, whatever the blocks'
-    columns = {}
-    for name in list(parts):
-        columns[name] = np.concatenate(parts.pop(name))[order]
-    stats = summarize(columns, config.trajectories, config.max_length)
-    kept = ~columns["skipped"].astype(bool)
-    return ClusterData(blocks, columns["block"][kept], columns["row"][kept], stats)
-
-
-def _block_stats(table) -> tuple[dict[str, np.ndarray], list[tuple[int, str]]]:
-    """Ray task: the per-example statistics of one encoded block (compact dtypes; complexity stays float64, so
-    the curriculum's order is the in-process one), and its bad records as (index, message)."""
-    stats = {}
-    for name in STAT_FIELDS:
-        values = table.column(name).to_numpy(zero_copy_only=False)
-        if values.dtype == np.int64 and name != "index":
-            values = values.astype(np.int32)
-        stats[name] = values
-    errors = [(i, e) for i, e in zip(stats["index"].tolist(), table.column("error").to_pylist()) if e]
-    return stats, errors
-
-
-def _light_config(config):
-    """The fields encode_all reads, as a plain object (what ships to every task)."""
-    from types import SimpleNamespace
-
-    return SimpleNamespace(method=config.method, teacher=getattr(config, "teacher", None),
-                           max_length=config.max_length)
-
-
-def _gather(batch, blocks):
-    """Ray Data task: the examples at (block, row) in the given order, as one Arrow table."""
-    import pyarrow as pa
-    import ray
-
-    tables: dict[int, Any] = {}
-    pieces = []
-    for b, r in zip(batch["block"].to_pylist(), batch["row"].to_pylist()):
-        if b not in tables:
-            tables[b] = ray.get(blocks[b]).select(["index", "topk_k", *ARRAY_COLUMNS])
-        pieces.append(tables[b].slice(r, 1))
-    return pa.concat_tables(pieces)
-
-
-def rank_sequence(batches: list[list[int]], rank: int, world: int, start: int = 0) -> list[int]:
-    """The examples rank `rank` reads from step `start` on, in order (fillers included)."""
-    return [i for step in batches[start:] for i in rank_rows(step, rank, world)[0]]
-
-
-def rank_datasets(data: ClusterData, batches: list[list[int]], world: int, start: int = 0) -> dict[str, Any]:
-    """{"rank_<r>": Dataset} for r < world: rank r's examples from step `start` on, in step order (each a lazy
-    Ray Data stream: gather tasks that reserve no CPU, so they run beside Train workers holding every CPU)."""
-    import pyarrow as pa
-    import ray.data
-
-    out = {}
-    for rank in range(world):
-        sequence = np.asarray(rank_sequence(batches, rank, world, start), dtype=np.int64)
-        tables = [pa.table({"block": data.block_of[sequence[i:i + ROWS_PER_GATHER]],
-                            "row": data.row_of[sequence[i:i + ROWS_PER_GATHER]]})
-                  for i in range(0, len(sequence), ROWS_PER_GATHER)]
-        stream = ray.data.from_arrow(tables).map_batches(
-            _gather, fn_args=(data.blocks,), batch_format="pyarrow", batch_size=None, num_cpus=0,
-            compute=ray.data.TaskPoolStrategy(size=2))
-        stream.context.execution_options.preserve_order = True  # the stream's order is the step order
-        out[f"rank_{rank}"] = stream
-    return out
-
-
-def stream_examples(source) -> Iterator[dict]:
-    """The examples of a rank's stream (its Dataset, or the DataIterator ray.train.get_dataset_shard gives),
-    gather results prefetched while the rank trains."""
-    for table in source.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=PREFETCH_GATHERS):
-        for row in table.to_pylist():
-            yield from_row(row)
-
-
-def take(examples: Iterator[dict], n: int, where: str, keep: bool = True) -> list[dict]:
-    """The next `n` examples of a rank's stream (`keep=False`: passed over, none held). A stream that ends
-    early (shorter than the run's plan) is an error that says where, not a bare StopIteration."""
-    got, seen = [], 0
-    for example in itertools.islice(examples, n):
-        seen += 1
-        if keep:
-            got.append(example)
-    if seen < n:
-        raise RuntimeError(f"{where}: the rank's example stream ended {n - seen} example(s) early; its dataset "
-                           "shard is shorter than the run's plan (was the data changed under the run?)")
-    return got
-
-
-def ingest_options():
-    """Ray Train's ingest options, with the stream's order kept (it is the step order)."""
-    from ray.train import DataConfig
-
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return DataConfig(datasets_to_split=[], execution_options=options)

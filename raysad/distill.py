@@ -94,7 +94,7 @@ def prepare(config: DistillConfig) -> tuple[DistillConfig, dict, dict]:
         from raysad import models
 
         models.check_same_tokenizer(models.load_tokenizer(config.teacher), tokenizer)
-    from raysad import data
+    from raysad import data, data_stream
 
     storage = config.storage or str(Path(config.out) / "checkpoints")
     run_dir = storage.rstrip("/") + "/" + RUN_NAME
@@ -109,7 +109,7 @@ def prepare(config: DistillConfig) -> tuple[DistillConfig, dict, dict]:
         from raysad.cluster import init_ray
 
         init_ray(config.ray_address, config.num_cpus)
-        examples, cluster = None, data.encode_on_cluster(config, tokenizer_source(config))
+        examples, cluster = None, data_stream.encode_on_cluster(config, tokenizer_source(config))
         stats = cluster.stats
     else:
         examples, stats = data.load_examples_and_stats(config, tokenizer)
@@ -118,7 +118,7 @@ def prepare(config: DistillConfig) -> tuple[DistillConfig, dict, dict]:
     args = {"examples": examples, "batches": batches, "normalizers": data.step_normalizers(batches, stats),
             "data_start": min(start, len(batches)), "storage": storage, "run_dir": run_dir,
             "resume_from": resume_from if not config.workers else None, "data_stats": stats.metrics()}
-    datasets = data.rank_datasets(cluster, batches, config.workers, args["data_start"]) if config.workers else {}
+    datasets = data_stream.rank_datasets(cluster, batches, config.workers, args["data_start"]) if config.workers else {}
     return config, args, datasets
 
 
@@ -176,7 +176,7 @@ def _fit(config: DistillConfig, args: dict, datasets: dict):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raysad.data import ingest_options
+    from raysad.data_stream import ingest_options
 
     worker_args = {**args, "config": dataclasses.asdict(config)}
     use_gpu = config.gpus_per_worker > 0

@@ -85,7 +85,8 @@ def _rank_examples(args: dict, rank: int, world: int, start: int):
     """This rank's examples from step `start` on, in step order: from the driver's list (in-process runs) or
     streamed by Ray Data (`rank_<r>` dataset shard, built from step `data_start`; a worker restored at a
     later step skips the rows of the steps in between)."""
-    from raysad.data import rank_rows, rank_sequence, stream_examples, take
+    from raysad.data import rank_rows, rank_sequence, take
+    from raysad.data_stream import stream_examples
 
     batches = args["batches"]
     if args.get("examples") is not None:
@@ -93,7 +94,7 @@ def _rank_examples(args: dict, rank: int, world: int, start: int):
         return iter([examples[i] for i in rank_sequence(batches, rank, world, start)])
     import ray.train
 
-    from raysad.data import quiet_ray_data
+    from raysad.data_stream import quiet_ray_data
 
     quiet_ray_data()
     stream = stream_examples(ray.train.get_dataset_shard(f"rank_{rank}"))

@@ -52,3 +52,28 @@ def test_an_unknown_or_renamed_field_names_its_replacement(tmp_path):
         build_config(configs.SFTConfig, None, trajectories="t.jsonl", grad_clip=1.0)
     with pytest.raises(ConfigError, match=r"lamda_act \(did you mean lambda_act\?\)"):
         build_config(configs.DistillConfig, None, trajectories="t", student="s", lamda_act=1.0)
+
+
+@pytest.mark.parametrize("command, config_cls, not_fields", [
+    ("quickstart", "raysad.quickstart:QuickstartConfig", {"small", "config"}),
+    ("tune", "raysad.sweep:SweepConfig", {"sweep", "resume"}),
+])
+def test_hand_written_commands_are_checked_against_their_configs(command, config_cls, not_fields):
+    # quickstart (teacher presets, --small) and tune (a sweep file) keep hand-written flags: each must still
+    # name a field of their config, with that field's default where the flag shows one
+    import importlib
+
+    import typer
+
+    module, name = config_cls.split(":")
+    fields = {f.name: f for f in dataclasses.fields(getattr(importlib.import_module(module), name))}
+    click_command = typer.main.get_command(app).commands[command]
+    for param in click_command.params:
+        if param.name in not_fields:
+            continue
+        assert param.name in fields, f"{command} --{param.name}: no such field in {name}"
+        field = fields[param.name]
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        if isinstance(param.show_default, str) and default not in (None, dataclasses.MISSING, [], {}):
+            shown = ",".join(default) if isinstance(default, list) else str(default)
+            assert param.show_default.startswith(shown), (command, param.name, param.show_default, default)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from raysad import data as rdata
+from raysad import data_stream as rstream
 from raysad import models
 from raysad.distill import run_distill
 from raysad.train_loop import load_tokenizer, tokenizer_source
@@ -35,8 +36,8 @@ def ray_cluster():
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    monkeypatch.setattr(rdata, "RECORDS_PER_SHARD", 3)
-    monkeypatch.setattr(rdata, "ROWS_PER_GATHER", 3)
+    monkeypatch.setattr(rstream, "RECORDS_PER_SHARD", 3)
+    monkeypatch.setattr(rstream, "ROWS_PER_GATHER", 3)
 
 
 def test_shards_read_like_the_whole_file(data, tmp_path):
@@ -102,16 +103,16 @@ def test_ray_data_encodes_what_this_process_encodes(data, tmp_path, ray_cluster,
                 out.write(traj)
         cfg = dataclasses.replace(cfg, trajectories=str(parquet))
     examples, here = rdata.load_examples_and_stats(cfg, load_tokenizer(cfg))
-    cluster = rdata.encode_on_cluster(cfg, tokenizer_source(cfg))
+    cluster = rstream.encode_on_cluster(cfg, tokenizer_source(cfg))
     assert cluster.stats.counts == here.counts
     for name in ("loss_reason", "loss_act", "tokens", "complexity", "has_topk"):
         np.testing.assert_array_equal(getattr(cluster.stats, name), getattr(here, name))
     assert len(set(cluster.block_of.tolist())) == 3  # 8 records in shards of 3
     # every rank's stream holds its examples in step order, byte for byte
     batches = [[5, 2, 7], [0, 1], [3]]
-    streams = rdata.rank_datasets(cluster, batches, world=2)
+    streams = rstream.rank_datasets(cluster, batches, world=2)
     for rank in (0, 1):
-        got = list(rdata.stream_examples(streams[f"rank_{rank}"]))
+        got = list(rstream.stream_examples(streams[f"rank_{rank}"]))
         want = [examples[i] for i in rdata.rank_sequence(batches, rank, 2)]
         assert len(got) == len(want) == (4 if rank == 0 else 3)  # rank 1 has no example at step 2: a filler
         for a, b in zip(got, want):
@@ -134,7 +135,7 @@ def test_a_bad_record_fails_the_cluster_encode_naming_its_line(data, tmp_path, r
     bad.write_text("\n".join(lines) + "\n")
     cfg = config(data, tmp_path, trajectories=str(bad))
     with pytest.raises(ValueError, match=rf"^{bad}:7: invalid JSON"):
-        rdata.encode_on_cluster(cfg, tokenizer_source(cfg))
+        rstream.encode_on_cluster(cfg, tokenizer_source(cfg))
 
 
 def _same_weights(a, b, atol):
