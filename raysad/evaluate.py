@@ -385,12 +385,40 @@ def agent_format(env: str, make_env=None):
 
 
 def run_evaluate(cfg: EvalConfig, progress: bool = True, track: bool = True) -> dict[str, float | None]:
-    """Play, measure, write <out>/eval.json, log to MLflow (when `track`); returns the metrics."""
+    """Play, measure, write <out>/eval.json, log to MLflow (when `track`); returns the metrics. The MLflow run
+    spans the whole evaluation: its duration is the evaluation's, and one that fails ends FAILED."""
+    from raysad import tracking
+    from raysad.config import flatten
+
+    student = student_params(cfg)
+    run = contextlib.nullcontext()
+    if track:
+        params = {"env": cfg.env, "split": cfg.split, "policy": cfg.policy, "model": cfg.model or cfg.policy,
+                  **student,
+                  # the evaluation's own settings under eval.*: a bare `seed` is the student's (report groups)
+                  **{f"eval.{k}": v for k, v in flatten(cfg).items() if v is not None and v != {}}}
+        who = Path(cfg.model).name if cfg.model else cfg.policy
+        run = tracking.start_run(cfg.experiment, cfg.run_name or f"evaluate-{who}-{cfg.env}-{cfg.split}", params,
+                                 uri=cfg.tracking_uri, tags={"stage": "evaluate", "env": cfg.env,
+                                                             "policy": cfg.policy})
+    with run:
+        metrics, result, trajectories = measure(cfg, student, progress)
+        if track:
+            tracking.log_metrics(metrics)
+            tracking.log_text(json.dumps(result, indent=2) + "\n", "eval.json")
+            samples = [json.dumps(t.to_dict()) for t in trajectories[:SAMPLES_LOGGED]]
+            if samples:
+                tracking.log_text("\n".join(samples) + "\n", "samples.jsonl")
+    return metrics
+
+
+def measure(cfg: EvalConfig, student: dict[str, str], progress: bool = True) -> tuple[dict, dict, list]:
+    """Play the split and compute the metrics; writes <out>/eval.json. Returns (metrics, eval.json's content,
+    this run's trajectories)."""
     import ray
 
-    from raysad import tracking
-    from raysad.config import flatten, redact
     from raysad.cluster import init_ray
+    from raysad.config import redact
     from raysad.env_actors import default_env_factory
 
     rcfg = rollout_config(cfg)
@@ -412,29 +440,13 @@ def run_evaluate(cfg: EvalConfig, progress: bool = True, track: bool = True) -> 
         if started_ray:
             ray.shutdown()
     metrics["eval/seconds"] = time.monotonic() - began
-    student = student_params(cfg)
     result = {"metrics": metrics, "student": student, "config": dataclasses.asdict(cfg),
               "played_now": summary.episodes, "resumed": summary.skipped,
               "reasoning_token_unit": "tokens" if tokenizer is not None or not needs_tokenizer else "words",
               "trajectories": rcfg.out, "episodes": episode_outcomes(trajectories)}
-    out = Path(cfg.out)
     result = redact(result)  # what is written (eval.json here and on MLflow) carries no api_key/token/...
-    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    if track:
-        params = {"env": cfg.env, "split": cfg.split, "policy": cfg.policy, "model": cfg.model or cfg.policy,
-                  **student,
-                  # the evaluation's own settings under eval.*: a bare `seed` is the student's (report groups)
-                  **{f"eval.{k}": v for k, v in flatten(cfg).items() if v is not None and v != {}}}
-        who = Path(cfg.model).name if cfg.model else cfg.policy
-        run_name = cfg.run_name or f"evaluate-{who}-{cfg.env}-{cfg.split}"
-        with tracking.start_run(cfg.experiment, run_name, params, uri=cfg.tracking_uri,
-                                tags={"stage": "evaluate", "env": cfg.env, "policy": cfg.policy}):
-            tracking.log_metrics(metrics)
-            tracking.log_text(json.dumps(result, indent=2) + "\n", "eval.json")
-            samples = [json.dumps(t.to_dict()) for t in trajectories[:SAMPLES_LOGGED]]
-            if samples:
-                tracking.log_text("\n".join(samples) + "\n", "samples.jsonl")
-    return metrics
+    (Path(cfg.out) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    return metrics, result, trajectories
 
 
 @contextlib.contextmanager

@@ -158,6 +158,9 @@ def test_cli_logs_to_mlflow(tmp_path, monkeypatch):
     assert (params["env"], params["split"], params["policy"]) == ("hotpotqa", "test", "random")
     assert (params["method"], params["student_size"], params["eval.seed"]) == ("random", "none", "0")
     assert "seed" not in params  # a bare seed is the student's training seed (the report groups by it)
+    # the run spans the evaluation (it used to open after it: 19-59 ms runs whatever the evaluation took)
+    assert (run.info.end_time - run.info.start_time) / 1000 >= saved["eval/seconds"]
+    assert run.info.status == "FINISHED"
     # the per-task outcomes a paired comparison reads come back from the run's eval.json artifact
     from raysad import report
 
@@ -168,6 +171,14 @@ def test_cli_logs_to_mlflow(tmp_path, monkeypatch):
 
     bad = CliRunner().invoke(app, ["evaluate", "--policy", "hf", "--out", "x"])
     assert bad.exit_code == 2 and "needs --model" in bad.output
+    # an evaluation that fails after its run opened leaves that run FAILED, not a run that never was
+    broken = CliRunner().invoke(app, ["evaluate", "--env", "hotpotqa", "--policy", "random", "--episodes", "1",
+                                      "--reference", str(tmp_path / "missing.jsonl"), "--out", "ev2",
+                                      "--experiment", "evaltest", "--run-name", "broken"])
+    assert broken.exit_code != 0
+    [failed] = mlflow.search_runs(experiment_names=["evaltest"], filter_string="tags.mlflow.runName = 'broken'",
+                                  output_format="list")
+    assert failed.info.status == "FAILED"
 
 
 def test_student_params_from_the_model_dir(tmp_path):
