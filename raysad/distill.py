@@ -41,9 +41,10 @@ from typing import Any
 from raysad.checkpoints import CheckpointError, check_resumable, latest_checkpoint
 from raysad.configs import DistillConfig
 from raysad.train_loop import TRAIN_LOG, WORKERS_FILE, load_tokenizer, reads_teacher, tokenizer_source
+from raysad.train_worker import CHECKPOINTS_KEPT, RUN_NAME, train_worker
 from raysad.trajectory_files import content_sha256
 
-from raysad.train_worker import CHECKPOINTS_KEPT, RUN_NAME, train_worker
+RUN_ID_FILE = "mlflow_run_id"   # in --out: the MLflow run a resumed distillation continues
 
 
 @dataclass
@@ -145,10 +146,13 @@ def _run_distill(config: DistillConfig, track: bool) -> DistillResult:
 
         uri = tracking.absolute_uri(config.tracking_uri)
         student_size = spec if not Path(spec).is_dir() else Path(spec).name
-        run = tracking.start_run(config.experiment, config.run_name or f"distill-{config.method}",
-                                 {**run_params(config), "student": spec},
-                                 tags={"stage": config.stage, "method": config.method, "student_size": student_size},
-                                 uri=uri)
+        # a resumed run (same --out) continues its MLflow run: one run per student, not one per attempt
+        run_id_file = Path(config.out) / RUN_ID_FILE
+        if not config.resume:
+            run_id_file.unlink(missing_ok=True)
+        run = tracking.resumable_run(run_id_file, config.experiment, uri, config.run_name or f"distill-{config.method}",
+                                     {**run_params(config), "student": spec},
+                                     {"stage": config.stage, "method": config.method, "student_size": student_size})
     data_stats = args.pop("data_stats")
     with run as active:
         if active is not None:

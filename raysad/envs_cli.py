@@ -53,8 +53,7 @@ def play(env_name: str, split: str, task_id: str | None, data: str | None, seed:
             else:
                 admissible = info.get("admissible_actions")
                 if admissible:
-                    console.print(f"[dim]admissible: {escape(', '.join(admissible[:20]))}"
-                                  f"{' ...' if len(admissible) > 20 else ''}[/]", highlight=False)
+                    console.print(f"[dim]admissible:\n{escape(group_actions(admissible))}[/]", highlight=False)
                 try:
                     action = console.input("[bold green]> [/]")
                 except (EOFError, KeyboardInterrupt):
@@ -68,3 +67,17 @@ def play(env_name: str, split: str, task_id: str | None, data: str | None, seed:
                      f"{' (truncated)' if truncated and not terminated else ''}")
     finally:
         env.close()
+
+
+def group_actions(actions: list[str]) -> str:
+    """Every admissible action, one line per verb in first-seen order (`go to: cabinet 1, drawer 2`), so that
+    none is cut off (the first 20 in alphabetical order used to hide every `take` behind the `go to`s)."""
+    verbs = ("go to", "take", "put", "move", "open", "close", "toggle", "heat", "cool", "clean", "slice", "use",
+             "examine", "look", "inventory")
+    groups: dict[str, list[str]] = {}
+    for action in actions:
+        verb = next((v for v in verbs if action == v or action.startswith(v + " ")), action.split(" ")[0])
+        groups.setdefault(verb, []).append(action[len(verb):].strip())
+    return "\n".join(f"  {verb}: {', '.join(a for a in rest if a)}" if any(rest) else f"  {verb}"
+                     for verb, rest in groups.items())
+

@@ -69,11 +69,18 @@ def resumable_run(id_file: Path, experiment: str, uri: str, name: str, params: d
     """A new MLflow run whose id is kept in `id_file`, or, when that file exists (a resumed sweep or a retried
     trial), the same run reopened. Ended FINISHED, or FAILED if the body raises."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     mlflow.set_tracking_uri(uri)
     if id_file.is_file():
-        mlflow.set_experiment(experiment)
-        return mlflow.start_run(run_id=id_file.read_text().strip(), nested=mlflow.active_run() is not None)
+        run_id = id_file.read_text().strip()
+        try:
+            mlflow.MlflowClient(uri).get_run(run_id)
+        except MlflowException:  # recorded in another store (--tracking-uri changed): a new run
+            run_id = None
+        if run_id:
+            mlflow.set_experiment(experiment)
+            return mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
 
     @contextlib.contextmanager
     def new_run():

@@ -77,3 +77,20 @@ def test_hand_written_commands_are_checked_against_their_configs(command, config
         if isinstance(param.show_default, str) and default not in (None, dataclasses.MISSING, [], {}):
             shown = ",".join(default) if isinstance(default, list) else str(default)
             assert param.show_default.startswith(shown), (command, param.name, param.show_default, default)
+
+
+def test_envs_play_shows_every_admissible_action_grouped_by_verb():
+    import raysad_envs
+
+    from raysad.envs_cli import group_actions
+
+    env = raysad_envs.make("alfworld", split="test")
+    _, info = env.reset(seed=0)
+    actions = info["admissible_actions"]
+    shown = group_actions(actions)
+    assert len(actions) >= 20  # the old display stopped at 20
+    # every action can be read back from its verb's line
+    lines = {line.strip().split(":")[0]: line for line in shown.splitlines()}
+    for action in actions:
+        verb = next(v for v in lines if action == v or action.startswith(v + " "))
+        assert action[len(verb):].strip() in lines[verb]

@@ -281,6 +281,23 @@ def test_resume_continues_exactly_where_the_checkpoint_left(data, tmp_path):
         run_distill(dataclasses.replace(interrupted, resume=True, lr=1e-3), track=False)
 
 
+def test_a_resumed_run_continues_its_mlflow_run(data, tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    interrupted = config(data, tmp_path / "s", batch_size=4, micro_batch_size=2, max_steps=6, checkpoint_every=3,
+                         fail_once_at_step=5, tracking_uri=uri, experiment="resume")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_distill(interrupted)
+    resumed = run_distill(dataclasses.replace(interrupted, resume=True))
+    runs = mlflow.MlflowClient(tracking_uri=uri).search_runs(
+        [mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name("resume").experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_id == resumed.run_id  # one run per student, not per attempt
+    assert runs[0].info.status == "FINISHED"
+    history = mlflow.MlflowClient(tracking_uri=uri).get_metric_history(resumed.run_id, "distill/loss")
+    assert {m.step for m in history} == set(range(6))
+
+
 def test_resume_over_other_content_under_the_same_path_is_refused(data, tmp_path):
     """The checkpoint keys on the trajectories' content, not their path: new rows written to the same file
     are not "resumed" as if they were the data the checkpoint was trained on."""
