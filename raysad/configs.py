@@ -324,6 +324,9 @@ class OnPolicyConfig(Distillation, Training, Tasks, Play, Optimizer, Tracking, R
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = default_of(Distillation, "divergence", "reverse_kl")
     tokenizer: str | None = setting(None)  # the student's own (a folder, or cut from the teacher with its tokenizer)
     iterations: int = setting(4, "Iterations of play -> score + train.")
+    max_staleness: int = setting(0, "0: each iteration plays with the weights it then trains (synchronous); 1: "
+                                    "the next iteration's episodes are played while this one trains, by the "
+                                    "weights one iteration older.")
     engine: Literal["hf", "vllm"] = setting("hf", "The student's engine when it plays: hf or vllm.")
     sample_temperature: float = setting(1.0, "The student's sampling temperature when it plays.")
     teacher_trajectories: str | None = setting(None, "Teacher trajectories (.jsonl/.parquet) mixed into every "
@@ -348,6 +351,7 @@ class OnPolicyConfig(Distillation, Training, Tasks, Play, Optimizer, Tracking, R
         if self.teacher_share and not self.teacher_trajectories:
             raise ValueError("field 'teacher_share' needs --teacher-trajectories (the off-policy examples to mix in)")
         check_range("iterations", self.iterations, 1, 100_000)
+        check_range("max_staleness", self.max_staleness, 0, 1, why="0 = synchronous, 1 = play ahead")
         check_range("sample_temperature", self.sample_temperature, 0, why="0 = greedy")
         check_range("teacher_share", self.teacher_share, 0, 1, high_inclusive=False)
 

@@ -18,9 +18,10 @@ Iteration k (folder <out>/iter_<k>):
                 baseline) for `max_steps` steps -> student/, the next iteration's policy. With
                 `teacher_trajectories`, `teacher_share` of the iteration's trajectories are the teacher's own
                 (off-policy examples, GKD's λ).
-  Weight sync: the next iteration's engine actors load student/ from disk. The loop is synchronous: every
-  sample comes from the weights being trained (staleness 0, logged), and each iteration starts a fresh AdamW
-  (its learning rate warms up in the first iteration only).
+  Weight sync: the next iteration's engine actors load student/ from disk. With `max_staleness 0` the loop is
+  synchronous (every sample comes from the weights being trained); with 1, iteration k+1 is played (in a
+  thread, same Ray cluster) while iteration k trains, by the weights of iteration k-1 (`player_of`; staleness
+  logged per iteration). Each iteration starts a fresh AdamW (its learning rate warms up in the first only).
 
 Resume: each iteration's rollout and distillation resume on their own (raysad.rollout, raysad.distill), and a
 finished iteration leaves iter_<k>/done.json; a rerun of the same command continues from the first unfinished
@@ -33,6 +34,7 @@ split (play, score + train: with an online teacher the scoring is the teacher's 
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import shutil
@@ -128,23 +130,28 @@ def success_rate(path: Path) -> float:
     return sum(outcomes) / len(outcomes) if outcomes else 0.0
 
 
-def run_iteration(cfg: OnPolicyConfig, k: int, student: str, pool: list[str], progress: bool) -> dict[str, float]:
-    """Play, then score + train; returns the iteration's metrics (also written to iter_<k>/done.json)."""
-    from raysad.distill import run_distill
+def play(cfg: OnPolicyConfig, k: int, player: str, pool: list[str], progress: bool):
+    """Iteration k's episodes, played by `player` (resumes a partly played iteration)."""
     from raysad.rollout import run_rollout
 
+    return run_rollout(play_config(cfg, k, player, iteration_tasks(pool, k, cfg.episodes)), progress=progress,
+                       track=False)
+
+
+def train(cfg: OnPolicyConfig, k: int, student: str, played, waited_s: float) -> dict[str, float]:
+    """Score + train on iteration k's episodes; returns its metrics (also written to iter_<k>/done.json)."""
+    from raysad.distill import run_distill
+
     began = time.monotonic()
-    played = run_rollout(play_config(cfg, k, student, iteration_tasks(pool, k, cfg.episodes)),
-                         progress=progress, track=False)
-    played_at = time.monotonic()
     path = Path(played.out)
-    data = mix_in_teacher(cfg, k, path)
-    trained = run_distill(train_config(cfg, k, student, data), track=False)
+    trained = run_distill(train_config(cfg, k, student, mix_in_teacher(cfg, k, path)), track=False)
     m = trained.metrics
     metrics = {"onpolicy/iteration": k, "onpolicy/train_success_rate": success_rate(path),
                "onpolicy/episodes": played.episodes + played.skipped,
-               "onpolicy/play_s": played_at - began, "onpolicy/score_train_s": time.monotonic() - played_at,
-               "onpolicy/staleness": 0.0,  # synchronous: the samples come from the weights being trained
+               "onpolicy/play_s": played.wall_s, "onpolicy/wait_for_play_s": waited_s,
+               "onpolicy/score_train_s": time.monotonic() - began,
+               # iterations between the weights that played these episodes and the weights trained on them
+               "onpolicy/staleness": float(min(k, cfg.max_staleness)),
                "onpolicy/tokens_trained": float(sum(r.get("reason_tokens", 0) + r.get("act_tokens", 0)
                                                     for r in trained.log)),
                "onpolicy/loss": m.get("distill/loss"), "onpolicy/reason_divergence": m.get("distill/reason_loss"),
@@ -157,6 +164,14 @@ def run_iteration(cfg: OnPolicyConfig, k: int, student: str, pool: list[str], pr
     # a finished iteration is never resumed: its checkpoints (a model and optimizer copy each) only take disk
     shutil.rmtree(Path(trained.out) / "checkpoints", ignore_errors=True)
     return metrics
+
+
+def player_of(k: int, staleness: int, first: str, trained: list[str]) -> str:
+    """The student that plays iteration k: the one trained `staleness` iterations before the newest, so that
+    with staleness 1 iteration k+1 can be played while iteration k trains. (A pure function of k: a resumed
+    run plays every iteration with the same weights it would have.)"""
+    j = k - 1 - staleness
+    return trained[j] if j >= 0 else first
 
 
 def check_settings(cfg: OnPolicyConfig) -> None:
@@ -200,6 +215,9 @@ def run_onpolicy(cfg: OnPolicyConfig, track: bool = True, progress: bool = True)
                                      cfg.run_name or f"onpolicy-{cfg.method}-{cfg.env}", flatten(cfg),
                                      {"stage": "onpolicy", "method": cfg.method, "env": cfg.env})
     started_ray = init_ray(cfg.ray_address, cfg.num_cpus)
+    first, trained = student, []
+    ahead: dict[int, Any] = {}  # iteration -> its play, started while the previous iteration trains
+    pool_ahead = concurrent.futures.ThreadPoolExecutor(1) if cfg.max_staleness else None
     try:
         with run as active:
             result.run_id = active.info.run_id if active is not None else None
@@ -207,23 +225,36 @@ def run_onpolicy(cfg: OnPolicyConfig, track: bool = True, progress: bool = True)
                 done = iteration_dir(out, k) / DONE_FILE
                 if done.is_file():  # finished before an interruption: its student is the next one's policy
                     record = json.loads(done.read_text())
-                    student, metrics = record["student"], record["metrics"]
-                else:
-                    metrics = run_iteration(cfg, k, student, pool, progress)
-                    student = json.loads(done.read_text())["student"]
-                    if active is not None:
-                        tracking.log_metrics(metrics, step=k)
+                    trained.append(record["student"])
+                    result.iterations.append(record["metrics"])
+                    continue
+                student = trained[-1] if trained else first
+                waited = time.monotonic()
+                played = (ahead.pop(k).result() if k in ahead
+                          else play(cfg, k, player_of(k, cfg.max_staleness, first, trained), pool, progress))
+                waited = time.monotonic() - waited
+                nxt = k + 1
+                if pool_ahead is not None and nxt < cfg.iterations and not (iteration_dir(out, nxt) / DONE_FILE).is_file():
+                    ahead[nxt] = pool_ahead.submit(play, cfg, nxt, player_of(nxt, cfg.max_staleness, first, trained),
+                                                   pool, False)
+                metrics = train(cfg, k, student, played, waited)
+                trained.append(json.loads(done.read_text())["student"])
+                if active is not None:
+                    tracking.log_metrics(metrics, step=k)
                 result.iterations.append(metrics)
                 ui.console().print(
                     f"onpolicy iteration {k + 1}/{cfg.iterations}: train success "
                     f"{metrics['onpolicy/train_success_rate']:.1%}, reason {metrics.get('onpolicy/reason_divergence', 0):.4f}, "
-                    f"act {metrics.get('onpolicy/act_divergence', 0):.4f}, play {metrics['onpolicy/play_s']:.0f} s, "
-                    f"score+train {metrics['onpolicy/score_train_s']:.0f} s", highlight=False)
+                    f"act {metrics.get('onpolicy/act_divergence', 0):.4f}, play {metrics['onpolicy/play_s']:.0f} s "
+                    f"(waited {waited:.0f} s), score+train {metrics['onpolicy/score_train_s']:.0f} s", highlight=False)
     finally:
+        if pool_ahead is not None:
+            pool_ahead.shutdown(wait=True, cancel_futures=True)
         if started_ray:
             import ray
 
             ray.shutdown()
+    student = trained[-1] if trained else first
     result.student = _publish(out, Path(student))
     return result
 

@@ -129,6 +129,17 @@ def test_a_rerun_continues_and_refuses_other_settings(run, data, student_dir):
         run_onpolicy(onpolicy_config(data, student_dir, cfg.out, lambda_act=2.0), track=False, progress=False)
 
 
+def test_playing_ahead_uses_weights_one_iteration_older(data, student_dir, tmp_path):
+    # max_staleness 1: iteration k+1 is played while k trains, by the student of iteration k-1
+    cfg = onpolicy_config(data, student_dir, tmp_path / "ahead", iterations=3, episodes=1, max_staleness=1)
+    result = run_onpolicy(cfg, track=False, progress=False)
+    players = [{t.policy["model"] for t in read_trajectories(iteration_dir(cfg.out, k) / "trajectories.jsonl")}
+               for k in range(3)]
+    assert players == [{str(student_dir)}, {str(student_dir)}, {str(iteration_dir(cfg.out, 0) / "student")}]
+    assert [m["onpolicy/staleness"] for m in result.iterations] == [0.0, 1.0, 1.0]
+    assert all(m["onpolicy/tokens_trained"] > 0 for m in result.iterations)
+
+
 def test_tasks_walk_through_the_split():
     pool = [str(i) for i in range(5)]
     assert iteration_tasks(pool, 0, 2) == ["0", "1"] and iteration_tasks(pool, 2, 2) == ["4", "0"]
