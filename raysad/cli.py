@@ -89,7 +89,7 @@ def envs_play(
 
 
 # ------------------------------------------------------------------------------ commands built from configs --
-# rollout, sft, distill, prune, evaluate and report take one flag per field of their config (raysad/configs.py):
+# rollout, sft, distill, onpolicy, prune, evaluate and report take one flag per field of their config (configs.py):
 # its name, type, default and help are declared there once, and here turned into typer options.
 
 def _flag_type(annotation: Any) -> type:

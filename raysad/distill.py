@@ -88,8 +88,8 @@ def prepare(config: DistillConfig) -> tuple[DistillConfig, dict, dict]:
         print("distill: --method sft imitates the trajectories' tokens; --teacher is not used")
     from raysad.students import student_dir
 
-    config = dataclasses.replace(config, student=student_dir(config.student, config.teacher, config.out))
-    config = dataclasses.replace(config, trajectories_sha256=content_sha256(config.trajectories))
+    config = dataclasses.replace(config, student=student_dir(config.student, config.teacher, config.out),
+                                 trajectories_sha256=content_sha256(config.trajectories))
     tokenizer = load_tokenizer(config)
     if config.teacher and reads_teacher(config):  # fail here, not in every worker
         from raysad import models

@@ -37,6 +37,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
+import logging
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ from typing import Any
 from raysad.config import values_of
 from raysad.configs import (DistillConfig, Distillation, OnPolicyConfig, Optimizer, Play, RayCluster, RolloutConfig,
                             Training)
+
+log = logging.getLogger(__name__)
 
 SETTINGS_FILE = "onpolicy.settings.json"
 RUN_ID_FILE = "mlflow_run_id"
@@ -94,32 +97,32 @@ def train_config(cfg: OnPolicyConfig, k: int, student: str, data: Path) -> Disti
     return DistillConfig(**settings)
 
 
-def mix_in_teacher(cfg: OnPolicyConfig, k: int, played: Path) -> Path:
-    """The iteration's training file: the student's trajectories, plus (teacher_share > 0) the next run of the
-    teacher's trajectories, cycling through that file (read as a stream, never held whole)."""
+def mix_in_teacher(cfg: OnPolicyConfig, k: int, played: Path) -> tuple[Path, int]:
+    """The iteration's training file and how many teacher trajectories it holds: the student's trajectories,
+    plus (teacher_share > 0) the next run of the teacher's trajectories, cycling through that file. Both files
+    are streamed, never held whole."""
     if not cfg.teacher_trajectories or not cfg.teacher_share:
-        return played
+        return played, 0
     from raysad.trajectory_reader import count_trajectories, read_trajectories
     from raysad.trajectory_writer import TrajectoryWriter
 
-    with read_trajectories(played) as reader:
-        own = list(reader)
-    wanted = round(len(own) * cfg.teacher_share / (1 - cfg.teacher_share))
+    wanted = round(count_trajectories(played) * cfg.teacher_share / (1 - cfg.teacher_share))
     total = count_trajectories(cfg.teacher_trajectories)
     if not total:
         raise ValueError(f"--teacher-trajectories {cfg.teacher_trajectories}: no trajectories")
-    picked = {(k * wanted + i) % total for i in range(wanted)}
-    path = played.with_name("train.jsonl")
-    tmp = path.with_name(path.name + ".tmp")
+    if wanted > total:
+        log.warning("iteration %d: --teacher-share %g asks for %d teacher trajectories, %s holds %d: each is used "
+                    "once", k, cfg.teacher_share, wanted, cfg.teacher_trajectories, total)
+    picked = {(k * wanted + i) % total for i in range(min(wanted, total))}
+    path, tmp = played.with_name("train.jsonl"), played.with_name("train.tmp.jsonl")  # (the suffix names the format)
     with TrajectoryWriter(tmp) as out:
-        for traj in own:
-            out.write(traj)
-        with read_trajectories(cfg.teacher_trajectories) as reader:
-            for i, traj in enumerate(reader):
-                if i in picked:
-                    out.write(traj)
+        for source, keep in ((played, None), (cfg.teacher_trajectories, picked)):
+            with read_trajectories(source) as reader:
+                for i, traj in enumerate(reader):
+                    if keep is None or i in keep:
+                        out.write(traj)
     tmp.replace(path)
-    return path
+    return path, len(picked)
 
 
 def success_rate(path: Path) -> float:
@@ -144,10 +147,11 @@ def train(cfg: OnPolicyConfig, k: int, student: str, played, waited_s: float) ->
 
     began = time.monotonic()
     path = Path(played.out)
-    trained = run_distill(train_config(cfg, k, student, mix_in_teacher(cfg, k, path)), track=False)
+    data, mixed = mix_in_teacher(cfg, k, path)
+    trained = run_distill(train_config(cfg, k, student, data), track=False)
     m = trained.metrics
     metrics = {"onpolicy/iteration": k, "onpolicy/train_success_rate": success_rate(path),
-               "onpolicy/episodes": played.episodes + played.skipped,
+               "onpolicy/episodes": played.episodes + played.skipped, "onpolicy/teacher_trajectories": mixed,
                "onpolicy/play_s": played.wall_s, "onpolicy/wait_for_play_s": waited_s,
                "onpolicy/score_train_s": time.monotonic() - began,
                # iterations between the weights that played these episodes and the weights trained on them

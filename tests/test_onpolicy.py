@@ -140,6 +140,15 @@ def test_playing_ahead_uses_weights_one_iteration_older(data, student_dir, tmp_p
     assert all(m["onpolicy/tokens_trained"] > 0 for m in result.iterations)
 
 
+def test_teacher_trajectories_are_mixed_in_at_their_share(data, student_dir, tmp_path):
+    cfg = onpolicy_config(data, student_dir, tmp_path / "mix", iterations=1, episodes=2,
+                          teacher_trajectories=str(data / "text.jsonl"), teacher_share=0.5)
+    (metrics,) = run_onpolicy(cfg, track=False, progress=False).iterations
+    mixed = list(read_trajectories(iteration_dir(cfg.out, 0) / "train.jsonl"))
+    assert [t.policy["backend"] for t in mixed] == ["hf", "hf", "expert", "expert"]
+    assert metrics["onpolicy/teacher_trajectories"] == 2
+
+
 def test_tasks_walk_through_the_split():
     pool = [str(i) for i in range(5)]
     assert iteration_tasks(pool, 0, 2) == ["0", "1"] and iteration_tasks(pool, 2, 2) == ["4", "0"]
