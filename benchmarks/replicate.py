@@ -406,15 +406,13 @@ def teacher_line(result: dict) -> str:
 
 
 def plot_main(results: list[dict], path: Path) -> Path:
-    """Success and score per env, method and student size (bars: mean over seeds, whiskers: std)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Success, score and action match per env, method and student size: bars are the mean over seeds (its value
+    written on it, so a 0 shows), whiskers ± one std over seeds, the dashed line the teacher; one legend for all."""
     from raysad import report
+    from raysad.plots import pyplot, save
 
-    fig, axes = plt.subplots(3, len(results), figsize=(4.5 * len(results), 8.5), squeeze=False)
+    plt = pyplot()
+    fig, axes = plt.subplots(3, len(results), figsize=(4.5 * len(results), 9), squeeze=False)
     colors = {"sad": "tab:blue", "sad+curriculum": "tab:cyan", "token_kd": "tab:orange", "flat_kd": "tab:red",
               "sft": "tab:green"}
     for col, result in enumerate(results):
@@ -430,31 +428,30 @@ def plot_main(results: list[dict], path: Path) -> Path:
                 means = [part[metric].get(s, float("nan")) for s in sizes]
                 stds = [part.get(f"{metric}_std", part[metric] * 0).get(s, 0.0) for s in sizes]
                 xs = [x + (i - (len(arms) - 1) / 2) * width for x in range(len(sizes))]
-                ax.bar(xs, means, width, yerr=[0 if s != s else s for s in stds], label=method, color=colors[method],
-                       capsize=3)
+                bars = ax.bar(xs, means, width, yerr=[0 if s != s else s for s in stds], label=method,
+                              color=colors[method], capsize=3)
+                ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
             teacher = result["teacher"].get(metric)
             if teacher is not None:
                 ax.axhline(teacher, color="black", linestyle="--", linewidth=1, label="teacher")
             ax.set_ylim(bottom=0)  # rates and scores: a whisker below 0 (mean < std) means nothing
             ax.set_xticks(range(len(sizes)), sizes)
-            ax.set_title(f"{result['env']}: {metric.split('/')[1]}")
-            if row == 0 and col == 0:
-                ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+            ax.set_ylabel(f"test {metric.split('/')[1].replace('_', ' ')}")
+            ax.set_title(result["env"] if row == 0 else "")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.suptitle("bars: mean over seeds (value on top); whiskers: ± 1 std over seeds; dashed: the teacher",
+                 fontsize=9)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    return save(fig, path, layout=False)
 
 
 def plot_prune(results: list[dict], path: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Score and action match against the pruning ratio of each env's best student (mean ± std over seeds)."""
     from raysad import report
+    from raysad.plots import pyplot, save
 
+    plt = pyplot()
     pruned = [r for r in results if r["prune"] is not None]
     if not pruned:
         return None
@@ -469,12 +466,10 @@ def plot_prune(results: list[dict], path: Path) -> Path | None:
                                          f"{result['best'][report.P_STUDENT_SIZE]})")
         ax.set_xlabel("pruning ratio (MLP channels and heads removed)")
         ax.set_ylabel(f"test {metric.split('/')[1]}")
-        ax.set_title("mean ± std over seeds", fontsize=9)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        ax.set_ylim(bottom=0)
+        ax.set_title("dots: mean over seeds; whiskers: ± 1 std", fontsize=9)
+        ax.legend(fontsize=8)
+    return save(fig, path)
 
 
 def write_results(cfg: ReplicateConfig, results: list[dict], seconds: float, uri: str) -> Path:

@@ -51,9 +51,18 @@ def _bad_input(err: BaseException) -> bool:
 
 def run_stage(main, *args, **flags) -> None:
     """Run a stage's `main`; bad input (a config value, a flag, a missing file, a model folder without
-    config.json) exits 2 with one line, which names the file and field, instead of a traceback."""
+    config.json) exits 2 with one line, which names the file and field, instead of a traceback; a stage that
+    did less than asked (StageIncomplete) exits 1 with one line."""
+    from raysad.ui import StageIncomplete
+
     try:
         main(*args, **flags)
+    except StageIncomplete as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:  # Ctrl-C: what was done is kept; the shell's convention for SIGINT is 130
+        typer.secho("interrupted: rerun the same command to continue", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from None
     except Exception as err:
         if not _bad_input(err):
             raise

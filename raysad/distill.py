@@ -118,7 +118,7 @@ def prepare(config: DistillConfig) -> tuple[DistillConfig, dict, dict]:
     batches = data.step_batches(stats, config)
     args = {"examples": examples, "batches": batches, "normalizers": data.step_normalizers(batches, stats),
             "data_start": min(start, len(batches)), "storage": storage, "run_dir": run_dir,
-            "resume_from": resume_from if not config.workers else None, "data_stats": stats.metrics()}
+            "resume_from": resume_from, "data_stats": stats.metrics()}
     datasets = data_stream.rank_datasets(cluster, batches, config.workers, args["data_start"]) if config.workers else {}
     return config, args, datasets
 
@@ -199,7 +199,7 @@ def _fit(config: DistillConfig, args: dict, datasets: dict):
                              checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT)),
     )
     try:
-        return trainer.fit()
+        return _fit_in_thread(trainer)
     except Exception as err:
         cause, seen = err, set()
         while cause is not None and not isinstance(cause, CheckpointError) and id(cause) not in seen:
@@ -211,6 +211,29 @@ def _fit(config: DistillConfig, args: dict, datasets: dict):
         raise RuntimeError(f"distillation failed after {config.max_failures} recovered failure(s): {err}\n"
                            f"Run the same command again to continue from the last checkpoint "
                            f"(in {args['run_dir']}).") from err
+
+
+def _fit_in_thread(trainer):
+    """trainer.fit() in a thread of its own, so that Ctrl-C reaches this process as KeyboardInterrupt (the CLI:
+    one line, exit 130). From the main thread, Ray Train installs its own SIGINT handler, which aborts the run
+    and exits 1 without a word. The run's actors belong to this driver and end with it; its checkpoints stay."""
+    import threading
+
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # noqa: BLE001 -- handed to the caller as is
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="raysad-distill-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # a short wait, so that a signal is handled at once
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def _log_artifacts(out: Path, config: DistillConfig) -> None:

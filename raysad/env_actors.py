@@ -95,7 +95,8 @@ class EnvWorker:
 
     def advance(self, task_ids: list[str], engine=None) -> dict:
         """Queue `task_ids`, then step all running episodes until one finishes, or `return_after_s` passes, or
-        none is left. Returns {"finished": [Trajectory], "steps": n, "tokens": n}. `engine`: the engine actor
+        none is left. Returns {"finished": [Trajectory], "steps": n, "tokens": n, "engine_waits": n} (engine_waits:
+        engine actor restarts this call waited out). `engine`: the engine actor
         to ask (None: the expert). It comes with every call rather than at construction: Ray cannot promise
         restarts of an actor created with an actor handle argument (ray-project/ray#53727)."""
         self.engine = RemoteEngine(engine) if engine is not None else None
@@ -111,7 +112,8 @@ class EnvWorker:
                     else:
                         finished.append(self._finish(episode))
                 if not self.active or finished or time.monotonic() - start > self.return_after_s:
-                    return {"finished": finished, "steps": steps, "tokens": tokens}
+                    return {"finished": finished, "steps": steps, "tokens": tokens,
+                            "engine_waits": self.engine.restarts_waited if self.engine is not None else 0}
                 done, step_tokens = self._step_all()
                 steps += len(self.active) + len(done)
                 tokens += step_tokens

@@ -14,11 +14,13 @@ def pyplot():
     return plt
 
 
-def save(fig, path: str | Path) -> Path:
-    """Write `fig` to `path` (its folder made), close it, return the path."""
+def save(fig, path: str | Path, layout: bool = True) -> Path:
+    """Write `fig` to `path` (its folder made), close it, return the path. `layout`: tight_layout first (False
+    when the caller laid the figure out itself, e.g. leaving room for a figure legend)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
     return path

@@ -61,6 +61,7 @@ _HEADERS = {"run_name": "run", P_METHOD: "method", P_STUDENT_SIZE: "student", P_
 _SHOWN_METRICS = (M_SUCCESS, M_SCORE, M_EM, M_F1, M_COT_MATCH, M_REASONING_TOKENS, M_LATENCY, M_PARAMS)
 _OPTIONAL_METRICS = (M_EM, M_F1, M_COT_MATCH)
 MAX_CURVES = 30  # training-curve runs drawn (legend stays readable)
+PARETO_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
 def method_label(method: str, curriculum: bool = False) -> str:
@@ -298,16 +299,22 @@ def plot_pareto(rows, path: str | Path) -> Path | None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     data = data.assign(**{P_METHOD: data[P_METHOD].fillna("?")})
-    for method, runs in data.groupby(P_METHOD):
+    groups = list(data.groupby(P_METHOD))
+    for i, (method, runs) in enumerate(groups):
         means = runs.groupby(M_PARAMS)[M_SUCCESS].mean()
         points = [(float(p), float(s)) for p, s in means.items()]
-        dots = ax.scatter(*zip(*points), s=36, label=method, zorder=3)
+        # methods often tie (all at 0 success): each its own marker, the first drawn largest, so a tie shows as
+        # nested shapes rather than one dot
+        dots = ax.scatter(*zip(*points), s=36 + 40 * (len(groups) - 1 - i), label=method, zorder=3 + i,
+                          marker=PARETO_MARKERS[i % len(PARETO_MARKERS)], clip_on=False)
         color = dots.get_facecolor()[0]
         ax.scatter(runs[M_PARAMS], runs[M_SUCCESS], s=10, color=color, alpha=0.3, zorder=2)  # single runs
         ax.plot(*zip(*pareto_front(points)), color=color, linewidth=1.5, zorder=2)
     xs = data[M_PARAMS]
     if xs.min() > 0 and xs.max() / xs.min() > 10:
         ax.set_xscale("log")
+    ax.set_ylim(bottom=0)  # a rate: the axis never goes below 0; moved down a little so dots at 0 show whole
+    ax.spines["bottom"].set_position(("outward", 10))
     ax.set_xlabel("parameters")
     ax.set_ylabel("success rate")
     ax.set_title("Success vs parameters: mean over seeds (faint: runs), line: Pareto front")

@@ -71,6 +71,7 @@ class RolloutSummary:
     model_turns: int = 0         # turns written by a text engine (the denominators of the three above)
     total_reward: float = 0.0
     actor_failures: int = 0
+    engine_waits: int = 0        # env actor calls that waited for a dead engine actor to restart (none failed)
     given_up: list[str] = dataclasses.field(default_factory=list)  # tasks whose actor failed max_attempts times
     engine_calls: int = 0        # generate calls the engines ran (after merging requests)
     engine_prompts: int = 0
@@ -85,7 +86,7 @@ class RolloutSummary:
                 "rollout/mean_steps": self.steps / n, "rollout/tokens_generated": self.tokens_generated,
                 "rollout/episodes_per_s": self.episodes / wall, "rollout/steps_per_s": self.steps / wall,
                 "rollout/episodes": self.episodes, "rollout/skipped": self.skipped, "rollout/errors": self.errors,
-                "rollout/actor_failures": self.actor_failures,
+                "rollout/actor_failures": self.actor_failures, "rollout/engine_waits": self.engine_waits,
                 "rollout/turns_truncated": self.turns_truncated, "rollout/thoughts_truncated": self.thoughts_truncated,
                 "rollout/actions_truncated": self.actions_truncated, "rollout/empty_thoughts": self.empty_thoughts,
                 "rollout/turns_reencoded": self.turns_reencoded,
@@ -412,6 +413,7 @@ def _drive(cfg: RolloutConfig, actors: list, engines: list, queue: collections.d
                 held[i].discard(traj.task_id)
                 record(traj)
             summary.tokens_generated += result["tokens"]
+            summary.engine_waits += result.get("engine_waits", 0)
             bar.add_steps(result["steps"])
     if queue or (summary.given_up and not summary.episodes):
         raise RuntimeError(f"env actors failed: {len(queue) + len(summary.given_up)} episodes not played (last "
@@ -472,6 +474,8 @@ def print_summary(summary: RolloutSummary, cfg: RolloutConfig) -> None:
              f"{summary.actions_truncated})"),
             ("empty thoughts", f"{summary.empty_thoughts}"), ("env actor failures", f"{summary.actor_failures}"),
             ("given up (rerun retries)", f"{len(summary.given_up)}")]
+    if summary.engine_waits:
+        rows.append(("waits for a restarting engine", f"{summary.engine_waits}"))
     if summary.engine_calls:
         rows += [("engine: prompts per call", f"{m['rollout/engine_mean_batch']:.1f}"),
                  ("engine: busy", f"{m['rollout/engine_busy_frac']:.0%}")]
@@ -484,8 +488,13 @@ def print_summary(summary: RolloutSummary, cfg: RolloutConfig) -> None:
 def main(config_path: str | None = None, **flags: Any) -> RolloutSummary:
     """`raysad rollout`: the config from YAML + flags (flags win), the run, the summary table."""
     from raysad.config import build_config
+    from raysad.ui import StageIncomplete
 
     cfg = build_config(RolloutConfig, config_path, **flags)
     summary = run_rollout(cfg)
     print_summary(summary, cfg)
+    if summary.given_up:  # the output is short of what was asked: say so in the exit status too
+        raise StageIncomplete(f"{len(summary.given_up)} of {len(summary.given_up) + summary.episodes + summary.skipped}"
+                              f" episodes not played (their env actor failed {cfg.max_attempts} times); rerun the "
+                              "same command to play them")
     return summary

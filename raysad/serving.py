@@ -102,15 +102,40 @@ class EngineActor:
         return True
 
 
-class RemoteEngine:
-    """An engine actor seen as a local engine (what policies.next_turns expects)."""
+ENGINE_RESTART_TIMEOUT_S = 300.0  # how long a caller waits for a dead engine actor to come back (model load)
 
-    def __init__(self, handle):
+
+class RemoteEngine:
+    """An engine actor seen as a local engine (what policies.next_turns expects). While the actor restarts after
+    its process died (Ray restarts it, `max_restarts`), a request is sent again until it answers: generating
+    has no side effect, so a request that "may or may not have been executed" is safe to repeat, and the
+    episodes waiting on it are not failed. An actor that will not come back (ActorDiedError: restarts used up)
+    or does not within ENGINE_RESTART_TIMEOUT_S raises. `restarts_waited` counts the outages waited out."""
+
+    def __init__(self, handle, restart_timeout_s: float = ENGINE_RESTART_TIMEOUT_S):
         self.handle = handle
+        self.restart_timeout_s = restart_timeout_s
+        self.restarts_waited = 0
 
     def generate(self, prompts, stop=None, max_tokens=None, topk=0, temperature=None, seed=None):
-        return ray.get(self.handle.generate.remote(prompts, stop=stop, max_tokens=max_tokens, topk=topk,
-                                                   temperature=temperature, seed=seed))
+        deadline, delay, outage = None, 0.1, False
+        while True:
+            try:
+                return ray.get(self.handle.generate.remote(prompts, stop=stop, max_tokens=max_tokens, topk=topk,
+                                                           temperature=temperature, seed=seed))
+            except ray.exceptions.ActorUnavailableError as err:  # restarting (or briefly unreachable)
+                now = time.monotonic()
+                deadline = deadline or now + self.restart_timeout_s
+                if now > deadline:
+                    raise RuntimeError(f"engine actor unavailable for over {self.restart_timeout_s:.0f} s: "
+                                       f"{str(err).splitlines()[0]}") from err
+                if not outage:
+                    outage = True
+                    self.restarts_waited += 1
+                    log.warning("engine actor unavailable (%s); waiting for it to restart",
+                                str(err).splitlines()[0][:200])
+                time.sleep(delay)
+                delay = min(2 * delay, 5.0)
 
 
 def start_engines(make_engine: Callable[[], Any], count: int, gpus: float, cpus: float, *,

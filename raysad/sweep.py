@@ -355,6 +355,11 @@ def grid_points(sweep: SweepConfig) -> list[dict]:
     return points
 
 
+def trial_count(sweep: SweepConfig) -> int:
+    """How many trials the sweep runs in all (Tune creates them as it goes: an interrupted fit knows fewer)."""
+    return sweep.num_samples * (len(grid_points(sweep)) if sweep.search == "grid" else 1)
+
+
 def param_space(sweep: SweepConfig) -> dict[str, Any]:
     """Tune's param_space. grid: one grid_search over the configs of grid_points (so a list of spaces is their
     union); random/optuna: lists are choices, ranges samplers, scalars fixed."""

@@ -39,7 +39,8 @@ def start_run(experiment: str, run_name: str, params: dict[str, Any] | None = No
               uri: str | None = None) -> Iterator[Any]:
     """An MLflow run in `experiment` with `params` (a flattened config) logged; yields the mlflow Run.
 
-    Nested under the active run when one exists (or when `nested`); ended as FAILED if the body raises.
+    Nested under the active run when one exists (or when `nested`); ended KILLED on Ctrl-C, FAILED if the body
+    raises anything else.
     """
     import mlflow
 
@@ -55,7 +56,7 @@ def start_run(experiment: str, run_name: str, params: dict[str, Any] | None = No
         if parent is None:  # a nested run stays in its parent's experiment
             mlflow.set_experiment(experiment)
         active = mlflow.start_run(run_name=run_name, nested=nested or parent is not None, tags=tags)
-    with active as run:
+    with _killed_on_interrupt(active) as run:
         if params:
             params = redact(params)  # secrets (api_key, token, ...) never reach the params or config.json
             # an unset field is no param (MLflow would store the string 'None'); config.json keeps it as null
@@ -65,9 +66,22 @@ def start_run(experiment: str, run_name: str, params: dict[str, Any] | None = No
         yield run
 
 
+@contextlib.contextmanager
+def _killed_on_interrupt(active) -> Iterator[Any]:
+    """`with active_run`, but a run stopped by Ctrl-C ends KILLED (MLflow's own exit says FAILED for it)."""
+    import mlflow
+
+    with active as run:
+        try:
+            yield run
+        except KeyboardInterrupt:
+            mlflow.end_run("KILLED")
+            raise
+
+
 def resumable_run(id_file: Path, experiment: str, uri: str, name: str, params: dict, tags: dict):
     """A new MLflow run whose id is kept in `id_file`, or, when that file exists (a resumed sweep or a retried
-    trial), the same run reopened. Ended FINISHED, or FAILED if the body raises."""
+    trial), the same run reopened. Ended FINISHED, KILLED on Ctrl-C, or FAILED if the body raises."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -80,7 +94,7 @@ def resumable_run(id_file: Path, experiment: str, uri: str, name: str, params: d
             run_id = None
         if run_id:
             mlflow.set_experiment(experiment)
-            return mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
+            return _killed_on_interrupt(mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None))
 
     @contextlib.contextmanager
     def new_run():

@@ -403,22 +403,23 @@ class _RankZeroLog:
                     if line.strip() and json.loads(line)["step"] < start]
         self.path.write_text("".join(line + "\n" for line in kept))
         self.file = self.path.open("a")
-        self.mlflow = None
-        self.started_run = False
+        self.mlflow = None  # (MlflowClient, run id): rank 0 logs to the driver's run without making it active
+        self.logged_through = -1  # the last step already in the MLflow run (a resumed run's redone steps)
         self.began = time.perf_counter()
         self.last: dict[str, float] = {}
         if tracking:
-            import mlflow
+            from mlflow.tracking import MlflowClient
 
-            mlflow.set_tracking_uri(tracking["uri"])
-            active = mlflow.active_run()
-            if active is None or active.info.run_id != tracking["run_id"]:
-                mlflow.start_run(run_id=tracking["run_id"])
-                self.started_run = True
-            self.mlflow = mlflow
+            # a client, not mlflow.start_run: an active run in a Train worker would be ended FINISHED by MLflow's
+            # exit hook when the worker is stopped, e.g. because its driver was killed mid-run
+            self.mlflow = (MlflowClient(tracking["uri"]), tracking["run_id"])
+            if start:  # the steps after the checkpoint are redone with the same values (the resume is exact):
+                # those logged before the interruption are not logged twice
+                history = self.mlflow[0].get_metric_history(tracking["run_id"], "distill/loss")
+                self.logged_through = max((m.step for m in history), default=-1)
             params = parameter_count(student)
-            mlflow.set_tag("student_params", str(params))
-            mlflow.log_metric("distill/params", params)
+            self.mlflow[0].set_tag(tracking["run_id"], "student_params", str(params))
+            self._log({"distill/params": params})
         if start:
             _say(f"distill: resumed at step {start}")
 
@@ -427,8 +428,8 @@ class _RankZeroLog:
         self.file.write(json.dumps({"step": step, **{k.removeprefix("distill/"): v for k, v in metrics.items()}})
                         + "\n")
         self.file.flush()
-        if self.mlflow is not None:
-            self.mlflow.log_metrics(metrics, step=step)
+        if step > self.logged_through:
+            self._log(metrics, step)
         if (step + 1) % self.config.log_every == 0 or step == 0 or step + 1 == total:
             m = metrics
             _say(f"distill step {step + 1}/{total}  loss {m['distill/loss']:.4f}  "
@@ -447,10 +448,16 @@ class _RankZeroLog:
             final["distill/peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         summary = {**self.last, **final, "checkpoint": checkpoint}
         (Path(self.config.out) / "distill_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if self.mlflow is not None:
-            self.mlflow.log_metrics(final)
+        self._log(final)
+
+    def _log(self, metrics: dict[str, float], step: int = 0) -> None:
+        if self.mlflow is None:
+            return
+        from mlflow.entities import Metric
+
+        client, run_id = self.mlflow
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def close(self) -> None:
         self.file.close()
-        if self.started_run:
-            self.mlflow.end_run()

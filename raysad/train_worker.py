@@ -46,7 +46,10 @@ def train_worker(args: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as path:
             state = checkpoints.load_state(path)
-    elif args.get("resume_from"):
+    # Ray's run snapshot can lag the checkpoints on disk (a driver killed after a checkpoint was written, before
+    # the snapshot listing it was): the driver planned the data streams from the newest checkpoint it found, so
+    # a worker never starts before that one
+    if args.get("resume_from") and (state is None or state["step"] < args["data_start"]):
         state = checkpoints.load_state(args["resume_from"])
     place = train_loop.Placement(
         rank=rank, world=world, distributed=distributed, device=device,
@@ -97,6 +100,9 @@ def _rank_examples(args: dict, rank: int, world: int, start: int):
     from raysad.data_stream import quiet_ray_data
 
     quiet_ray_data()
+    if start < args["data_start"]:  # the stream starts later: its first rows are not this step's
+        raise RuntimeError(f"rank {rank}: resuming at step {start}, but its data stream starts at step "
+                           f"{args['data_start']}")
     stream = stream_examples(ray.train.get_dataset_shard(f"rank_{rank}"))
     skipped = sum(len(rank_rows(batches[step], rank, world)[0]) for step in range(args["data_start"], start))
     take(stream, skipped, f"rank {rank}, resuming at step {start}", keep=False)

@@ -21,7 +21,8 @@ trial.json. The stages run untracked inside a trial (track=False): the trial run
 `raysad report --experiment NAME` has one row per trial.
 
 Resume: a trial cut short continues from its last finished chunk (Tune checkpoint) and inside the chunk from
-distill's own checkpoint; its MLflow run is reopened.
+distill's own checkpoint; its MLflow run is reopened. A trial that finished just before the driver died (Tune
+had not recorded it) redoes nothing: it reports its final_report.json again (event `reported_again`).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from raysad.losses import METHODS as DISTILL_METHODS
 from raysad.sweep import SweepConfig, student_size
 
 TRIAL_MEMORY_TOKEN = 2**20                 # bytes a trial with cpus/gpus_per_trial 0 reserves instead
+FINAL_REPORT = "final_report.json"         # a finished trial's last Tune report: a resumed trial sends it again
 
 
 def trainable(sweep: SweepConfig, inputs: dict, parent_run_id: str | None):
@@ -198,6 +200,11 @@ def _trial_body(sweep, inputs, config, dcfg, student, prune_ratio, state, work, 
 
     from raysad import tracking
 
+    finished = work / FINAL_REPORT
+    if finished.is_file():  # done before the sweep's driver died, but Tune had not recorded it: report it again
+        _events(work, "reported_again")
+        _report(json.loads(finished.read_text()), state)
+        return
     env = config["env"]
     model = _distill_chunks(sweep, inputs, env, dcfg, student, state, work, client, run_id)
     final = _prune(sweep, inputs, dcfg, model, prune_ratio, work) if prune_ratio > 0 else model
@@ -215,9 +222,13 @@ def _trial_body(sweep, inputs, config, dcfg, student, prune_ratio, state, work, 
     summary = {"trial_id": work.name, "config": config, "student": student, "model": final, **metrics}
     (work / "trial.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     mlflow.log_artifact(str(work / "trial.json"))
+    final_report = {"distill/step": state["step"], "chunk": sweep.chunks, **state["valid"], **metrics,
+                    "trial_done": 1.0}
+    tmp = work / (FINAL_REPORT + ".tmp")
+    tmp.write_text(json.dumps(final_report) + "\n")
+    tmp.replace(work / FINAL_REPORT)
     _events(work, "done")
-    _report({"distill/step": state["step"], "chunk": sweep.chunks, **state["valid"], **metrics, "trial_done": 1.0},
-            state)
+    _report(final_report, state)
 
 
 def _distill_chunks(sweep, inputs, env, dcfg, student, state, work, client, run_id) -> str:

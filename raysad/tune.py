@@ -36,7 +36,7 @@ from typing import Any
 from raysad import report as names
 from raysad.config import ConfigError
 from raysad.sweep import (SweepConfig, axis_values, check_stored_topk, check_sweep, param_space, search_algorithm,
-                          spaces, student_size, tune_metric)
+                          spaces, student_size, trial_count, tune_metric)
 from raysad.tracking import resumable_run
 from raysad.trial import trainable
 
@@ -56,6 +56,7 @@ class SweepResult:
     table: Any = None                          # the report's table (pandas), None without report
     wall_s: float = 0.0
     interrupted: bool = False                  # Ctrl-C / SIGINT stopped the Tuner with trials unfinished
+    planned: int = 0                           # trials the sweep runs in all (sweep.trial_count)
 
     @property
     def failed(self) -> list[dict]:
@@ -327,8 +328,10 @@ def run_sweep(sweep: SweepConfig, resume: bool = True) -> SweepResult:
             tuner = _tuner(sweep, trainable(sweep, inputs, run_id), tune_dir, resuming)
             _say(f"sweep {sweep.name!r}: trials in {sweep_dir / 'trials'}, MLflow experiment {experiment!r} at {uri}")
             trials = _summarize(tuner.fit(), sweep_dir)
-            # Tune catches Ctrl-C / SIGINT itself: fit() returns with trials neither finished nor errored
-            interrupted = any(t["status"] in ("PENDING", "RUNNING", "PAUSED") for t in trials)
+            # Tune catches Ctrl-C / SIGINT itself: fit() returns with trials neither finished nor errored, or
+            # not yet created
+            interrupted = (any(t["status"] in ("PENDING", "RUNNING", "PAUSED") for t in trials)
+                           or len(trials) < trial_count(sweep))
             table = None
             done = sum(t["done"] for t in trials)
             if sweep.report and done:
@@ -346,7 +349,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = True) -> SweepResult:
         if started_ray:
             ray.shutdown()
     result = SweepResult(sweep_dir=sweep_dir, run_id=run_id, trials=trials, table=table, wall_s=wall,
-                         interrupted=interrupted)
+                         interrupted=interrupted, planned=trial_count(sweep))
     say_failures(result)
     return result
 
@@ -359,7 +362,8 @@ def say_failures(result: SweepResult) -> None:
     for t in result.failed:
         print(f"tune: trial {t['trial_id']} failed: {t['error']} (logs: {', '.join(t['logs'])})", file=sys.stderr)
     if result.interrupted:
-        unfinished = sum(t["status"] in ("PENDING", "RUNNING", "PAUSED") for t in result.trials)
+        unfinished = max(result.planned, len(result.trials)) - sum(t["done"] or t["error"] is not None
+                                                                   for t in result.trials)
         print(f"tune: interrupted with {unfinished} trial(s) unfinished; the same command resumes the sweep in "
               f"{result.sweep_dir}", file=sys.stderr)
     elif result.failed:

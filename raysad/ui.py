@@ -14,6 +14,11 @@ LOG_EVERY_S = 30.0   # seconds between progress lines when the output is not a t
 LOG_WIDTH = 160      # table width when the output is not a terminal ($COLUMNS wins when set)
 
 
+class StageIncomplete(RuntimeError):
+    """A stage that ran to its end but did less than it was asked (episodes given up): the CLI prints the
+    message as one line and exits 1, after the stage's own summary."""
+
+
 def console(stderr: bool = False):
     from rich.console import Console
 

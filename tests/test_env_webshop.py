@@ -512,6 +512,14 @@ def test_real_documents_joined_with_attributes():
     assert len(short) - len(unreachable) <= 1 and solved >= 17, short
 
 
+def test_goals_without_products_say_what_is_missing():
+    # items_ins_v2 holds goals (attributes, instructions) but no products: the error says so and what to add
+    with pytest.raises(ValueError, match=r"items_ins_v2_1000.json hold goals or logs, not products"):
+        get_shop([ITEMS_INS], seed=0)
+    shop = get_shop(FIXTURES, seed=0)  # the folder holding both is what README tells users to give
+    assert shop.products and shop.goals
+
+
 def test_real_session_logs_give_goals_and_rewards():
     lines = read_jsonl(SESSION_LOG)
     logged = lines[0]["goal"]

@@ -73,7 +73,7 @@ def test_a_sweep_whose_trial_errors_exits_1_and_names_the_trial(ray_cluster, dat
     assert "1/1 trial(s) failed" in result.output
 
 
-def test_an_interrupted_sweep_exits_130(monkeypatch, tmp_path):
+def test_an_interrupted_sweep_exits_130(monkeypatch, tmp_path, capsys):
     from raysad import tune
 
     finished = {"trial_id": "a", "status": "TERMINATED", "error": None, "done": True, "logs": []}
@@ -82,6 +82,10 @@ def test_an_interrupted_sweep_exits_130(monkeypatch, tmp_path):
                "logs": [str(tmp_path / "c")]}
     result = tune.SweepResult(sweep_dir=tmp_path, run_id=None, trials=[finished, pending], interrupted=True)
     assert result.exit_code == 130
+    # Tune creates trials as it goes: interrupted after the first, it knows 2 of the sweep's 4
+    result.planned = 4
+    tune.say_failures(result)
+    assert "interrupted with 3 trial(s) unfinished" in capsys.readouterr().err
     assert tune.SweepResult(sweep_dir=tmp_path, run_id=None, trials=[finished, errored]).exit_code == 1
     assert tune.SweepResult(sweep_dir=tmp_path, run_id=None, trials=[finished]).exit_code == 0
 
@@ -180,3 +184,35 @@ def test_binary_and_non_utf8_trajectory_files_name_the_file_and_line(plain, tmp_
     with pytest.raises(TrajectoryError, match=rf"{latin}:2: not UTF-8 text \(byte 0xe9"):
         list(read_trajectories(latin))
     assert len(list(read_trajectories(latin, skip_bad=True))) == 1  # skip_bad skips that line only
+
+
+def test_a_sweep_counts_the_trials_tune_has_not_created_yet():
+    from raysad.sweep import SweepConfig, trial_count
+
+    space = [{"student": ["tiny-1m"], "method": ["sad", "sft"], "seed": [0, 1]}, {"student": ["tiny-1m"],
+                                                                                 "method": ["token_kd"]}]
+    assert trial_count(SweepConfig(name="s", envs=["hotpotqa", "webshop"], space=space)) == 10
+    assert trial_count(SweepConfig(name="s", envs=["hotpotqa"], space=space, num_samples=2)) == 10
+    assert trial_count(SweepConfig(name="s", envs=["hotpotqa"], search="random", num_samples=7,
+                                   space={"lambda_act": {"uniform": [0.5, 2.0]}})) == 7
+
+
+@pytest.mark.parametrize("raised,code,words", [
+    ("incomplete", 1, "error: 3 of 12 episodes not played"), ("interrupt", 130, "interrupted: rerun the same command")])
+def test_a_stage_that_did_less_or_was_interrupted_says_so_in_one_line(raised, code, words, capsys):
+    import typer
+
+    from raysad.cli import run_stage
+    from raysad.ui import StageIncomplete
+
+    def stage():
+        if raised == "incomplete":
+            raise StageIncomplete("3 of 12 episodes not played (their env actor failed 3 times); rerun the same "
+                                  "command to play them")
+        raise KeyboardInterrupt
+
+    with pytest.raises(typer.Exit) as exit_:
+        run_stage(stage)
+    assert exit_.value.exit_code == code
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 import sys
 from collections import Counter
 from pathlib import Path
@@ -235,3 +236,30 @@ def test_cli_with_yaml_config_logs_to_mlflow(tmp_path, monkeypatch):
 
     bad = CliRunner().invoke(app, ["rollout", "--policy", "hf", "--out", "x.jsonl"])
     assert bad.exit_code == 2 and "needs --model" in bad.output
+
+
+class SlowEcho:
+    """A text engine that takes a while per call (so a call is in flight when its actor dies)."""
+
+    def generate(self, prompts, **_):
+        time.sleep(1.0)
+        return [p.upper() for p in prompts]
+
+
+def test_a_call_in_flight_when_the_engine_actor_dies_waits_for_its_restart():
+    import concurrent.futures
+    import signal
+
+    from raysad.serving import RemoteEngine, start_engines
+
+    (engine,) = start_engines(SlowEcho, 1, 0, 0, max_restarts=1)
+    ray.get(engine.ready.remote())
+    pid = ray.get(engine.__ray_call__.remote(lambda self: os.getpid()))
+    remote = RemoteEngine(engine)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(remote.generate, ["a", "b"])
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGKILL)  # the engine's process dies mid-call; Ray restarts the actor
+        assert answer.result(timeout=120) == ["A", "B"]
+    assert remote.restarts_waited == 1
+    assert ray.get(engine.__ray_call__.remote(lambda self: os.getpid())) != pid

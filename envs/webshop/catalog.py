@@ -70,7 +70,10 @@ def find_data_files(data) -> dict[str, list[Path]]:
             if kind is not None:
                 found.setdefault(kind, []).append(f)
     if not found.get("raw_products") and not found.get("documents"):
-        raise ValueError(f"webshop data {data!r}: no products (items_shuffle*.json or documents*.jsonl) found")
+        given = sorted(found)
+        hint = (f" ({', '.join(f.name for k in given for f in found[k])} hold goals or logs, not products: give them "
+                "together with a products file, e.g. the folder holding both)") if given else ""
+        raise ValueError(f"webshop data {data!r}: no products (items_shuffle*.json or documents*.jsonl) found{hint}")
     return found
 
 
