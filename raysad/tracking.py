@@ -54,7 +54,7 @@ def start_run(experiment: str, run_name: str, params: dict[str, Any] | None = No
     # ("table ... already exists"): one at a time, under a lock file next to the DB
     with setup_lock(db.with_name(db.name + ".lock")) if db is not None else contextlib.nullcontext():
         if parent is None:  # a nested run stays in its parent's experiment
-            mlflow.set_experiment(experiment)
+            use_experiment(experiment)
         active = mlflow.start_run(run_name=run_name, nested=nested or parent is not None, tags=tags)
     with _killed_on_interrupt(active) as run:
         if params:
@@ -64,6 +64,21 @@ def start_run(experiment: str, run_name: str, params: dict[str, Any] | None = No
             mlflow.log_dict({k: v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
                              for k, v in params.items()}, "config.json")
         yield run
+
+
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow 3's UI: the runs/metrics view
+
+
+def use_experiment(name: str):
+    """mlflow.set_experiment, the experiment tagged as model development: MLflow 3's UI opens an untagged
+    experiment on its GenAI (traces) view, where runs, params and metrics are one click away."""
+    import mlflow
+
+    experiment = mlflow.set_experiment(name)
+    for key, value in EXPERIMENT_KIND.items():
+        if experiment.tags.get(key) is None:
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment
 
 
 @contextlib.contextmanager
@@ -93,7 +108,7 @@ def resumable_run(id_file: Path, experiment: str, uri: str, name: str, params: d
         except MlflowException:  # recorded in another store (--tracking-uri changed): a new run
             run_id = None
         if run_id:
-            mlflow.set_experiment(experiment)
+            use_experiment(experiment)
             return _killed_on_interrupt(mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None))
 
     @contextlib.contextmanager

@@ -40,3 +40,10 @@ def test_a_reopened_run_interrupted_again_ends_killed_and_finishes_on_the_next_t
     (only,) = client.search_runs([client.get_experiment_by_name("e").experiment_id])
     assert only.info.run_id == id_file.read_text() and only.info.status == "FINISHED"
 
+
+
+def test_experiments_open_on_the_runs_view_of_the_mlflow_ui(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with start_run("kinds", "r", uri=uri):
+        pass
+    assert MlflowClient(uri).get_experiment_by_name("kinds").tags["mlflow.experimentKind"] == "custom_model_development"
