@@ -17,12 +17,14 @@ injects one fault:
 and compares the outcome with the same command run without a fault (the reference):
   rollout   episodes expected / written / duplicated / lost, and each episode equal to the reference's
             (the expert and a greedy model engine are deterministic per task)
-  distill   optimizer steps in train_log.jsonl (each once), the final weights equal to the reference's, bit for
-            bit, and its MLflow run: not FINISHED after the fault, one run FINISHED after the rerun
+  distill   optimizer steps in train_log.jsonl (each once), the final weights equal to the reference's, bit for bit
   tune      trials finished / run twice / lost, and each trial's test success equal to the reference's
-A row is ok when nothing is lost or doubled, the result equals the reference, and the exit codes are truthful
-(faulted run: 130 for SIGINT, killed for SIGKILL, 0 when an actor died; rerun: 0). The table is printed and
-written to <out>/fault_injection.md (and .json); the script exits 1 if any row is not ok.
+and, for every stage, its MLflow run: not FINISHED after a driver fault (a killed process cannot say anything:
+RUNNING; Ctrl-C: KILLED), one run FINISHED after the rerun, which continues it.
+A row is ok when nothing is lost or doubled, the result equals the reference, the MLflow run tells the truth, and
+the exit codes are truthful (faulted run: 130 for SIGINT, killed for SIGKILL, 0 when an actor died; rerun: 0).
+The table is printed and written to <out>/fault_injection.md (and .json); the script exits 1 if any row is not
+ok.
 
 Models and data are made here, offline: HotPotQA expert episodes, a tokenizer trained on them, a tiny random
 teacher (engine-actor scenarios, online teacher for distill) and a tiny student built from config.
@@ -310,8 +312,8 @@ def run_scenario(sc: Scenario, paths: dict[str, Path], root: Path, args) -> Row:
     # MLflow: an interrupted run is not FINISHED (a killed process cannot say so: RUNNING); the rerun continues
     # the same run, and ends it FINISHED
     row.mlflow = f"{'/'.join(status_after_fault) or '-'} -> {'/'.join(run_statuses(dir_)) or '-'}"
-    mlflow_ok = sc.stage != "distill" or (run_statuses(dir_) == ["FINISHED"] and (
-        sc.fault == "actor-sigkill" or "FINISHED" not in status_after_fault))
+    mlflow_ok = run_statuses(dir_) == ["FINISHED"] and (sc.fault == "actor-sigkill"
+                                                          or "FINISHED" not in status_after_fault)
     row.ok = truthful and landed and mlflow_ok and row.lost == 0 and row.duplicated == 0 and row.same_as_reference
     if not mlflow_ok:
         row.note = f"MLflow run status {row.mlflow}"
@@ -324,14 +326,14 @@ def run_scenario(sc: Scenario, paths: dict[str, Path], root: Path, args) -> Row:
 
 # ------------------------------------------------------------------------------------------ checking ----
 def run_statuses(out: Path) -> list[str]:
-    """The status of each MLflow run of the stage (not the sweep's trial or parent runs) in <out>/mlflow.db."""
+    """The status of each MLflow run of the stage in <out>/mlflow.db (a sweep's: its own run, not its trials')."""
     if not (out / "mlflow.db").is_file():
         return []
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    return sorted(r.info.status for r in runs if r.data.tags.get("stage") in ("rollout", "distill"))
+    return sorted(r.info.status for r in runs if r.data.tags.get("stage") in ("rollout", "distill", "tune"))
 
 
 def compare(sc: Scenario, ref: Path, got: Path, fault_exit: str, rerun_exit: str, landed: bool) -> Row:

@@ -18,7 +18,8 @@ Iteration k (folder <out>/iter_<k>):
                 baseline) for `max_steps` steps -> student/, the next iteration's policy. With
                 `teacher_trajectories`, `teacher_share` of the iteration's trajectories are the teacher's own
                 (off-policy examples, GKD's λ).
-  Weight sync: the next iteration's engine actors load student/ from disk. With `max_staleness 0` the loop is
+  Weight sync: the student's hf engine actors are started once; before each iteration plays they load its
+  player's weights from disk (`EngineActor.load_weights`; vLLM engines start anew). With `max_staleness 0` the loop is
   synchronous (every sample comes from the weights being trained); with 1, iteration k+1 is played (in a
   thread, same Ray cluster) while iteration k trains, by the weights of iteration k-1 (`player_of`; staleness
   logged per iteration). Each iteration starts a fresh AdamW (its learning rate warms up in the first only).
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 SETTINGS_FILE = "onpolicy.settings.json"
 RUN_ID_FILE = "mlflow_run_id"
 DONE_FILE = "done.json"
+PLAYER_FILE = "player.json"   # the weights (and seed) the student's engine actors play with now
 # settings a rerun may change: how far to go and where it runs, not what an iteration computes
 RESUME_MAY_CHANGE = ("iterations", "experiment", "run_name", "tracking_uri", "ray_address", "num_cpus",
                      "env_actors", "envs_per_actor", "engines", "workers")
@@ -133,12 +135,63 @@ def success_rate(path: Path) -> float:
     return sum(outcomes) / len(outcomes) if outcomes else 0.0
 
 
-def play(cfg: OnPolicyConfig, k: int, player: str, pool: list[str], progress: bool):
-    """Iteration k's episodes, played by `player` (resumes a partly played iteration)."""
+class CurrentPlayer:
+    """The engine factory of the student's engine actors: it builds the engine on the weights the run plays
+    with now (the folder and seed in <out>/PLAYER_FILE), so an engine actor that Ray restarts after its process
+    died comes back as the current player, not as the first one."""
+
+    def __init__(self, cfg: RolloutConfig, pointer: Path):
+        self.cfg, self.pointer = cfg, str(pointer)
+
+    def point(self, model: str, seed: int) -> None:
+        """Record the weights the engines are about to load (before they load them)."""
+        tmp = Path(self.pointer + ".tmp")
+        tmp.write_text(json.dumps({"model": str(model), "seed": seed}))
+        tmp.replace(self.pointer)
+
+    def __call__(self):
+        from raysad.serving import default_engine_factory
+
+        current = json.loads(Path(self.pointer).read_text())
+        return default_engine_factory(dataclasses.replace(self.cfg, model=current["model"], seed=current["seed"]))()
+
+
+def start_players(cfg: OnPolicyConfig, student: str) -> tuple[list, CurrentPlayer]:
+    """The engine actors the student plays on, started once for the whole run: each iteration swaps in its
+    player's weights (weight sync) where a fresh engine per iteration paid its start-up every time. An engine
+    without a GPU reserves no CPU: it shares the cores with training, which playing ahead overlaps it with."""
+    from raysad.serving import placement, start_engines
+
+    rcfg = play_config(cfg, 0, student, [])
+    gpus, cpus, _ = placement(rcfg)
+    per_engine = -(-cfg.env_actors // cfg.engines) * cfg.envs_per_actor
+    player = CurrentPlayer(rcfg, Path(cfg.out) / PLAYER_FILE)
+    player.point(student, rcfg.seed)
+    engines = start_engines(player, cfg.engines, gpus, cpus if gpus else 0.0,
+                            resources=cfg.engine_resources, max_restarts=cfg.max_restarts,
+                            max_batch=min(per_engine, cfg.episodes or per_engine), batch_wait_s=cfg.batch_wait_s)
+    import ray
+
+    ray.get([e.ready.remote() for e in engines])
+    return engines, player
+
+
+def play(cfg: OnPolicyConfig, k: int, player: str, pool: list[str], progress: bool,
+         players: tuple[list, CurrentPlayer] | None = None):
+    """Iteration k's episodes, played by `player` (resumes a partly played iteration): on the run's engine
+    actors after loading its weights (with the iteration's seed, as a fresh engine would sample), else on new
+    engines."""
     from raysad.rollout import run_rollout
 
-    return run_rollout(play_config(cfg, k, player, iteration_tasks(pool, k, cfg.episodes)), progress=progress,
-                       track=False)
+    rcfg = play_config(cfg, k, player, iteration_tasks(pool, k, cfg.episodes))
+    engines = None
+    if players is not None:
+        import ray
+
+        engines, current = players
+        current.point(player, rcfg.seed)
+        ray.get([e.load_weights.remote(str(player), rcfg.seed) for e in engines])
+    return run_rollout(rcfg, engines=engines, progress=progress, track=False)
 
 
 def train(cfg: OnPolicyConfig, k: int, student: str, played, waited_s: float) -> dict[str, float]:
@@ -219,6 +272,7 @@ def run_onpolicy(cfg: OnPolicyConfig, track: bool = True, progress: bool = True)
                                      cfg.run_name or f"onpolicy-{cfg.method}-{cfg.env}", flatten(cfg),
                                      {"stage": "onpolicy", "method": cfg.method, "env": cfg.env})
     started_ray = init_ray(cfg.ray_address, cfg.num_cpus)
+    players = start_players(cfg, student) if cfg.engine == "hf" else None  # vLLM: a new engine per iteration
     first, trained = student, []
     ahead: dict[int, Any] = {}  # iteration -> its play, started while the previous iteration trains
     pool_ahead = concurrent.futures.ThreadPoolExecutor(1) if cfg.max_staleness else None
@@ -235,12 +289,12 @@ def run_onpolicy(cfg: OnPolicyConfig, track: bool = True, progress: bool = True)
                 student = trained[-1] if trained else first
                 waited = time.monotonic()
                 played = (ahead.pop(k).result() if k in ahead
-                          else play(cfg, k, player_of(k, cfg.max_staleness, first, trained), pool, progress))
+                          else play(cfg, k, player_of(k, cfg.max_staleness, first, trained), pool, progress, players))
                 waited = time.monotonic() - waited
                 nxt = k + 1
                 if pool_ahead is not None and nxt < cfg.iterations and not (iteration_dir(out, nxt) / DONE_FILE).is_file():
                     ahead[nxt] = pool_ahead.submit(play, cfg, nxt, player_of(nxt, cfg.max_staleness, first, trained),
-                                                   pool, False)
+                                                   pool, False, players)
                 metrics = train(cfg, k, student, played, waited)
                 trained.append(json.loads(done.read_text())["student"])
                 if active is not None:
@@ -254,6 +308,10 @@ def run_onpolicy(cfg: OnPolicyConfig, track: bool = True, progress: bool = True)
     finally:
         if pool_ahead is not None:
             pool_ahead.shutdown(wait=True, cancel_futures=True)
+        for engine in players[0] if players else []:
+            import ray
+
+            ray.kill(engine)
         if started_ray:
             import ray
 

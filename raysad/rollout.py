@@ -111,6 +111,12 @@ def settings_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".settings.json")
 
 
+def mlflow_run_path(out: str | Path) -> Path:
+    """The id of the MLflow run writing an output (an interrupted run's rerun continues it)."""
+    out = Path(out)
+    return out.with_name(out.name + ".mlflow_run_id")
+
+
 RENAMED_SETTINGS = {"max_steps": "max_turns"}  # names older records use
 
 # Config fields that shape the trajectories: an output holds episodes of one setting of these.
@@ -181,23 +187,26 @@ def _resume_state(out: str | Path) -> tuple[set[str], set[str], set[str]]:
 
 
 def run_rollout(cfg: RolloutConfig, *, env_factory: Callable[[], Any] | None = None,
-                engine_factory: Callable[[], Any] | None = None, progress: bool = True,
-                track: bool = True, _on_write: Callable[[Any], None] | None = None) -> RolloutSummary:
+                engine_factory: Callable[[], Any] | None = None, engines: list | None = None,
+                progress: bool = True, track: bool = True,
+                _on_write: Callable[[Any], None] | None = None) -> RolloutSummary:
     """Play the tasks of `cfg` and write their trajectories to cfg.out (resuming it). `env_factory` /
-    `engine_factory` (picklable, no arguments) replace the registered env / cfg.policy's engine."""
+    `engine_factory` (picklable, no arguments) replace the registered env / cfg.policy's engine. `engines`:
+    engine actors to play with, started and stopped by the caller (on-policy distillation keeps its student's
+    across iterations and swaps their weights), instead of cfg.engines new ones."""
     from raysad.locks import lock_path, output_lock
 
     # one writer per output: a second rollout on this --out would play and append the same tasks again
     with output_lock(lock_path(cfg.out), f"rollout --out {cfg.out}"):
-        return _run_tracked(cfg, env_factory, engine_factory, progress, track, _on_write)
+        return _run_tracked(cfg, env_factory, engine_factory, engines, progress, track, _on_write)
 
 
-def _run_tracked(cfg, env_factory, engine_factory, progress, track, _on_write) -> RolloutSummary:
+def _run_tracked(cfg, env_factory, engine_factory, engines, progress, track, _on_write) -> RolloutSummary:
     from raysad import tracking
     from raysad.config import flatten
 
     if not track:
-        summary = _run(cfg, env_factory, engine_factory, progress, _on_write)
+        summary = _run(cfg, env_factory, engine_factory, engines, progress, _on_write)
         warn_turns(summary, cfg)
         return summary
     samples: list[str] = []
@@ -209,9 +218,12 @@ def _run_tracked(cfg, env_factory, engine_factory, progress, track, _on_write) -
             _on_write(traj)
 
     run_name = cfg.run_name or f"rollout-{cfg.policy}-{cfg.env}-{cfg.split}"
-    with tracking.start_run(cfg.experiment, run_name, flatten(cfg), uri=cfg.tracking_uri,
-                            tags={"stage": "rollout", "env": cfg.env, "policy": cfg.policy}):
-        summary = _run(cfg, env_factory, engine_factory, progress, on_write)
+    # an interrupted rollout's rerun continues its MLflow run (its metrics then count this invocation's episodes,
+    # `skipped` the earlier ones); a rerun over a finished output is a run of its own
+    with tracking.resumable_run(mlflow_run_path(cfg.out), cfg.experiment, tracking.absolute_uri(cfg.tracking_uri),
+                                run_name, flatten(cfg), {"stage": "rollout", "env": cfg.env, "policy": cfg.policy},
+                                reopen_finished=False):
+        summary = _run(cfg, env_factory, engine_factory, engines, progress, on_write)
         warn_turns(summary, cfg)
         metrics = summary.metrics()
         if summary.episodes == 0:  # all done already (resume): rates of nothing would read as zeros
@@ -222,7 +234,7 @@ def _run_tracked(cfg, env_factory, engine_factory, progress, track, _on_write) -
         return summary
 
 
-def _run(cfg, env_factory, engine_factory, progress, on_write) -> RolloutSummary:
+def _run(cfg, env_factory, engine_factory, given_engines, progress, on_write) -> RolloutSummary:
     from raysad.trajectory import Trajectory
     from raysad.trajectory_writer import TrajectoryWriter
 
@@ -240,11 +252,11 @@ def _run(cfg, env_factory, engine_factory, progress, on_write) -> RolloutSummary
         os.replace(tmp, done_path(cfg.out))
 
     started_here = init_ray(cfg.ray_address, cfg.num_cpus)
-    engines, actors = [], []
+    engines, actors = list(given_engines or []), []
     try:
         engine_gpus, engine_cpus, actor_cpus = placement(cfg)
         n_actors = min(cfg.env_actors, -(-len(todo) // cfg.envs_per_actor))
-        if cfg.policy not in ENV_SIDE_POLICIES:
+        if cfg.policy not in ENV_SIDE_POLICIES and given_engines is None:
             envs_per_engine = min(-(-n_actors // cfg.engines) * cfg.envs_per_actor, len(todo))
             engines = start_engines(engine_factory or default_engine_factory(cfg), cfg.engines, engine_gpus,
                                     engine_cpus, resources=cfg.engine_resources, max_restarts=cfg.max_restarts,
@@ -254,6 +266,7 @@ def _run(cfg, env_factory, engine_factory, progress, on_write) -> RolloutSummary
         make_env = env_factory or default_env_factory(cfg)
         actors = [worker_cls.remote(make_env, cfg.envs_per_actor, cfg) for _ in range(n_actors)]
         _wait_ready(actors, engines, progress)
+        earlier = ray.get([e.stats.remote() for e in engines])  # given engines: count this run's calls only
 
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         with TrajectoryWriter(cfg.out, append=True, drop_task_ids=redo) as writer, \
@@ -284,13 +297,14 @@ def _run(cfg, env_factory, engine_factory, progress, on_write) -> RolloutSummary
 
             _drive(cfg, actors, engines, collections.deque(todo), record, summary, bar)
         summary.wall_s = bar.elapsed
-        for stats in ray.get([e.stats.remote() for e in engines]):
-            summary.engine_calls += stats["calls"]
-            summary.engine_prompts += stats["prompts"]
-            summary.engine_busy_s += stats["busy_s"]
+        for stats, before in zip(ray.get([e.stats.remote() for e in engines]), earlier):
+            summary.engine_calls += stats["calls"] - before["calls"]
+            summary.engine_prompts += stats["prompts"] - before["prompts"]
+            summary.engine_busy_s += stats["busy_s"] - before["busy_s"]
             summary.engine_nodes.append(stats["node_id"])
     finally:
-        for actor in actors + engines:  # also on Ctrl-C: free their CPUs/GPUs for whatever runs next
+        # also on Ctrl-C: free their CPUs/GPUs for whatever runs next (given engines are the caller's)
+        for actor in actors + (engines if given_engines is None else []):
             ray.kill(actor)
         if started_here:
             ray.shutdown()
@@ -467,6 +481,7 @@ def print_summary(summary: RolloutSummary, cfg: RolloutConfig) -> None:
             ("written", f"{summary.written}" + (" (successful only)" if cfg.only_success else "")),
             ("success rate", f"{m['rollout/success_rate']:.1%}"), ("mean reward", f"{m['rollout/mean_reward']:.3f}"),
             ("mean steps", f"{m['rollout/mean_steps']:.1f}"), ("tokens generated", f"{summary.tokens_generated}"),
+            ("playing time (after actor start-up)", f"{summary.wall_s:.1f} s"),
             ("episodes/s", f"{m['rollout/episodes_per_s']:.2f}"), ("env steps/s", f"{m['rollout/steps_per_s']:.1f}"),
             ("errors", f"{summary.errors}"),
             ("turns truncated (thought / action)",

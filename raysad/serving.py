@@ -95,6 +95,24 @@ class EngineActor:
         finally:
             self.busy = False
 
+    async def load_weights(self, folder: str, seed: int | None = None) -> None:
+        """Swap the engine's weights for those saved in `folder` (weight sync: the engine then generates as that
+        model, sampling as if built with `seed`). Waits for the batch in progress; requests that arrive meanwhile
+        wait for the new weights."""
+        if not hasattr(self.engine, "load_weights"):
+            raise NotImplementedError(f"{type(self.engine).__name__} cannot swap its weights in place: start a new "
+                                      "engine actor for the new model")
+        while self.busy:
+            await asyncio.sleep(0.005)
+        self.busy = True  # (no await since the check: no batch can start in between)
+        try:
+            await asyncio.to_thread(self.engine.load_weights, folder, seed)
+        finally:
+            self.busy = False
+            if self.waiting:
+                self.busy = True
+                asyncio.get_running_loop().create_task(self._serve())
+
     def stats(self) -> dict[str, Any]:
         return {"calls": self.calls, "prompts": self.prompts, "busy_s": self.busy_s, "node_id": self.node_id}
 

@@ -94,9 +94,11 @@ def _killed_on_interrupt(active) -> Iterator[Any]:
             raise
 
 
-def resumable_run(id_file: Path, experiment: str, uri: str, name: str, params: dict, tags: dict):
+def resumable_run(id_file: Path, experiment: str, uri: str, name: str, params: dict, tags: dict,
+                  reopen_finished: bool = True):
     """A new MLflow run whose id is kept in `id_file`, or, when that file exists (a resumed sweep or a retried
-    trial), the same run reopened. Ended FINISHED, KILLED on Ctrl-C, or FAILED if the body raises."""
+    trial), the same run reopened (with reopen_finished=False, only a run that did not finish: a rerun over a
+    finished output is a new run). Ended FINISHED, KILLED on Ctrl-C, or FAILED if the body raises."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -104,7 +106,8 @@ def resumable_run(id_file: Path, experiment: str, uri: str, name: str, params: d
     if id_file.is_file():
         run_id = id_file.read_text().strip()
         try:
-            mlflow.MlflowClient(uri).get_run(run_id)
+            if mlflow.MlflowClient(uri).get_run(run_id).info.status == "FINISHED" and not reopen_finished:
+                run_id = None
         except MlflowException:  # recorded in another store (--tracking-uri changed): a new run
             run_id = None
         if run_id:

@@ -170,3 +170,38 @@ def test_bad_settings_fail_in_one_line(data, student_dir, tmp_path):
     with pytest.raises(ValueError, match="tokenizer"):
         run_onpolicy(onpolicy_config(data, student_dir, tmp_path / "o", student=str(other)), track=False)
     assert not list(Path(tmp_path).rglob("iter_*"))
+
+
+def test_a_restarted_engine_actor_comes_back_as_the_current_player(data, student_dir, tmp_path):
+    import os
+    import signal
+
+    import ray
+
+    from raysad.configs import RolloutConfig
+    from raysad.onpolicy import CurrentPlayer
+    from raysad.policies.hf import HFEngine
+    from raysad.serving import RemoteEngine, start_engines
+
+    trained = models.init_model_dir("tiny-1m", data / "tok", tmp_path / "trained", seed=11)  # a later student
+    prompts = [models.load_tokenizer(data / "tok").encode("Thought 1: I need to search", add_special_tokens=False)]
+
+    def ids(engine):
+        return [g.token_ids for g in engine.generate(prompts, max_tokens=8, temperature=0.0)]
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        player = CurrentPlayer(RolloutConfig(env="hotpotqa", policy="hf", model=str(student_dir)),
+                               tmp_path / "player.json")
+        player.point(str(student_dir), 0)
+        (engine,) = start_engines(player, 1, 0, 0, max_restarts=1)
+        remote = RemoteEngine(engine)
+        assert ids(remote) == ids(HFEngine(str(student_dir)))
+        player.point(str(trained), 0)  # what onpolicy.play does before each iteration
+        ray.get(engine.load_weights.remote(str(trained), 0))
+        expected = ids(HFEngine(str(trained)))
+        assert ids(remote) == expected
+        os.kill(ray.get(engine.__ray_call__.remote(lambda self: os.getpid())), signal.SIGKILL)
+        assert ids(remote) == expected  # Ray restarted it: built on the current player's weights, not the first
+    finally:
+        ray.shutdown()

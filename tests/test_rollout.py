@@ -263,3 +263,30 @@ def test_a_call_in_flight_when_the_engine_actor_dies_waits_for_its_restart():
         assert answer.result(timeout=120) == ["A", "B"]
     assert remote.restarts_waited == 1
     assert ray.get(engine.__ray_call__.remote(lambda self: os.getpid())) != pid
+
+
+def test_weight_sync_makes_the_engine_actor_generate_as_the_trained_model(tiny_model, tmp_path):
+    from raysad import models
+    from raysad.policies.hf import HFEngine
+    from raysad.serving import RemoteEngine, start_engines
+
+    # another model of the same architecture and tokenizer (the student after training), and one that is not
+    trained = models.init_model_dir("tiny-1m", tiny_model, tmp_path / "trained", seed=7)
+    bigger = models.init_model_dir("tiny-5m", tiny_model, tmp_path / "bigger", seed=7)
+    tok = models.load_tokenizer(tiny_model)
+    prompts = [tok.encode(p, add_special_tokens=False) for p in ["Action: think[count", "Observation: count is 3\n"]]
+
+    def ids(engine):
+        return [g.token_ids for g in engine.generate(prompts, max_tokens=12, topk=2)]
+
+    (handle,) = start_engines(functools.partial(HFEngine, tiny_model), 1, 0, 0)
+    remote = RemoteEngine(handle)
+    before = ids(remote)
+    assert before == ids(HFEngine(tiny_model))
+    ray.get(handle.load_weights.remote(str(trained)))
+    after = ids(remote)
+    assert after == ids(HFEngine(str(trained))) and after != before  # its prefix cache went with the old weights
+    with pytest.raises(ray.exceptions.RayTaskError, match="not the engine's architecture"):
+        ray.get(handle.load_weights.remote(str(bigger)))
+    assert ids(remote) == after  # a refused swap leaves the engine as it was
+    ray.kill(handle)

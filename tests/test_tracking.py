@@ -47,3 +47,17 @@ def test_experiments_open_on_the_runs_view_of_the_mlflow_ui(tmp_path):
     with start_run("kinds", "r", uri=uri):
         pass
     assert MlflowClient(uri).get_experiment_by_name("kinds").tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_a_rerun_over_a_finished_output_is_a_new_run_when_asked(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    id_file = tmp_path / "run_id"
+    with pytest.raises(KeyboardInterrupt):
+        with resumable_run(id_file, "e", uri, "r", {}, {}, reopen_finished=False):
+            raise KeyboardInterrupt
+    first = id_file.read_text()
+    with resumable_run(id_file, "e", uri, "r", {}, {}, reopen_finished=False) as run:
+        assert run.info.run_id == first  # interrupted: continued
+    with resumable_run(id_file, "e", uri, "r", {}, {}, reopen_finished=False) as run:
+        assert run.info.run_id != first  # finished: a run of its own
+    assert MlflowClient(uri).get_run(first).info.status == "FINISHED"

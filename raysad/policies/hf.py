@@ -139,6 +139,24 @@ class HFEngine(BatchedEngine):
         self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     # ------------------------------------------------------------------------------------- generate ---
+    def load_weights(self, folder: str | Path, seed: int | None = None) -> None:
+        """Replace the model with the one saved in `folder`: the same architecture and vocabulary (on-policy
+        distillation's student after its latest training). The prefix cache goes: its keys and values were
+        computed by the old weights. `seed`: sample from now on as an engine built with that seed would."""
+        from raysad import models
+
+        model = models.load_model(folder, dtype=self.model.dtype, device=str(self.device))
+        if (type(model) is not type(self.model) or model.config.vocab_size != self.model.config.vocab_size
+                or model.config.num_hidden_layers != self.model.config.num_hidden_layers):
+            raise ValueError(f"{folder}: not the engine's architecture ({type(model).__name__}, "
+                             f"{model.config.num_hidden_layers} layers, vocabulary {model.config.vocab_size}); "
+                             "start a new engine for another model")
+        self.model = model.eval()
+        if self.prefix_cache is not None:
+            self.prefix_cache = PrefixCache(self.prefix_cache.capacity)
+        if seed is not None:
+            self.seed, self.calls = seed, 0
+
     def _forward(self, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, cache):
         """Run the new columns `ids` [B, q] against the cache; `valid` [B, kv] marks the real (non-pad) columns
         of cache + new. Returns (last position's logits [B, V], cache)."""
