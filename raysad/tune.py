@@ -345,6 +345,10 @@ def run_sweep(sweep: SweepConfig, resume: bool = True) -> SweepResult:
             tracking.log_metrics({"tune/wall_s": wall})
             _say(f"{done}/{len(trials)} trials finished in {wall:.0f} s; "
                  f"`raysad report --experiment {experiment}` compares them")
+            if interrupted:  # Tune caught the Ctrl-C, so nothing raises here: the sweep's run says it itself
+                import mlflow
+
+                mlflow.end_run("KILLED")
     finally:
         if started_ray:
             ray.shutdown()
