@@ -291,11 +291,17 @@ def changed_settings(path: str | Path, settings: dict[str, Any], ignore: tuple[s
 
 def record_settings(path: str | Path, settings: dict[str, Any]) -> None:
     """Write the settings record atomically (a kill leaves the old record or the new one, never half of one)."""
+    write_json(path, settings)
+
+
+def write_json(path: str | Path, record: Any) -> None:
+    """A small JSON record (settings, a done marker, a pointer) written atomically: a kill leaves the old file or
+    the new one, never half of one."""
     import json
     import os
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(settings, indent=1, default=str) + "\n")
+    tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
     os.replace(tmp, path)

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raysad.config import values_of
+from raysad.config import values_of, write_json
 from raysad.configs import (DistillConfig, Distillation, OnPolicyConfig, Optimizer, Play, RayCluster, RolloutConfig,
                             Training)
 
@@ -145,9 +145,7 @@ class CurrentPlayer:
 
     def point(self, model: str, seed: int) -> None:
         """Record the weights the engines are about to load (before they load them)."""
-        tmp = Path(self.pointer + ".tmp")
-        tmp.write_text(json.dumps({"model": str(model), "seed": seed}))
-        tmp.replace(self.pointer)
+        write_json(self.pointer, {"model": str(model), "seed": seed})
 
     def __call__(self):
         from raysad.serving import default_engine_factory
@@ -160,16 +158,17 @@ def start_players(cfg: OnPolicyConfig, student: str) -> tuple[list, CurrentPlaye
     """The engine actors the student plays on, started once for the whole run: each iteration swaps in its
     player's weights (weight sync) where a fresh engine per iteration paid its start-up every time. An engine
     without a GPU reserves no CPU: it shares the cores with training, which playing ahead overlaps it with."""
-    from raysad.serving import placement, start_engines
+    from raysad.serving import envs_per_engine, placement, start_engines
 
     rcfg = play_config(cfg, 0, student, [])
     gpus, cpus, _ = placement(rcfg)
-    per_engine = -(-cfg.env_actors // cfg.engines) * cfg.envs_per_actor
+    per_engine = envs_per_engine(cfg.env_actors, cfg.engines, cfg.envs_per_actor,
+                                 cfg.episodes or cfg.env_actors * cfg.envs_per_actor)
     player = CurrentPlayer(rcfg, Path(cfg.out) / PLAYER_FILE)
     player.point(student, rcfg.seed)
     engines = start_engines(player, cfg.engines, gpus, cpus if gpus else 0.0,
                             resources=cfg.engine_resources, max_restarts=cfg.max_restarts,
-                            max_batch=min(per_engine, cfg.episodes or per_engine), batch_wait_s=cfg.batch_wait_s)
+                            max_batch=per_engine, batch_wait_s=cfg.batch_wait_s)
     import ray
 
     ray.get([e.ready.remote() for e in engines])
@@ -214,10 +213,7 @@ def train(cfg: OnPolicyConfig, k: int, student: str, played, waited_s: float) ->
                "onpolicy/loss": m.get("distill/loss"), "onpolicy/reason_divergence": m.get("distill/reason_loss"),
                "onpolicy/act_divergence": m.get("distill/act_loss"), "onpolicy/steps": float(trained.steps)}
     metrics = {k_: float(v) for k_, v in metrics.items() if v is not None}
-    done = iteration_dir(cfg.out, k) / DONE_FILE
-    tmp = done.with_name(done.name + ".tmp")
-    tmp.write_text(json.dumps({"student": str(trained.out), "metrics": metrics}, indent=1) + "\n")
-    tmp.replace(done)
+    write_json(iteration_dir(cfg.out, k) / DONE_FILE, {"student": str(trained.out), "metrics": metrics})
     # a finished iteration is never resumed: its checkpoints (a model and optimizer copy each) only take disk
     shutil.rmtree(Path(trained.out) / "checkpoints", ignore_errors=True)
     return metrics
@@ -308,13 +304,11 @@ def run_onpolicy(cfg: OnPolicyConfig, track: bool = True, progress: bool = True)
     finally:
         if pool_ahead is not None:
             pool_ahead.shutdown(wait=True, cancel_futures=True)
-        for engine in players[0] if players else []:
-            import ray
+        import ray
 
+        for engine in players[0] if players else []:
             ray.kill(engine)
         if started_ray:
-            import ray
-
             ray.shutdown()
     student = trained[-1] if trained else first
     result.student = _publish(out, Path(student))

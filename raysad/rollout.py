@@ -45,7 +45,7 @@ from raysad.cluster import init_ray
 from raysad.configs import RolloutConfig
 from raysad.env_actors import EnvWorker, default_env_factory, env_kwargs, error_line
 from raysad.policies.base import ENV_SIDE_POLICIES
-from raysad.serving import default_engine_factory, placement, start_engines
+from raysad.serving import default_engine_factory, envs_per_engine, placement, start_engines
 
 log = logging.getLogger(__name__)
 
@@ -257,10 +257,10 @@ def _run(cfg, env_factory, engine_factory, given_engines, progress, on_write) ->
         engine_gpus, engine_cpus, actor_cpus = placement(cfg)
         n_actors = min(cfg.env_actors, -(-len(todo) // cfg.envs_per_actor))
         if cfg.policy not in ENV_SIDE_POLICIES and given_engines is None:
-            envs_per_engine = min(-(-n_actors // cfg.engines) * cfg.envs_per_actor, len(todo))
             engines = start_engines(engine_factory or default_engine_factory(cfg), cfg.engines, engine_gpus,
                                     engine_cpus, resources=cfg.engine_resources, max_restarts=cfg.max_restarts,
-                                    max_batch=envs_per_engine, batch_wait_s=cfg.batch_wait_s)
+                                    max_batch=envs_per_engine(n_actors, cfg.engines, cfg.envs_per_actor, len(todo)),
+                                    batch_wait_s=cfg.batch_wait_s)
         worker_cls = ray.remote(EnvWorker).options(num_cpus=actor_cpus, resources=cfg.env_actor_resources or None,
                                                    max_restarts=cfg.max_restarts)
         make_env = env_factory or default_env_factory(cfg)

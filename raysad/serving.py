@@ -62,9 +62,13 @@ class EngineActor:
         key = (tuple(stop or ()), max_tokens, topk, temperature, seed)
         self.waiting.append((key, list(prompts), future, time.monotonic()))
         if not self.busy:
-            self.busy = True
-            asyncio.get_running_loop().create_task(self._serve())
+            self._serve_waiting()
         return await future
+
+    def _serve_waiting(self) -> None:
+        """Start serving the queue (the caller saw the engine idle)."""
+        self.busy = True
+        asyncio.get_running_loop().create_task(self._serve())
 
     async def _serve(self) -> None:
         try:
@@ -109,9 +113,8 @@ class EngineActor:
             await asyncio.to_thread(self.engine.load_weights, folder, seed)
         finally:
             self.busy = False
-            if self.waiting:
-                self.busy = True
-                asyncio.get_running_loop().create_task(self._serve())
+            if self.waiting:  # requests that arrived during the swap
+                self._serve_waiting()
 
     def stats(self) -> dict[str, Any]:
         return {"calls": self.calls, "prompts": self.prompts, "busy_s": self.busy_s, "node_id": self.node_id}
@@ -154,6 +157,12 @@ class RemoteEngine:
                                 str(err).splitlines()[0][:200])
                 time.sleep(delay)
                 delay = min(2 * delay, 5.0)
+
+
+def envs_per_engine(env_actors: int, engines: int, envs_per_actor: int, episodes: int) -> int:
+    """How many episodes' prompts one engine serves at once (its batch to wait for): its share of the env
+    actors' envs, no more than the episodes to play."""
+    return min(-(-env_actors // engines) * envs_per_actor, episodes)
 
 
 def start_engines(make_engine: Callable[[], Any], count: int, gpus: float, cpus: float, *,

@@ -403,7 +403,7 @@ class _RankZeroLog:
                     if line.strip() and json.loads(line)["step"] < start]
         self.path.write_text("".join(line + "\n" for line in kept))
         self.file = self.path.open("a")
-        self.mlflow = None  # (MlflowClient, run id): rank 0 logs to the driver's run without making it active
+        self.client, self.run_id = None, None  # MLflow: rank 0 logs to the driver's run without making it active
         self.logged_through = -1  # the last step already in the MLflow run (a resumed run's redone steps)
         self.began = time.perf_counter()
         self.last: dict[str, float] = {}
@@ -412,13 +412,13 @@ class _RankZeroLog:
 
             # a client, not mlflow.start_run: an active run in a Train worker would be ended FINISHED by MLflow's
             # exit hook when the worker is stopped, e.g. because its driver was killed mid-run
-            self.mlflow = (MlflowClient(tracking["uri"]), tracking["run_id"])
+            self.client, self.run_id = MlflowClient(tracking["uri"]), tracking["run_id"]
             if start:  # the steps after the checkpoint are redone with the same values (the resume is exact):
                 # those logged before the interruption are not logged twice
-                history = self.mlflow[0].get_metric_history(tracking["run_id"], "distill/loss")
+                history = self.client.get_metric_history(self.run_id, "distill/loss")
                 self.logged_through = max((m.step for m in history), default=-1)
             params = parameter_count(student)
-            self.mlflow[0].set_tag(tracking["run_id"], "student_params", str(params))
+            self.client.set_tag(self.run_id, "student_params", str(params))
             self._log({"distill/params": params})
         if start:
             _say(f"distill: resumed at step {start}")
@@ -451,13 +451,12 @@ class _RankZeroLog:
         self._log(final)
 
     def _log(self, metrics: dict[str, float], step: int = 0) -> None:
-        if self.mlflow is None:
+        if self.client is None:
             return
         from mlflow.entities import Metric
 
-        client, run_id = self.mlflow
         now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def close(self) -> None:
         self.file.close()

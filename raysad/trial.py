@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from raysad import report as names
+from raysad.config import write_json
 from raysad.losses import METHODS as DISTILL_METHODS
 from raysad.sweep import SweepConfig, student_size
 
@@ -224,9 +225,7 @@ def _trial_body(sweep, inputs, config, dcfg, student, prune_ratio, state, work, 
     mlflow.log_artifact(str(work / "trial.json"))
     final_report = {"distill/step": state["step"], "chunk": sweep.chunks, **state["valid"], **metrics,
                     "trial_done": 1.0}
-    tmp = work / (FINAL_REPORT + ".tmp")
-    tmp.write_text(json.dumps(final_report) + "\n")
-    tmp.replace(work / FINAL_REPORT)
+    write_json(work / FINAL_REPORT, final_report)
     _events(work, "done")
     _report(final_report, state)
 

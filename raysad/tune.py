@@ -330,8 +330,8 @@ def run_sweep(sweep: SweepConfig, resume: bool = True) -> SweepResult:
             trials = _summarize(tuner.fit(), sweep_dir)
             # Tune catches Ctrl-C / SIGINT itself: fit() returns with trials neither finished nor errored, or
             # not yet created
-            interrupted = (any(t["status"] in ("PENDING", "RUNNING", "PAUSED") for t in trials)
-                           or len(trials) < trial_count(sweep))
+            planned = trial_count(sweep)
+            interrupted = unfinished_trials(trials, planned) > 0
             table = None
             done = sum(t["done"] for t in trials)
             if sweep.report and done:
@@ -353,9 +353,15 @@ def run_sweep(sweep: SweepConfig, resume: bool = True) -> SweepResult:
         if started_ray:
             ray.shutdown()
     result = SweepResult(sweep_dir=sweep_dir, run_id=run_id, trials=trials, table=table, wall_s=wall,
-                         interrupted=interrupted, planned=trial_count(sweep))
+                         interrupted=interrupted, planned=planned)
     say_failures(result)
     return result
+
+
+def unfinished_trials(trials: list[dict], planned: int) -> int:
+    """Trials an interrupted sweep left: those Tune had not started or finished, and those it had not created."""
+    return (sum(t["status"] in ("PENDING", "RUNNING", "PAUSED") for t in trials)
+            + max(planned - len(trials), 0))
 
 
 def say_failures(result: SweepResult) -> None:
@@ -366,8 +372,7 @@ def say_failures(result: SweepResult) -> None:
     for t in result.failed:
         print(f"tune: trial {t['trial_id']} failed: {t['error']} (logs: {', '.join(t['logs'])})", file=sys.stderr)
     if result.interrupted:
-        unfinished = max(result.planned, len(result.trials)) - sum(t["done"] or t["error"] is not None
-                                                                   for t in result.trials)
+        unfinished = unfinished_trials(result.trials, result.planned)
         print(f"tune: interrupted with {unfinished} trial(s) unfinished; the same command resumes the sweep in "
               f"{result.sweep_dir}", file=sys.stderr)
     elif result.failed:
