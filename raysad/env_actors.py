@@ -93,13 +93,19 @@ class EnvWorker:
     def ready(self) -> bool:
         return True
 
+    def node(self) -> str | None:
+        """The Ray node this actor runs on (the driver pairs it with an engine there, if there is one)."""
+        return self.node_id
+
     def advance(self, task_ids: list[str], engine=None) -> dict:
         """Queue `task_ids`, then step all running episodes until one finishes, or `return_after_s` passes, or
         none is left. Returns {"finished": [Trajectory], "steps": n, "tokens": n, "engine_waits": n} (engine_waits:
         engine actor restarts this call waited out). `engine`: the engine actor
         to ask (None: the expert). It comes with every call rather than at construction: Ray cannot promise
-        restarts of an actor created with an actor handle argument (ray-project/ray#53727)."""
-        self.engine = RemoteEngine(engine) if engine is not None else None
+        restarts of an actor created with an actor handle argument (ray-project/ray#53727). A local engine
+        (not an actor handle) is called directly: the same stepping in one process, without Ray
+        (benchmarks/rollout_throughput.py measures the pool against it)."""
+        self.engine = RemoteEngine(engine) if isinstance(engine, ray.actor.ActorHandle) else engine
         self.pending.extend(task_ids)
         finished, steps, tokens = [], 0, 0
         start = time.monotonic()
@@ -113,7 +119,7 @@ class EnvWorker:
                         finished.append(self._finish(episode))
                 if not self.active or finished or time.monotonic() - start > self.return_after_s:
                     return {"finished": finished, "steps": steps, "tokens": tokens,
-                            "engine_waits": self.engine.restarts_waited if self.engine is not None else 0}
+                            "engine_waits": getattr(self.engine, "restarts_waited", 0)}
                 done, step_tokens = self._step_all()
                 steps += len(self.active) + len(done)
                 tokens += step_tokens

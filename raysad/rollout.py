@@ -6,7 +6,8 @@ Who runs where:
                 episodes waiting for a turn go to the engine in one batched request (policies.next_turns);
                 the expert policy runs here too, without an engine
   engine actors `engines` of them (GPU actors for vLLM); requests arriving together from several env actors
-                are merged into one `generate` call, so an engine works on as large a batch as there is
+                are merged into one `generate` call, so an engine works on as large a batch as there is; an
+                env actor asks an engine on its own node where there is one (serving.pair_with_engines)
   `engine_resources` / `env_actor_resources` (custom resources, e.g. {"teacher_engine": 1}) pin engines / env
   actors to the node type that holds them (cluster.yaml); each trajectory records its env actor's node in
   `extra["node_id"]`
@@ -45,7 +46,7 @@ from raysad.cluster import init_ray
 from raysad.configs import RolloutConfig
 from raysad.env_actors import EnvWorker, default_env_factory, env_kwargs, error_line
 from raysad.policies.base import ENV_SIDE_POLICIES
-from raysad.serving import default_engine_factory, envs_per_engine, placement, start_engines
+from raysad.serving import default_engine_factory, envs_per_engine, pair_with_engines, placement, start_engines
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class RolloutSummary:
     engine_prompts: int = 0
     engine_busy_s: float = 0.0   # summed over engines
     engine_nodes: list[str] = dataclasses.field(default_factory=list)  # Ray node id of each engine
+    actors_with_local_engine: int = 0  # env actors asking an engine on their own node
     wall_s: float = 0.0
 
     def metrics(self) -> dict[str, float]:
@@ -267,6 +269,10 @@ def _run(cfg, env_factory, engine_factory, given_engines, progress, on_write) ->
         actors = [worker_cls.remote(make_env, cfg.envs_per_actor, cfg) for _ in range(n_actors)]
         _wait_ready(actors, engines, progress)
         earlier = ray.get([e.stats.remote() for e in engines])  # given engines: count this run's calls only
+        actor_nodes = _nodes(actors)
+        engine_of = pair_with_engines(actor_nodes, [s["node_id"] for s in earlier])
+        summary.actors_with_local_engine = sum(bool(engines) and actor_nodes[i] == earlier[e]["node_id"]
+                                               for i, e in enumerate(engine_of))
 
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         with TrajectoryWriter(cfg.out, append=True, drop_task_ids=redo) as writer, \
@@ -295,7 +301,7 @@ def _run(cfg, env_factory, engine_factory, given_engines, progress, on_write) ->
                     os.fsync(done_file.fileno())
                 bar.update()
 
-            _drive(cfg, actors, engines, collections.deque(todo), record, summary, bar)
+            _drive(cfg, actors, engines, engine_of, collections.deque(todo), record, summary, bar)
         summary.wall_s = bar.elapsed
         for stats, before in zip(ray.get([e.stats.remote() for e in engines]), earlier):
             summary.engine_calls += stats["calls"] - before["calls"]
@@ -306,6 +312,8 @@ def _run(cfg, env_factory, engine_factory, given_engines, progress, on_write) ->
         # also on Ctrl-C: free their CPUs/GPUs for whatever runs next (given engines are the caller's)
         for actor in actors + (engines if given_engines is None else []):
             ray.kill(actor)
+        for engine in given_engines or []:
+            engine.expect.remote(None)  # the caller's engines as they were: no episodes of this run in flight
         if started_here:
             ray.shutdown()
     return summary
@@ -344,6 +352,18 @@ def warn_turns(summary: RolloutSummary, cfg) -> None:
                     summary.turns_reencoded, n)
 
 
+def _nodes(actors: list) -> list[str | None]:
+    """The node of each env actor (None for one that does not answer: it is paired with an engine anyway, and
+    _drive deals with its failure)."""
+    refs, nodes = [a.node.remote() for a in actors], []
+    for ref in refs:
+        try:
+            nodes.append(ray.get(ref))
+        except ray.exceptions.RayError:
+            nodes.append(None)
+    return nodes
+
+
 def _wait_ready(actors: list, engines: list, progress: bool) -> None:
     """Wait until every actor is built (models loaded, envs made), so that a broken set-up fails here, clearly,
     and the steps/s measured after it are the pool's."""
@@ -360,12 +380,17 @@ def _wait_ready(actors: list, engines: list, progress: bool) -> None:
             raise RuntimeError(f"an actor failed to start: {error_line(err)}") from err
 
 
-def _drive(cfg: RolloutConfig, actors: list, engines: list, queue: collections.deque, record,
-           summary: RolloutSummary, bar) -> None:
+def _drive(cfg: RolloutConfig, actors: list, engines: list, engine_of: list[int], queue: collections.deque,
+           record, summary: RolloutSummary, bar) -> None:
     """Hand out tasks, collect finished episodes, re-queue the tasks of an actor call that failed.
 
     After a failure the actor gets no tasks until a `ready` probe answers: Ray refuses calls while it restarts
     the actor ("actor is restarting"), and those refusals must not count as deaths or as episode attempts.
+
+    Env actor i asks engines[engine_of[i]] (serving.pair_with_engines: one on its own node where it can).
+    Each engine is told how many episodes its env actors hold (EngineActor.expect: no batch can get more
+    prompts), so that once the queue is empty and episodes end, its batches start without waiting out the
+    batching window for prompts that will not come.
     """
     n = len(actors)
     held: list[set[str]] = [set() for _ in actors]  # sent to the actor, not yet returned finished
@@ -384,12 +409,22 @@ def _drive(cfg: RolloutConfig, actors: list, engines: list, queue: collections.d
         batch = [queue.popleft() for _ in range(min(len(queue), cfg.envs_per_actor - len(held[i])))]
         if held[i] or batch:
             held[i].update(batch)
-            engine = engines[i % len(engines)] if engines else None  # env actors spread over the engines
+            engine = engines[engine_of[i]] if engines else None
             in_flight[actors[i].advance.remote(batch, engine)] = (i, "advance")
+
+    told: list[int | None] = [None] * len(engines)
+
+    def tell_engines() -> None:
+        for e, engine in enumerate(engines):
+            count = sum(len(held[i]) for i in range(n) if engine_of[i] == e)
+            if count != told[e]:
+                engine.expect.remote(count)  # (no wait for the answer: a late word only costs one batch's wait)
+                told[e] = count
 
     while True:
         for i in range(n):
             submit(i)
+        tell_engines()
         if not in_flight and (not queue or all(abandoned)):
             break
         ready = ray.wait(list(in_flight), num_returns=1, timeout=0.25)[0] if in_flight else []

@@ -45,13 +45,18 @@ class EngineActor:
     is busy wait in a queue, and the next engine call serves all queued requests with the same settings in one
     batch (the engine itself runs in a thread, so the queue fills while it works). Before a call it waits up to
     `batch_wait_s` for `max_batch` prompts: env actors drift apart (one in its action phase while the others
-    think), and a short wait lets them meet again in one batch instead of several small ones."""
+    think), and a short wait lets them meet again in one batch instead of several small ones. The wait ends as
+    soon as the batch is full (each request wakes it), or as soon as it holds the `expect`ed prompts: the
+    episodes still in flight, which the driver knows (as the last episodes of a run finish, fewer than
+    max_batch prompts will ever come, and waiting out the window at each call would idle the engine)."""
 
     def __init__(self, make_engine: Callable[[], Any], max_batch: int = 1, batch_wait_s: float = 0.0):
         self.engine = make_engine()
         self.node_id = node_id()
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
         self.waiting: list[tuple[tuple, list[str], asyncio.Future, float]] = []
+        self.arrived: asyncio.Event | None = None  # while a batch waits for more prompts: set by each request
+        self.expected: int | None = None  # prompts in flight, as the driver last said (None: max_batch)
         self.busy = False
         self.calls = self.prompts = 0
         self.busy_s = 0.0
@@ -61,6 +66,8 @@ class EngineActor:
         future = asyncio.get_running_loop().create_future()
         key = (tuple(stop or ()), max_tokens, topk, temperature, seed)
         self.waiting.append((key, list(prompts), future, time.monotonic()))
+        if self.arrived is not None:
+            self.arrived.set()
         if not self.busy:
             self._serve_waiting()
         return await future
@@ -74,9 +81,7 @@ class EngineActor:
         try:
             while self.waiting:
                 key, deadline = self.waiting[0][0], self.waiting[0][3] + self.batch_wait_s
-                while (sum(len(w[1]) for w in self.waiting if w[0] == key) < self.max_batch
-                       and time.monotonic() < deadline):
-                    await asyncio.sleep(0.002)
+                await self._wait_for_batch(key, deadline)
                 batch = [w for w in self.waiting if w[0] == key]
                 self.waiting = [w for w in self.waiting if w[0] != key]
                 prompts = [p for _, ps, _, _ in batch for p in ps]
@@ -98,6 +103,33 @@ class EngineActor:
                     start += len(ps)
         finally:
             self.busy = False
+
+    async def _wait_for_batch(self, key: tuple, deadline: float) -> None:
+        """Until the requests with settings `key` hold batch_target() prompts, or `deadline` passes; woken by
+        each arriving request and each `expect` (no polling: the batch starts as soon as its last request is in)."""
+        while sum(len(w[1]) for w in self.waiting if w[0] == key) < self.batch_target():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self.arrived = asyncio.Event()  # (no await since the count: no request can arrive in between)
+            try:
+                await asyncio.wait_for(self.arrived.wait(), left)
+            except asyncio.TimeoutError:
+                return
+            finally:
+                self.arrived = None
+
+    def batch_target(self) -> int:
+        """How many prompts a batch waits for: max_batch, or fewer when fewer are in flight."""
+        return self.max_batch if self.expected is None else max(min(self.max_batch, self.expected), 1)
+
+    async def expect(self, prompts: int | None) -> None:
+        """The driver's word on how many prompts its env actors have in flight for this engine at most (their
+        running episodes; None: unknown, wait for max_batch). A batch waiting for more starts at once if it
+        has them."""
+        self.expected = prompts
+        if self.arrived is not None:
+            self.arrived.set()
 
     async def load_weights(self, folder: str, seed: int | None = None) -> None:
         """Swap the engine's weights for those saved in `folder` (weight sync: the engine then generates as that
@@ -163,6 +195,27 @@ def envs_per_engine(env_actors: int, engines: int, envs_per_actor: int, episodes
     """How many episodes' prompts one engine serves at once (its batch to wait for): its share of the env
     actors' envs, no more than the episodes to play."""
     return min(-(-env_actors // engines) * envs_per_actor, episodes)
+
+
+def pair_with_engines(actor_nodes: list, engine_nodes: list) -> list[int]:
+    """For each env actor (by the node it runs on), the index of the engine it asks: one on its own node where
+    there is one, as long as that keeps the engines evenly loaded (at most ceil(actors / engines) env actors
+    each); the others go to the least loaded engine. Without co-located engines it is round-robin."""
+    if not engine_nodes:
+        return [0] * len(actor_nodes)
+    cap = -(-len(actor_nodes) // len(engine_nodes))
+    load = [0] * len(engine_nodes)
+    pairs: list[int | None] = [None] * len(actor_nodes)
+    for i, node in enumerate(actor_nodes):
+        local = [e for e, where in enumerate(engine_nodes) if node is not None and where == node and load[e] < cap]
+        if local:
+            pairs[i] = min(local, key=lambda e: load[e])
+            load[pairs[i]] += 1
+    for i in range(len(actor_nodes)):
+        if pairs[i] is None:
+            pairs[i] = min(range(len(engine_nodes)), key=lambda e: load[e])
+            load[pairs[i]] += 1
+    return pairs
 
 
 def start_engines(make_engine: Callable[[], Any], count: int, gpus: float, cpus: float, *,

@@ -213,6 +213,50 @@ def test_engine_actor_merges_concurrent_requests_into_one_call(tiny_model):
     assert [g.text for g in first + rest] == [g.text for g in direct]
 
 
+def test_engine_actor_batch_waits_only_for_the_prompts_in_flight(tiny_model):
+    import asyncio
+
+    from raysad.policies.hf import HFEngine
+    from raysad.serving import EngineActor
+
+    served = EngineActor(functools.partial(HFEngine, tiny_model), max_batch=8, batch_wait_s=60.0)
+    prompts = [[5, 6, 7], [8, 9]]
+
+    async def two_callers_of_two_in_flight():
+        await served.expect(2)  # the driver: its env actors hold 2 episodes, 8 prompts will never come
+        began = time.monotonic()
+        await asyncio.gather(*(served.generate([p], max_tokens=2) for p in prompts))
+        return time.monotonic() - began
+
+    assert asyncio.run(two_callers_of_two_in_flight()) < 30  # not the 60 s window
+    assert served.stats()["calls"] == 1 and served.stats()["prompts"] == 2  # and still one batch
+    assert served.batch_target() == 2
+    asyncio.run(served.expect(None))
+    assert served.batch_target() == 8
+
+
+def test_env_actors_ask_an_engine_on_their_node_while_the_loads_stay_even():
+    from raysad.serving import pair_with_engines
+
+    assert pair_with_engines(["a", "b", "a", "b"], ["a", "b"]) == [0, 1, 0, 1]
+    assert pair_with_engines(["b", "b", "a", "a"], ["a", "b"]) == [1, 1, 0, 0]
+    assert pair_with_engines(["a", "a", "a", "b"], ["a", "b"]) == [0, 0, 1, 1]  # even loads before locality
+    assert pair_with_engines(["c", "c", "c"], ["a", "b"]) == [0, 1, 0]  # none co-located: round-robin
+    assert pair_with_engines([None, "a"], ["a"]) == [0, 0]
+    assert pair_with_engines(["a", "a"], []) == [0, 0]  # no engine (the expert): unused
+
+
+def test_last_episodes_do_not_wait_out_the_batching_window(tmp_path, tiny_model):
+    # 5 episodes, 2 env actors x 2 envs: the engine batches 4 prompts, and the 5th episode plays alone. Told
+    # that 1 episode is in flight, its calls start at once instead of waiting 30 s each for 3 more prompts.
+    cfg = config(tmp_path, env="hotpotqa", split="test", policy="hf", model=tiny_model, max_new_tokens=3,
+                 max_turns=1, episodes=5, env_actors=2, envs_per_actor=2, batch_wait_s=30.0)
+    summary = run_rollout(cfg, progress=False, track=False)
+    assert summary.episodes == 5 and summary.errors == 0
+    assert summary.wall_s < 30  # without the word: two calls of the lone episode, 30 s each
+    assert summary.engine_calls == 4 and summary.engine_prompts == 10  # (2 phases) x (a batch of 4, then 1)
+
+
 def test_cli_with_yaml_config_logs_to_mlflow(tmp_path, monkeypatch):
     import mlflow
 

@@ -124,6 +124,7 @@ def test_hf_engine_on_one_node_env_actors_on_the_other(nodes, tokenizer_dir, tmp
     assert all(turn.token_ids for t in trajs for turn in t.turns)  # the engine did generate them
     assert summary.engine_nodes == [nodes["a"]]
     assert {t.extra["node_id"] for t in trajs} == {nodes["b"]}
+    assert summary.actors_with_local_engine == 0  # none to be had: the env actor asks the engine on node a
 
 
 def test_distill_workers_go_one_per_node_holding_trainer(nodes, expert_rollout, tokenizer_dir, tmp_path):

@@ -27,10 +27,12 @@ def expert_turns(envs: list[Any]) -> list:
 
 
 def expert_episodes(env_name: str, n: int, max_turns: int = 6, prompt_chars: int | None = None,
-                    observation_chars: int | None = None, split: str = "train", id_prefix: str | None = None) -> list:
+                    observation_chars: int | None = None, split: str = "train", id_prefix: str | None = None,
+                    few_shot: int = 0) -> list:
     """n episodes of the scripted expert in this process (seeds 0..n-1) as Trajectories: small training data
     for tests and benchmarks. `prompt_chars` / `observation_chars` keep only the prompt's last / each
-    observation's first that many characters (short sequences for tiny models)."""
+    observation's first that many characters (short sequences for tiny models). `few_shot` > 0: the prompt is
+    the env's agent prompt with that many solved examples (as a ReAct agent reads it), not the bare task."""
     import raysad_envs
 
     from raysad.trajectory import Trajectory, Turn
@@ -39,6 +41,7 @@ def expert_episodes(env_name: str, n: int, max_turns: int = 6, prompt_chars: int
     episodes = []
     for i in range(n):
         obs, _ = env.reset(seed=i)
+        prompt = env.unwrapped.prompt(obs, few_shot=few_shot) if few_shot > 0 else obs
         turns, reward, info = [], 0.0, {}
         for _ in range(max_turns):
             thought, action = env.unwrapped.expert_turn()
@@ -48,6 +51,6 @@ def expert_episodes(env_name: str, n: int, max_turns: int = 6, prompt_chars: int
                 break
         episodes.append(Trajectory(
             id=f"{id_prefix or env_name}-{i}", env=env_name, task_id=str(info.get("task_id", i)), split=split,
-            instruction="", prompt=obs[-prompt_chars:] if prompt_chars else obs, turns=turns,
+            instruction="", prompt=prompt[-prompt_chars:] if prompt_chars else prompt, turns=turns,
             reward=float(reward), success=bool(info.get("success")), policy={"backend": "expert", "model": "expert"}))
     return episodes
