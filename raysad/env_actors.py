@@ -93,6 +93,22 @@ class EnvWorker:
     def ready(self) -> bool:
         return True
 
+    def use(self, cfg: RolloutConfig) -> bool:
+        """Play the next run with `cfg` (its seed, temperature, top-k ...): a caller that keeps its env actors
+        across runs (on-policy iterations) says so before each, and after Ray restarted one (a restart builds
+        it with its first run's settings). The envs stay; an episode an earlier run left unfinished is dropped."""
+        if (cfg.policy in ENV_SIDE_POLICIES) != (self.env_policy is not None):
+            raise ValueError(f"env actor built for policy {self.cfg.policy!r} cannot play with {cfg.policy!r}")
+        self.cfg = cfg
+        if self.env_policy is not None:
+            self.env_policy = make_policy(cfg.policy, seed=cfg.seed)
+        else:
+            self.budget = token_budget(self.free[0] if self.free else self.active[0].env, cfg.max_new_tokens)
+        self.free.extend(e.env for e in self.active)
+        self.active.clear()
+        self.pending.clear()
+        return True
+
     def node(self) -> str | None:
         """The Ray node this actor runs on (the driver pairs it with an engine there, if there is one)."""
         return self.node_id

@@ -154,13 +154,35 @@ class CurrentPlayer:
         return default_engine_factory(dataclasses.replace(self.cfg, model=current["model"], seed=current["seed"]))()
 
 
-def start_players(cfg: OnPolicyConfig, student: str) -> tuple[list, CurrentPlayer]:
-    """The engine actors the student plays on, started once for the whole run: each iteration swaps in its
-    player's weights (weight sync) where a fresh engine per iteration paid its start-up every time. An engine
-    without a GPU reserves no CPU: it shares the cores with training, which playing ahead overlaps it with."""
+@dataclasses.dataclass
+class Players:
+    """What the iterations play on, started once for the whole run: the env actors (their envs made once) and,
+    for hf, the engine actors with the current player's weights (vLLM: a new engine per iteration)."""
+    env_actors: list
+    engines: list | None = None
+    current: CurrentPlayer | None = None
+
+    def stop(self) -> None:
+        import ray
+
+        for actor in self.env_actors + (self.engines or []):
+            ray.kill(actor)
+
+
+def start_players(cfg: OnPolicyConfig, student: str) -> Players:
+    """The env actors and (hf) engine actors the student plays on, for the whole run: each iteration swaps in
+    its player's weights (weight sync) and its settings, where fresh actors per iteration paid their start-up
+    every time. An engine without a GPU reserves no CPU: it shares the cores with training, which playing ahead
+    overlaps it with."""
+    import ray
+
+    from raysad.rollout import start_env_actors
     from raysad.serving import envs_per_engine, placement, start_engines
 
     rcfg = play_config(cfg, 0, student, [])
+    env_actors = start_env_actors(rcfg, cfg.env_actors)
+    if cfg.engine != "hf":
+        return Players(env_actors)
     gpus, cpus, _ = placement(rcfg)
     per_engine = envs_per_engine(cfg.env_actors, cfg.engines, cfg.envs_per_actor,
                                  cfg.episodes or cfg.env_actors * cfg.envs_per_actor)
@@ -169,28 +191,24 @@ def start_players(cfg: OnPolicyConfig, student: str) -> tuple[list, CurrentPlaye
     engines = start_engines(player, cfg.engines, gpus, cpus if gpus else 0.0,
                             resources=cfg.engine_resources, max_restarts=cfg.max_restarts,
                             max_batch=per_engine, batch_wait_s=cfg.batch_wait_s)
-    import ray
-
     ray.get([e.ready.remote() for e in engines])
-    return engines, player
+    return Players(env_actors, engines, player)
 
 
-def play(cfg: OnPolicyConfig, k: int, player: str, pool: list[str], progress: bool,
-         players: tuple[list, CurrentPlayer] | None = None):
-    """Iteration k's episodes, played by `player` (resumes a partly played iteration): on the run's engine
-    actors after loading its weights (with the iteration's seed, as a fresh engine would sample), else on new
-    engines."""
+def play(cfg: OnPolicyConfig, k: int, player: str, pool: list[str], progress: bool, players: Players | None = None):
+    """Iteration k's episodes, played by `player` (resumes a partly played iteration) on the run's actors: its
+    engine actors after loading the player's weights (with the iteration's seed, as a fresh engine would
+    sample), else on new engines."""
     from raysad.rollout import run_rollout
 
     rcfg = play_config(cfg, k, player, iteration_tasks(pool, k, cfg.episodes))
-    engines = None
-    if players is not None:
+    if players is not None and players.engines is not None:
         import ray
 
-        engines, current = players
-        current.point(player, rcfg.seed)
-        ray.get([e.load_weights.remote(str(player), rcfg.seed) for e in engines])
-    return run_rollout(rcfg, engines=engines, progress=progress, track=False)
+        players.current.point(player, rcfg.seed)
+        ray.get([e.load_weights.remote(str(player), rcfg.seed) for e in players.engines])
+    return run_rollout(rcfg, engines=players.engines if players else None,
+                       env_actors=players.env_actors if players else None, progress=progress, track=False)
 
 
 def train(cfg: OnPolicyConfig, k: int, student: str, played, waited_s: float) -> dict[str, float]:
@@ -268,7 +286,7 @@ def run_onpolicy(cfg: OnPolicyConfig, track: bool = True, progress: bool = True)
                                      cfg.run_name or f"onpolicy-{cfg.method}-{cfg.env}", flatten(cfg),
                                      {"stage": "onpolicy", "method": cfg.method, "env": cfg.env})
     started_ray = init_ray(cfg.ray_address, cfg.num_cpus)
-    players = start_players(cfg, student) if cfg.engine == "hf" else None  # vLLM: a new engine per iteration
+    players = start_players(cfg, student)
     first, trained = student, []
     ahead: dict[int, Any] = {}  # iteration -> its play, started while the previous iteration trains
     pool_ahead = concurrent.futures.ThreadPoolExecutor(1) if cfg.max_staleness else None
@@ -304,11 +322,10 @@ def run_onpolicy(cfg: OnPolicyConfig, track: bool = True, progress: bool = True)
     finally:
         if pool_ahead is not None:
             pool_ahead.shutdown(wait=True, cancel_futures=True)
-        import ray
-
-        for engine in players[0] if players else []:
-            ray.kill(engine)
+        players.stop()
         if started_ray:
+            import ray
+
             ray.shutdown()
     student = trained[-1] if trained else first
     result.student = _publish(out, Path(student))

@@ -46,7 +46,8 @@ from raysad.cluster import init_ray
 from raysad.configs import RolloutConfig
 from raysad.env_actors import EnvWorker, default_env_factory, env_kwargs, error_line
 from raysad.policies.base import ENV_SIDE_POLICIES
-from raysad.serving import default_engine_factory, envs_per_engine, pair_with_engines, placement, start_engines
+from raysad.serving import (default_engine_factory, envs_per_engine, pair_with_engines, placement, start_engines,
+                            through_restarts)
 
 log = logging.getLogger(__name__)
 
@@ -190,25 +191,26 @@ def _resume_state(out: str | Path) -> tuple[set[str], set[str], set[str]]:
 
 def run_rollout(cfg: RolloutConfig, *, env_factory: Callable[[], Any] | None = None,
                 engine_factory: Callable[[], Any] | None = None, engines: list | None = None,
-                progress: bool = True, track: bool = True,
+                env_actors: list | None = None, progress: bool = True, track: bool = True,
                 _on_write: Callable[[Any], None] | None = None) -> RolloutSummary:
     """Play the tasks of `cfg` and write their trajectories to cfg.out (resuming it). `env_factory` /
     `engine_factory` (picklable, no arguments) replace the registered env / cfg.policy's engine. `engines`:
     engine actors to play with, started and stopped by the caller (on-policy distillation keeps its student's
-    across iterations and swaps their weights), instead of cfg.engines new ones."""
+    across iterations and swaps their weights), instead of cfg.engines new ones. `env_actors`: the same for the
+    env actors (start_env_actors; each is told this run's cfg), instead of cfg.env_actors new ones."""
     from raysad.locks import lock_path, output_lock
 
     # one writer per output: a second rollout on this --out would play and append the same tasks again
     with output_lock(lock_path(cfg.out), f"rollout --out {cfg.out}"):
-        return _run_tracked(cfg, env_factory, engine_factory, engines, progress, track, _on_write)
+        return _run_tracked(cfg, env_factory, engine_factory, (engines, env_actors), progress, track, _on_write)
 
 
-def _run_tracked(cfg, env_factory, engine_factory, engines, progress, track, _on_write) -> RolloutSummary:
+def _run_tracked(cfg, env_factory, engine_factory, given, progress, track, _on_write) -> RolloutSummary:
     from raysad import tracking
     from raysad.config import flatten
 
     if not track:
-        summary = _run(cfg, env_factory, engine_factory, engines, progress, _on_write)
+        summary = _run(cfg, env_factory, engine_factory, given, progress, _on_write)
         warn_turns(summary, cfg)
         return summary
     samples: list[str] = []
@@ -225,7 +227,7 @@ def _run_tracked(cfg, env_factory, engine_factory, engines, progress, track, _on
     with tracking.resumable_run(mlflow_run_path(cfg.out), cfg.experiment, tracking.absolute_uri(cfg.tracking_uri),
                                 run_name, flatten(cfg), {"stage": "rollout", "env": cfg.env, "policy": cfg.policy},
                                 reopen_finished=False):
-        summary = _run(cfg, env_factory, engine_factory, engines, progress, on_write)
+        summary = _run(cfg, env_factory, engine_factory, given, progress, on_write)
         warn_turns(summary, cfg)
         metrics = summary.metrics()
         if summary.episodes == 0:  # all done already (resume): rates of nothing would read as zeros
@@ -236,7 +238,17 @@ def _run_tracked(cfg, env_factory, engine_factory, engines, progress, track, _on
         return summary
 
 
-def _run(cfg, env_factory, engine_factory, given_engines, progress, on_write) -> RolloutSummary:
+def start_env_actors(cfg: RolloutConfig, count: int, env_factory: Callable[[], Any] | None = None) -> list:
+    """`count` env actors of cfg's env, each stepping cfg.envs_per_actor envs (Ray restarts one up to
+    cfg.max_restarts times)."""
+    _, _, actor_cpus = placement(cfg)
+    worker_cls = ray.remote(EnvWorker).options(num_cpus=actor_cpus, resources=cfg.env_actor_resources or None,
+                                               max_restarts=cfg.max_restarts)
+    make_env = env_factory or default_env_factory(cfg)
+    return [worker_cls.remote(make_env, cfg.envs_per_actor, cfg) for _ in range(count)]
+
+
+def _run(cfg, env_factory, engine_factory, given, progress, on_write) -> RolloutSummary:
     from raysad.trajectory import Trajectory
     from raysad.trajectory_writer import TrajectoryWriter
 
@@ -254,20 +266,18 @@ def _run(cfg, env_factory, engine_factory, given_engines, progress, on_write) ->
         os.replace(tmp, done_path(cfg.out))
 
     started_here = init_ray(cfg.ray_address, cfg.num_cpus)
+    given_engines, given_actors = given
     engines, actors = list(given_engines or []), []
     try:
-        engine_gpus, engine_cpus, actor_cpus = placement(cfg)
-        n_actors = min(cfg.env_actors, -(-len(todo) // cfg.envs_per_actor))
+        engine_gpus, engine_cpus, _ = placement(cfg)
+        n_actors = min(len(given_actors) if given_actors else cfg.env_actors, -(-len(todo) // cfg.envs_per_actor))
         if cfg.policy not in ENV_SIDE_POLICIES and given_engines is None:
             engines = start_engines(engine_factory or default_engine_factory(cfg), cfg.engines, engine_gpus,
                                     engine_cpus, resources=cfg.engine_resources, max_restarts=cfg.max_restarts,
                                     max_batch=envs_per_engine(n_actors, cfg.engines, cfg.envs_per_actor, len(todo)),
                                     batch_wait_s=cfg.batch_wait_s)
-        worker_cls = ray.remote(EnvWorker).options(num_cpus=actor_cpus, resources=cfg.env_actor_resources or None,
-                                                   max_restarts=cfg.max_restarts)
-        make_env = env_factory or default_env_factory(cfg)
-        actors = [worker_cls.remote(make_env, cfg.envs_per_actor, cfg) for _ in range(n_actors)]
-        _wait_ready(actors, engines, progress)
+        actors = list(given_actors[:n_actors]) if given_actors else start_env_actors(cfg, n_actors, env_factory)
+        _wait_ready(cfg, actors, engines, progress)
         earlier = ray.get([e.stats.remote() for e in engines])  # given engines: count this run's calls only
         actor_nodes = _nodes(actors)
         engine_of = pair_with_engines(actor_nodes, [s["node_id"] for s in earlier])
@@ -309,8 +319,8 @@ def _run(cfg, env_factory, engine_factory, given_engines, progress, on_write) ->
             summary.engine_busy_s += stats["busy_s"] - before["busy_s"]
             summary.engine_nodes.append(stats["node_id"])
     finally:
-        # also on Ctrl-C: free their CPUs/GPUs for whatever runs next (given engines are the caller's)
-        for actor in actors + (engines if given_engines is None else []):
+        # also on Ctrl-C: free their CPUs/GPUs for whatever runs next (given actors are the caller's)
+        for actor in (actors if given_actors is None else []) + (engines if given_engines is None else []):
             ray.kill(actor)
         for engine in given_engines or []:
             engine.expect.remote(None)  # the caller's engines as they were: no episodes of this run in flight
@@ -364,9 +374,9 @@ def _nodes(actors: list) -> list[str | None]:
     return nodes
 
 
-def _wait_ready(actors: list, engines: list, progress: bool) -> None:
-    """Wait until every actor is built (models loaded, envs made), so that a broken set-up fails here, clearly,
-    and the steps/s measured after it are the pool's."""
+def _wait_ready(cfg: RolloutConfig, actors: list, engines: list, progress: bool) -> None:
+    """Wait until every actor is built (models loaded, envs made) and the env actors hold this run's cfg, so
+    that a broken set-up fails here, clearly, and the steps/s measured after it are the pool's."""
     import contextlib
 
     from raysad import ui
@@ -375,7 +385,10 @@ def _wait_ready(actors: list, engines: list, progress: bool) -> None:
               else contextlib.nullcontext())
     with status:
         try:
-            ray.get([a.ready.remote() for a in actors + engines])
+            ray.get([e.ready.remote() for e in engines])
+            # (an actor a caller kept may be restarting: Ray refuses calls until it is back)
+            for actor in actors:
+                through_restarts(lambda: actor.use.remote(cfg), ACTOR_RESTART_TIMEOUT_S, "env actor")
         except ray.exceptions.RayError as err:
             raise RuntimeError(f"an actor failed to start: {error_line(err)}") from err
 
@@ -384,8 +397,9 @@ def _drive(cfg: RolloutConfig, actors: list, engines: list, engine_of: list[int]
            record, summary: RolloutSummary, bar) -> None:
     """Hand out tasks, collect finished episodes, re-queue the tasks of an actor call that failed.
 
-    After a failure the actor gets no tasks until a `ready` probe answers: Ray refuses calls while it restarts
-    the actor ("actor is restarting"), and those refusals must not count as deaths or as episode attempts.
+    After a failure the actor gets no tasks until a probe answers: Ray refuses calls while it restarts the
+    actor ("actor is restarting"), and those refusals must not count as deaths or as episode attempts. The
+    probe (`use`) also hands a restarted actor this run's cfg.
 
     Env actor i asks engines[engine_of[i]] (serving.pair_with_engines: one on its own node where it can).
     Each engine is told how many episodes its env actors hold (EngineActor.expect: no batch can get more
@@ -404,7 +418,7 @@ def _drive(cfg: RolloutConfig, actors: list, engines: list, engine_of: list[int]
         if abandoned[i] or time.monotonic() < retry_at[i] or any(j == i for j, _ in in_flight.values()):
             return
         if probing[i]:
-            in_flight[actors[i].ready.remote()] = (i, "probe")
+            in_flight[actors[i].use.remote(cfg)] = (i, "probe")
             return
         batch = [queue.popleft() for _ in range(min(len(queue), cfg.envs_per_actor - len(held[i])))]
         if held[i] or batch:

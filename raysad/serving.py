@@ -171,24 +171,33 @@ class RemoteEngine:
         self.restarts_waited = 0
 
     def generate(self, prompts, stop=None, max_tokens=None, topk=0, temperature=None, seed=None):
-        deadline, delay, outage = None, 0.1, False
-        while True:
-            try:
-                return ray.get(self.handle.generate.remote(prompts, stop=stop, max_tokens=max_tokens, topk=topk,
-                                                           temperature=temperature, seed=seed))
-            except ray.exceptions.ActorUnavailableError as err:  # restarting (or briefly unreachable)
-                now = time.monotonic()
-                deadline = deadline or now + self.restart_timeout_s
-                if now > deadline:
-                    raise RuntimeError(f"engine actor unavailable for over {self.restart_timeout_s:.0f} s: "
-                                       f"{str(err).splitlines()[0]}") from err
-                if not outage:
-                    outage = True
-                    self.restarts_waited += 1
-                    log.warning("engine actor unavailable (%s); waiting for it to restart",
-                                str(err).splitlines()[0][:200])
-                time.sleep(delay)
-                delay = min(2 * delay, 5.0)
+        def outage(err) -> None:
+            self.restarts_waited += 1
+            log.warning("engine actor unavailable (%s); waiting for it to restart", str(err).splitlines()[0][:200])
+
+        return through_restarts(lambda: self.handle.generate.remote(prompts, stop=stop, max_tokens=max_tokens,
+                                                                    topk=topk, temperature=temperature, seed=seed),
+                                self.restart_timeout_s, "engine actor", outage)
+
+
+def through_restarts(call: Callable[[], Any], timeout_s: float, what: str, on_outage=None):
+    """ray.get(call()), sent again while its actor restarts (ActorUnavailableError) for up to `timeout_s`: for
+    calls that are safe to repeat. `on_outage(err)` is called once, at the first refusal."""
+    deadline, delay = None, 0.1
+    while True:
+        try:
+            return ray.get(call())
+        except ray.exceptions.ActorUnavailableError as err:  # restarting (or briefly unreachable)
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + timeout_s
+                if on_outage is not None:
+                    on_outage(err)
+            if now > deadline:
+                raise RuntimeError(f"{what} unavailable for over {timeout_s:.0f} s: "
+                                   f"{str(err).splitlines()[0]}") from err
+            time.sleep(delay)
+            delay = min(2 * delay, 5.0)
 
 
 def envs_per_engine(env_actors: int, engines: int, envs_per_actor: int, episodes: int) -> int:

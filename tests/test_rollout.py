@@ -189,6 +189,39 @@ def test_hf_teacher_keeps_token_ids_and_topk(tmp_path, tiny_model):
     assert summary.engine_prompts == 2 * summary.steps  # a thought and an action prompt per step
 
 
+def test_env_actors_kept_across_runs_play_each_run_with_its_settings(tmp_path, tiny_model):
+    """On-policy iterations keep their env actors: run_rollout(env_actors=...) tells them each run's settings
+    (top-k, token budget, seed ...) and leaves them alive; a run on kept actors writes what fresh actors write,
+    also after Ray restarted one between runs (a restart builds it with its first run's settings). Greedy: a
+    sampled batch depends on which prompts share it, and that differs from run to run."""
+    from raysad.rollout import start_env_actors
+
+    def cfg_for(name: str, topk: int, max_new_tokens: int) -> RolloutConfig:
+        return config(tmp_path, env="hotpotqa", split="test", policy="hf", model=tiny_model, temperature=0.0,
+                      topk=topk, max_new_tokens=max_new_tokens, max_turns=2, episodes=4, envs_per_actor=2,
+                      max_restarts=1, out=str(tmp_path / f"{name}.jsonl"))
+
+    kept = start_env_actors(cfg_for("first", 0, 3), 2)
+    try:
+        run_rollout(cfg_for("first", 0, 3), env_actors=kept, progress=False, track=False)
+        ray.kill(kept[0], no_restart=False)  # Ray rebuilds it, with the first run's settings
+        run_rollout(cfg_for("kept", 2, 5), env_actors=kept, progress=False, track=False)
+        assert ray.get([a.ready.remote() for a in kept], timeout=60) == [True, True]  # the caller's: alive
+    finally:
+        for actor in kept:
+            ray.kill(actor)
+    run_rollout(cfg_for("fresh", 2, 5), progress=False, track=False)
+
+    def turns(name: str) -> dict:
+        return {t.task_id: [(turn.token_ids, turn.topk_ids) for turn in t.turns]
+                for t in read_trajectories(tmp_path / f"{name}.jsonl")}
+
+    assert len(turns("kept")) == 4 and turns("kept") == turns("fresh")
+    first = turns("first")  # no top-k, a smaller budget: the kept actors did not play with these
+    assert all(topk is None for played in first.values() for _, topk in played)
+    assert all(len(topk[0]) == 2 for played in turns("kept").values() for _, topk in played)
+
+
 def test_engine_actor_merges_concurrent_requests_into_one_call(tiny_model):
     import asyncio
 
