@@ -1,6 +1,6 @@
 """Distillation tokens/s and peak memory: `raysad distill` against TRL, on the same work, side by side.
 
-    python benchmarks/distill_throughput.py --scale smollm2 --seq 1024,2048     # the real-model scale (~25 min, 2 threads)
+    python benchmarks/distill_throughput.py --scale smollm2 --seq 1024,2048     # the real-model scale (~10 min, 2 threads)
     python benchmarks/distill_throughput.py                                     # tiny models, a quick look
     python benchmarks/distill_throughput.py --scale smollm2 --seq 1024 --teacher-signal topk16 \\
         --topk-trajectories runs/replicate-smollm2/hotpotqa/teacher.jsonl \\
