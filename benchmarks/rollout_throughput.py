@@ -258,8 +258,7 @@ def side_ray_pool(args, model_dir: str, root: Path, nodes: int = 0) -> dict:
     import ray
 
     from raysad.cluster import init_ray
-    from raysad.rollout import run_rollout
-    from raysad.serving import envs_per_engine, placement, start_engines
+    from raysad.rollout import run_rollout, start_rollout_engines
     from raysad.trajectory_reader import read_trajectories
 
     per_node = max(nodes, 1)
@@ -281,12 +280,8 @@ def side_ray_pool(args, model_dir: str, root: Path, nodes: int = 0) -> dict:
         init_ray(None, None)  # a fresh local Ray of this process's own (RAY_ADDRESS is cleared by the parent)
     try:
         cfg = rollout_config(args, model_dir, tasks, root / "pool.jsonl", **changes)
-        gpus, engine_cpus, _ = placement(cfg)
         n_actors = min(cfg.env_actors, -(-len(tasks) // cfg.envs_per_actor))
-        engines = start_engines(engine_factory(cfg, args.threads), cfg.engines, gpus, engine_cpus,
-                                resources=cfg.engine_resources, max_restarts=cfg.max_restarts,
-                                max_batch=envs_per_engine(n_actors, cfg.engines, cfg.envs_per_actor, len(tasks)),
-                                batch_wait_s=cfg.batch_wait_s)  # as run_rollout starts them
+        engines = start_rollout_engines(cfg, engine_factory(cfg, args.threads), n_actors, len(tasks))  # as run_rollout
         ray.get([e.ready.remote() for e in engines])
 
         def engine_counts():

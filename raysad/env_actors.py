@@ -93,10 +93,12 @@ class EnvWorker:
     def ready(self) -> bool:
         return True
 
-    def use(self, cfg: RolloutConfig) -> bool:
-        """Play the next run with `cfg` (its seed, temperature, top-k ...): a caller that keeps its env actors
-        across runs (on-policy iterations) says so before each, and after Ray restarted one (a restart builds
-        it with its first run's settings). The envs stay; an episode an earlier run left unfinished is dropped."""
+    def use(self, cfg: RolloutConfig) -> str | None:
+        """Play the next run with `cfg` (its seed, temperature, top-k ...): every run says so before it starts
+        (a caller may keep its env actors across runs: on-policy iterations), and after Ray restarted one (a
+        restart builds it with its first run's settings). The envs stay; an episode an earlier run left
+        unfinished is dropped. Returns the Ray node this actor runs on (the driver pairs it with an engine
+        there, if there is one)."""
         if (cfg.policy in ENV_SIDE_POLICIES) != (self.env_policy is not None):
             raise ValueError(f"env actor built for policy {self.cfg.policy!r} cannot play with {cfg.policy!r}")
         self.cfg = cfg
@@ -107,10 +109,6 @@ class EnvWorker:
         self.free.extend(e.env for e in self.active)
         self.active.clear()
         self.pending.clear()
-        return True
-
-    def node(self) -> str | None:
-        """The Ray node this actor runs on (the driver pairs it with an engine there, if there is one)."""
         return self.node_id
 
     def advance(self, task_ids: list[str], engine=None) -> dict:

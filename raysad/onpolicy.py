@@ -176,21 +176,16 @@ def start_players(cfg: OnPolicyConfig, student: str) -> Players:
     overlaps it with."""
     import ray
 
-    from raysad.rollout import start_env_actors
-    from raysad.serving import envs_per_engine, placement, start_engines
+    from raysad.rollout import start_env_actors, start_rollout_engines
 
     rcfg = play_config(cfg, 0, student, [])
     env_actors = start_env_actors(rcfg, cfg.env_actors)
     if cfg.engine != "hf":
         return Players(env_actors)
-    gpus, cpus, _ = placement(rcfg)
-    per_engine = envs_per_engine(cfg.env_actors, cfg.engines, cfg.envs_per_actor,
-                                 cfg.episodes or cfg.env_actors * cfg.envs_per_actor)
     player = CurrentPlayer(rcfg, Path(cfg.out) / PLAYER_FILE)
     player.point(student, rcfg.seed)
-    engines = start_engines(player, cfg.engines, gpus, cpus if gpus else 0.0,
-                            resources=cfg.engine_resources, max_restarts=cfg.max_restarts,
-                            max_batch=per_engine, batch_wait_s=cfg.batch_wait_s)
+    engines = start_rollout_engines(rcfg, player, cfg.env_actors, cfg.episodes or cfg.env_actors * cfg.envs_per_actor,
+                                    reserve_cpus=False)
     ray.get([e.ready.remote() for e in engines])
     return Players(env_actors, engines, player)
 

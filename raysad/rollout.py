@@ -248,6 +248,18 @@ def start_env_actors(cfg: RolloutConfig, count: int, env_factory: Callable[[], A
     return [worker_cls.remote(make_env, cfg.envs_per_actor, cfg) for _ in range(count)]
 
 
+def start_rollout_engines(cfg: RolloutConfig, make_engine: Callable[[], Any], env_actors: int, episodes: int,
+                          reserve_cpus: bool = True) -> list:
+    """cfg.engines engine actors placed as placement(cfg) says, each batching the prompts of its share of
+    `env_actors` env actors (serving.envs_per_engine) for a run of `episodes`. reserve_cpus=False: an engine
+    without a GPU reserves no CPU (on-policy play shares the cores with training)."""
+    gpus, cpus, _ = placement(cfg)
+    return start_engines(make_engine, cfg.engines, gpus, cpus if reserve_cpus or gpus else 0.0,
+                         resources=cfg.engine_resources, max_restarts=cfg.max_restarts,
+                         max_batch=envs_per_engine(env_actors, cfg.engines, cfg.envs_per_actor, episodes),
+                         batch_wait_s=cfg.batch_wait_s)
+
+
 def _run(cfg, env_factory, engine_factory, given, progress, on_write) -> RolloutSummary:
     from raysad.trajectory import Trajectory
     from raysad.trajectory_writer import TrajectoryWriter
@@ -269,17 +281,12 @@ def _run(cfg, env_factory, engine_factory, given, progress, on_write) -> Rollout
     given_engines, given_actors = given
     engines, actors = list(given_engines or []), []
     try:
-        engine_gpus, engine_cpus, _ = placement(cfg)
         n_actors = min(len(given_actors) if given_actors else cfg.env_actors, -(-len(todo) // cfg.envs_per_actor))
         if cfg.policy not in ENV_SIDE_POLICIES and given_engines is None:
-            engines = start_engines(engine_factory or default_engine_factory(cfg), cfg.engines, engine_gpus,
-                                    engine_cpus, resources=cfg.engine_resources, max_restarts=cfg.max_restarts,
-                                    max_batch=envs_per_engine(n_actors, cfg.engines, cfg.envs_per_actor, len(todo)),
-                                    batch_wait_s=cfg.batch_wait_s)
+            engines = start_rollout_engines(cfg, engine_factory or default_engine_factory(cfg), n_actors, len(todo))
         actors = list(given_actors[:n_actors]) if given_actors else start_env_actors(cfg, n_actors, env_factory)
-        _wait_ready(cfg, actors, engines, progress)
+        actor_nodes = _wait_ready(cfg, actors, engines, progress)
         earlier = ray.get([e.stats.remote() for e in engines])  # given engines: count this run's calls only
-        actor_nodes = _nodes(actors)
         engine_of = pair_with_engines(actor_nodes, [s["node_id"] for s in earlier])
         summary.actors_with_local_engine = sum(bool(engines) and actor_nodes[i] == earlier[e]["node_id"]
                                                for i, e in enumerate(engine_of))
@@ -362,21 +369,10 @@ def warn_turns(summary: RolloutSummary, cfg) -> None:
                     summary.turns_reencoded, n)
 
 
-def _nodes(actors: list) -> list[str | None]:
-    """The node of each env actor (None for one that does not answer: it is paired with an engine anyway, and
-    _drive deals with its failure)."""
-    refs, nodes = [a.node.remote() for a in actors], []
-    for ref in refs:
-        try:
-            nodes.append(ray.get(ref))
-        except ray.exceptions.RayError:
-            nodes.append(None)
-    return nodes
-
-
-def _wait_ready(cfg: RolloutConfig, actors: list, engines: list, progress: bool) -> None:
+def _wait_ready(cfg: RolloutConfig, actors: list, engines: list, progress: bool) -> list[str | None]:
     """Wait until every actor is built (models loaded, envs made) and the env actors hold this run's cfg, so
-    that a broken set-up fails here, clearly, and the steps/s measured after it are the pool's."""
+    that a broken set-up fails here, clearly, and the steps/s measured after it are the pool's. Returns the
+    node of each env actor."""
     import contextlib
 
     from raysad import ui
@@ -387,8 +383,8 @@ def _wait_ready(cfg: RolloutConfig, actors: list, engines: list, progress: bool)
         try:
             ray.get([e.ready.remote() for e in engines])
             # (an actor a caller kept may be restarting: Ray refuses calls until it is back)
-            for actor in actors:
-                through_restarts(lambda: actor.use.remote(cfg), ACTOR_RESTART_TIMEOUT_S, "env actor")
+            return [through_restarts(lambda: actor.use.remote(cfg), ACTOR_RESTART_TIMEOUT_S, "env actor")
+                    for actor in actors]
         except ray.exceptions.RayError as err:
             raise RuntimeError(f"an actor failed to start: {error_line(err)}") from err
 
