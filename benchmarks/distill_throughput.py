@@ -120,6 +120,8 @@ def select_examples(root: Path, source: Path, seq: int, args, tokenizer) -> None
     with TrajectoryWriter(root / f"trajs-{seq}.jsonl") as out:
         for trajectory in kept[:need]:
             out.write(trajectory)
+    print(f"  T={seq}: the first {need} of the {len(kept)} trajectories of {0.5 * seq:.0f}-{seq} tokens in {source} "
+          f"({len(trajectories)} in all)", flush=True)
 
 
 def encoded_lengths(trajectories, tokenizer, root: Path) -> list[int]:
