@@ -225,6 +225,21 @@ class RolloutConfig(Tasks, Policy, Play, Tracking, RayCluster):
     """`raysad rollout`: a teacher (or the scripted expert) plays episodes and writes trajectories."""
     out: str = setting("trajectories.jsonl", "Output .jsonl or .parquet; rerunning resumes it.")
     only_success: bool = setting(False, "Write successful episodes only.", flag="--only-success/--keep-failures")
+    # YAML only (on-policy curricula set them per iteration): a second model, the guide, plays some turns; its
+    # turns are marked (turn extra "guide") and are context in training, no loss
+    guide: str | None = setting(None)        # its HF folder (the same tokenizer as --model)
+    guide_turns: int = setting(0)            # the guide plays each episode's first N turns
+    guide_share: float = setting(0.0)        # and each later turn with this probability (seeded per task, turn)
+    turn_limit: int | None = setting(None)   # end episodes after N turns (truncated), below the env's max_turns
+
+    def check(self) -> None:
+        check_range("guide_turns", self.guide_turns, 0, 10_000)
+        check_range("guide_share", self.guide_share, 0, 1)
+        check_range("turn_limit", self.turn_limit, 1, 10_000, optional=True)
+        if (self.guide_turns or self.guide_share) and not self.guide:
+            raise ValueError("fields 'guide_turns' / 'guide_share' need 'guide' (the model that plays those turns)")
+        if self.guide and self.policy in ENV_SIDE_POLICIES:
+            raise ValueError(f"field 'guide': --policy {self.policy} plays without a model; a guide needs hf or vllm")
 
 
 @dataclass(kw_only=True)
@@ -343,6 +358,21 @@ class OnPolicyConfig(Distillation, Training, Tasks, Play, Optimizer, Tracking, R
         Optimizer, "schedule", "constant", "cosine, linear or constant decay within each iteration (warm-up in "
                                            "the first only).")
     workers: int = default_of(Training, "workers", 0)
+    teacher_topk: int = setting(0, "0: the teacher scores online inside training (its full distribution, on every "
+                                   "Train worker); K: the teacher's engine actors score the student's tokens "
+                                   "first, their top-K rows are stored in the iteration's trajectories and "
+                                   "training reads them (no teacher in the Train workers).")
+    depth_curriculum: Literal["off", "b2f", "f2b"] = setting(
+        "off", "TCOD's curriculum over trajectory depth, reaching full depth linearly over --curriculum-iterations: "
+               "b2f (the teacher plays each episode's first turns, the student the rest; the teacher's part shrinks "
+               "to none) or f2b (the student plays the first turns only, episodes end there; the depth grows to "
+               "--max-turns). The teacher's turns are context, no loss.")
+    teacher_takeover: float = setting(0.0, "Share of the student's turns that the teacher plays instead at the first "
+                                           "iteration, decaying linearly to 0 over --curriculum-iterations (guided "
+                                           "on-policy); the teacher's turns are context, no loss.")
+    curriculum_iterations: int | None = setting(None, "Iterations over which the depth curriculum reaches full "
+                                                      "depth and the take-over share decays to 0.",
+                                                shown="--iterations")
 
     def check(self) -> None:
         if self.method == "sft":
@@ -354,6 +384,12 @@ class OnPolicyConfig(Distillation, Training, Tasks, Play, Optimizer, Tracking, R
         check_range("max_staleness", self.max_staleness, 0, 1, why="0 = synchronous, 1 = play ahead")
         check_range("sample_temperature", self.sample_temperature, 0, why="0 = greedy")
         check_range("teacher_share", self.teacher_share, 0, 1, high_inclusive=False)
+        check_range("teacher_takeover", self.teacher_takeover, 0, 1)
+        check_range("teacher_topk", self.teacher_topk, 0, 1_000, why="0 = the teacher online in training")
+        if self.teacher_topk and self.method == "flat_kd":
+            raise ValueError("field 'teacher_topk': flat_kd distils observation tokens too, which the teacher's "
+                             "engines do not score; use the online teacher (teacher_topk 0)")
+        check_range("curriculum_iterations", self.curriculum_iterations, 1, 100_000, optional=True)
 
 
 @dataclass(kw_only=True)

@@ -134,9 +134,10 @@ def _encode_pieces(pieces, turns: list[Turn], tokenizer, add_special_tokens: boo
     segment (a turn's lead + thought + reason_end, or lead + action + act_end) as the ids the model generated
     (turn.token_ids, split at num_thought_tokens) or, for a turn without them, its text tokenised on its own.
 
-    Returns (ids, kinds, rows, turn_starts): kinds 0 no loss, 1 reason, 2 act per token; rows (position, topk
-    ids, topk logprobs) for generated tokens with a stored top-k; turn_starts the position where each turn's
-    first piece starts.
+    Returns (ids, kinds, rows, turn_starts, generated): kinds 0 no loss (also a turn the guide played: extra
+    "guide"), 1 reason, 2 act per token; rows (position, topk ids, topk logprobs) for generated tokens with a
+    stored top-k; turn_starts the position where each turn's first piece starts; generated {turn index: the
+    positions of its token_ids, in order}.
     """
     segments: list[list[Any]] = []  # [kind, text or None, ids or None, topk or None, turn index]
     lead = ""
@@ -170,17 +171,22 @@ def _encode_pieces(pieces, turns: list[Turn], tokenizer, add_special_tokens: boo
     kinds = [0] * len(before)
     rows: list[tuple[int, list[int], list[float]]] = []
     turn_starts: list[int] = []
-    for kind, _, seg_ids, topk, n in segments:
+    generated: dict[int, list[int]] = {}
+    for kind, text, seg_ids, topk, n in segments:
         if n >= len(turn_starts):
             turn_starts.append(len(ids))
+        if text is None:  # the ids the model generated (turn.token_ids)
+            generated.setdefault(n, []).extend(range(len(ids), len(ids) + len(seg_ids)))
         code = 1 if kind == "reason" else 2 if kind == "act" else 0
+        if code and turns[n].extra.get("guide"):
+            code = 0  # a turn another model (the guide) played: context for the student, like an observation
         if topk is not None:
             rows.extend((len(ids) + j, tid, tlp) for j, (tid, tlp) in enumerate(zip(*topk)))
         ids.extend(seg_ids)
         kinds.extend([code] * len(seg_ids))
     ids.extend(after)
     kinds.extend([0] * len(after))
-    return ids, kinds, rows, turn_starts
+    return ids, kinds, rows, turn_starts, generated
 
 
 def chat_prompt(tokenizer, prompt: str) -> str:
@@ -213,9 +219,21 @@ def encode_context(prompt: str, turns: list[Turn], role: str, tokenizer, fmt: st
     if not turns:
         raise ValueError("encode_context: `turns` must end with the turn being written")
     pieces = text_pieces(prompt, turns, fmt, until=role)
-    ids, _, _, _ = _encode_pieces(pieces, turns, tokenizer, add_special_tokens, "context")
+    ids = _encode_pieces(pieces, turns, tokenizer, add_special_tokens, "context")[0]
     _, after = _special_ids(tokenizer) if add_special_tokens else ([], [])
     return ids[:len(ids) - len(after)] if after else ids
+
+
+def generated_positions(traj: Trajectory, tokenizer, fmt: str | Path | AgentFormat | None = None,
+                        add_special_tokens: bool = True) -> tuple[list[int], dict[int, list[int]]]:
+    """The trajectory's ids as encode_trajectory lays them out (before any cut to a length), and for each turn with
+    token_ids the positions of those ids: where a scorer reads the distribution each generated token was drawn
+    from (the logits one position earlier)."""
+    _require_fast(tokenizer)
+    pieces = text_pieces(traj.prompt, traj.turns, resolve_format(fmt, traj))
+    ids, _, _, _, generated = _encode_pieces(pieces, traj.turns, tokenizer, add_special_tokens,
+                                             f"trajectory {traj.id!r}")
+    return ids, generated
 
 
 def encode_trajectory(traj: Trajectory, tokenizer, fmt: str | Path | AgentFormat | None = None,
@@ -251,7 +269,7 @@ def encode_trajectory(traj: Trajectory, tokenizer, fmt: str | Path | AgentFormat
 
     where = f"trajectory {traj.id!r}"
     pieces = text_pieces(traj.prompt, traj.turns, fmt)
-    ids, kinds, rows, turn_starts = _encode_pieces(pieces, traj.turns, tokenizer, add_special_tokens, where)
+    ids, kinds, rows, turn_starts, _ = _encode_pieces(pieces, traj.turns, tokenizer, add_special_tokens, where)
     ids_arr = np.asarray(ids, dtype=np.int64)
     outside = (ids_arr < 0) | (ids_arr >= len(tokenizer))
     if outside.any():

@@ -12,6 +12,7 @@ the actor's episodes (raysad.rollout). No Ray placement here: the driver creates
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -77,7 +78,7 @@ class EnvWorker:
         self.free = [make_env() for _ in range(n_envs)]
         self.active: list[_Episode] = []
         self.pending: collections.deque[str] = collections.deque()
-        self.engine = None
+        self.engine = self.guide = None
         self.return_after_s = return_after_s
         self.env_policy = make_policy(cfg.policy, seed=cfg.seed) if cfg.policy in ENV_SIDE_POLICIES else None
         self.fmt = get_format(self.free[0].unwrapped.agent_format)
@@ -111,15 +112,19 @@ class EnvWorker:
         self.pending.clear()
         return self.node_id
 
-    def advance(self, task_ids: list[str], engine=None) -> dict:
+    def advance(self, task_ids: list[str], engine=None, guide=None) -> dict:
         """Queue `task_ids`, then step all running episodes until one finishes, or `return_after_s` passes, or
         none is left. Returns {"finished": [Trajectory], "steps": n, "tokens": n, "engine_waits": n} (engine_waits:
         engine actor restarts this call waited out). `engine`: the engine actor
         to ask (None: the expert). It comes with every call rather than at construction: Ray cannot promise
         restarts of an actor created with an actor handle argument (ray-project/ray#53727). A local engine
         (not an actor handle) is called directly: the same stepping in one process, without Ray
-        (benchmarks/rollout_throughput.py measures the pool against it)."""
+        (benchmarks/rollout_throughput.py measures the pool against it). `guide`: the engine (actor) of the model
+        that plays the turns cfg.guide_turns / cfg.guide_share give it (on-policy curricula: the teacher)."""
         self.engine = RemoteEngine(engine) if isinstance(engine, ray.actor.ActorHandle) else engine
+        self.guide = RemoteEngine(guide) if isinstance(guide, ray.actor.ActorHandle) else guide
+        if self.guide is None and (self.cfg.guide_turns or self.cfg.guide_share):
+            raise ValueError("guide_turns / guide_share need a guide engine (the driver starts one for cfg.guide)")
         self.pending.extend(task_ids)
         finished, steps, tokens = [], 0, 0
         start = time.monotonic()
@@ -133,7 +138,7 @@ class EnvWorker:
                         finished.append(self._finish(episode))
                 if not self.active or finished or time.monotonic() - start > self.return_after_s:
                     return {"finished": finished, "steps": steps, "tokens": tokens,
-                            "engine_waits": getattr(self.engine, "restarts_waited", 0)}
+                            "engine_waits": sum(getattr(e, "restarts_waited", 0) for e in (self.engine, self.guide))}
                 done, step_tokens = self._step_all()
                 steps += len(self.active) + len(done)
                 tokens += step_tokens
@@ -170,28 +175,20 @@ class EnvWorker:
                     e.error = f"{self.cfg.policy}: {type(err).__name__}: {err}"
                     turns.append(None)
         else:
-            from raysad.policies.base import next_turns
-
-            cfg = self.cfg
-
-            def generate(episodes):
-                return next_turns(self.engine, self.tokenizer, self.fmt, [e.prompt for e in episodes],
-                                  [e.turns for e in episodes], topk=cfg.topk, max_thought_tokens=self.budget[0],
-                                  max_action_tokens=self.budget[1], temperature=cfg.temperature)
-            try:
-                turns = generate(self.active)
-            except ray.exceptions.RayActorError:
-                raise  # the engine actor died: the driver re-queues this actor's episodes
-            except Exception:  # noqa: BLE001 -- one bad context (e.g. too long) must not end the whole batch
-                turns = []
-                for e in self.active:
-                    try:
-                        turns += generate([e])
-                    except ray.exceptions.RayActorError:
-                        raise
-                    except Exception as err:  # noqa: BLE001
-                        e.error = f"generate: {error_line(err)}"
-                        turns.append(None)
+            guided = [self.guide is not None and self._guide_plays(e) for e in self.active]
+            if not any(guided):
+                turns = self._generate(self.engine, self.active)
+            else:  # the two models' batches at once: each engine batches them with other env actors' prompts
+                own = [e for e, g in zip(self.active, guided) if not g]
+                theirs = [e for e, g in zip(self.active, guided) if g]
+                with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                    own_turns = pool.submit(self._generate, self.engine, own)
+                    guide_turns = pool.submit(self._generate, self.guide, theirs)
+                    mine, guides = iter(own_turns.result()), iter(guide_turns.result())
+                turns = [next(guides) if g else next(mine) for g in guided]
+                for turn, g in zip(turns, guided):
+                    if g and turn is not None:
+                        turn.extra["guide"] = True  # context for the student: no loss (encoding)
         tokens, done, still = 0, [], []
         for e, turn in zip(self.active, turns):
             if turn is not None:
@@ -202,6 +199,8 @@ class EnvWorker:
                     turn.extra["invalid_action"] = bool(info.get("invalid_action", False))
                     e.turns.append(turn)
                     e.reward += reward
+                    # a run's turn limit below the env's own (on-policy depth curriculum): end it as the env would
+                    truncated = truncated or bool(self.cfg.turn_limit and len(e.turns) >= self.cfg.turn_limit)
                     e.info, e.truncated = info, truncated and not terminated
                     if not (terminated or truncated):
                         still.append(e)
@@ -212,6 +211,44 @@ class EnvWorker:
             done.append(e)
         self.active = still
         return done, tokens
+
+    def _guide_plays(self, e: _Episode) -> bool:
+        """Whether the guide plays the episode's next turn: one of its first cfg.guide_turns, or a draw (fixed by
+        the run's seed, the task and the turn: a replayed episode draws the same) below cfg.guide_share."""
+        n = len(e.turns)
+        if n < self.cfg.guide_turns:
+            return True
+        return bool(self.cfg.guide_share) and (
+            int(stable_hash(self.cfg.seed, e.task_id, n, "guide"), 16) / 16**12 < self.cfg.guide_share)
+
+    def _generate(self, engine, episodes: list[_Episode]) -> list:
+        """The next turn of each episode from `engine`; an episode whose context it fails on gets None (and its
+        error), the others their turn."""
+        from raysad.policies.base import next_turns
+
+        cfg = self.cfg
+
+        def generate(some):
+            return next_turns(engine, self.tokenizer, self.fmt, [e.prompt for e in some], [e.turns for e in some],
+                              topk=cfg.topk, max_thought_tokens=self.budget[0], max_action_tokens=self.budget[1],
+                              temperature=cfg.temperature)
+        if not episodes:
+            return []
+        try:
+            return generate(episodes)
+        except ray.exceptions.RayActorError:
+            raise  # the engine actor died: the driver re-queues this actor's episodes
+        except Exception:  # noqa: BLE001 -- one bad context (e.g. too long) must not end the whole batch
+            turns = []
+            for e in episodes:
+                try:
+                    turns += generate([e])
+                except ray.exceptions.RayActorError:
+                    raise
+                except Exception as err:  # noqa: BLE001
+                    e.error = f"generate: {error_line(err)}"
+                    turns.append(None)
+            return turns
 
     def _finish(self, e: _Episode):
         from raysad.trajectory import Trajectory

@@ -24,13 +24,20 @@ Iteration k (folder <out>/iter_<k>):
   thread, same Ray cluster) while iteration k trains, by the weights of iteration k-1 (`player_of`; staleness
   logged per iteration). Each iteration starts a fresh AdamW (its learning rate warms up in the first only).
 
+Curricula (`curriculum`, linear over `curriculum_iterations`): TCOD's depth curriculum, b2f (the teacher plays
+each episode's first turns, the student the rest, the teacher's part shrinking to none) or f2b (the student
+plays the first turns and the episode ends there, the depth growing to the horizon); and a teacher take-over
+share (each student turn is the teacher's with a probability that decays to 0). The teacher plays through its
+own engine actors (the rollout's guide); its turns are context in training (no loss).
+
 Resume: each iteration's rollout and distillation resume on their own (raysad.rollout, raysad.distill), and a
 finished iteration leaves iter_<k>/done.json; a rerun of the same command continues from the first unfinished
 iteration, in the same MLflow run. Settings that change what is computed are recorded in
 <out>/onpolicy.settings.json; a rerun with others is refused (`iterations` may grow).
 
-MLflow: one run (stage onpolicy) with per-iteration metrics `onpolicy/*`: the student's train success rate,
-the per-segment divergence of the iteration's last step (reason / act), tokens trained, staleness, and the time
+MLflow: one run (stage onpolicy) with per-iteration metrics `onpolicy/*`: the student's train success rate
+(with a curriculum, of episodes the teacher partly played), the student's and the teacher's turns, the
+per-segment divergence of the iteration's last step (reason / act), tokens trained, staleness, and the time
 split (play, score + train: with an online teacher the scoring is the teacher's forward inside each step).
 """
 from __future__ import annotations
@@ -80,23 +87,119 @@ def iteration_tasks(pool: list[str], k: int, episodes: int) -> list[str]:
     return [pool[(start + i) % len(pool)] for i in range(min(episodes, len(pool)))]
 
 
-def play_config(cfg: OnPolicyConfig, k: int, student: str, task_ids: list[str]) -> RolloutConfig:
-    """Iteration k's rollout: the student samples on the iteration's tasks, with its own seed."""
+def teacher_plays(cfg: OnPolicyConfig) -> bool:
+    """Whether the teacher plays turns (b2f depth curriculum, take-over): it then has engine actors too."""
+    return cfg.depth_curriculum == "b2f" or cfg.teacher_takeover > 0
+
+
+def curriculum(cfg: OnPolicyConfig, k: int, horizon: int) -> dict[str, Any]:
+    """Iteration k's share of the play between teacher and student, as rollout settings.
+
+    Over C = curriculum_iterations (default: all) iterations the depth the student is exposed to grows
+    linearly, ceil(horizon·(k+1)/C) turns of the episode's `horizon` (its max turns), full from iteration C on
+    (TCOD): b2f, the teacher plays the first horizon − depth turns and the student the rest; f2b, the student
+    plays the first `depth` turns and the episode ends there. Take-over: each of the student's turns is the
+    teacher's with probability teacher_takeover·(1 − k/C), 0 from iteration C on."""
+    c = cfg.curriculum_iterations or cfg.iterations
+    depth = min(horizon, -(-horizon * (k + 1) // c))
+    return {"guide": cfg.teacher if teacher_plays(cfg) else None,
+            "guide_turns": horizon - depth if cfg.depth_curriculum == "b2f" else 0,
+            "turn_limit": depth if cfg.depth_curriculum == "f2b" and depth < horizon else None,
+            "guide_share": cfg.teacher_takeover * max(0.0, 1 - k / c)}
+
+
+def play_config(cfg: OnPolicyConfig, k: int, student: str, task_ids: list[str],
+                horizon: int | None = None) -> RolloutConfig:
+    """Iteration k's rollout: the student samples on the iteration's tasks, with its own seed; with a curriculum
+    (horizon: the episodes' max turns) the teacher plays its share."""
     settings = values_of(cfg, Play, RayCluster)
     settings.update(env=cfg.env, split=cfg.split, data=cfg.data, num_tasks=cfg.num_tasks, max_turns=cfg.max_turns,
                     task_ids=task_ids, policy=cfg.engine, model=student, temperature=cfg.sample_temperature, topk=0,
                     seed=cfg.seed * 1_000 + k, out=str(iteration_dir(cfg.out, k) / "trajectories.jsonl"))
+    if horizon is not None:
+        settings.update(curriculum(cfg, k, horizon))
+    elif teacher_plays(cfg):
+        settings["guide"] = cfg.teacher
     return RolloutConfig(**settings)
 
 
+def horizon_of(cfg: OnPolicyConfig) -> int:
+    """The episodes' max turns: --max-turns, else the env's own (one env built to ask)."""
+    if cfg.max_turns:
+        return cfg.max_turns
+    from raysad.env_actors import default_env_factory
+
+    return int(default_env_factory(play_config(cfg, 0, cfg.teacher, []))().unwrapped.max_steps)
+
+
 def train_config(cfg: OnPolicyConfig, k: int, student: str, data: Path) -> DistillConfig:
-    """Iteration k's distillation: the student on its own trajectories, the teacher online."""
+    """Iteration k's distillation: the student on its own trajectories, the teacher online (or, teacher_topk,
+    its stored top-k rows)."""
     settings = values_of(cfg, Distillation, Training, Optimizer, RayCluster)
+    if cfg.teacher_topk:
+        settings["teacher"] = None
     steps = max(cfg.max_steps, 1)
     settings.update(trajectories=str(data), student=student, out=str(iteration_dir(cfg.out, k) / "student"),
                     warmup_steps=cfg.warmup_steps if k == 0 else 0, seed=cfg.seed * 1_000 + k,
                     checkpoint_every=steps, log_every=steps, stage="onpolicy")
     return DistillConfig(**settings)
+
+
+SCORE_BATCH = 8  # trajectories per scoring request
+
+
+def score(cfg: OnPolicyConfig, played: Path, engines: list) -> Path:
+    """The played trajectories with the teacher's top-k rows (cfg.teacher_topk) on every token a model generated,
+    from the teacher's engine actors over exactly the ids training will read (encoding.generated_positions):
+    <iteration>/scored.jsonl, written once (a rerun finds it)."""
+    from raysad import models
+    from raysad.agent_formats import trajectory_format
+    from raysad.encoding import generated_positions
+    from raysad.serving import RemoteEngine
+    from raysad.trajectory_reader import read_trajectories
+    from raysad.trajectory_writer import TrajectoryWriter
+
+    out, tmp = played.with_name("scored.jsonl"), played.with_name("scored.tmp.jsonl")
+    if out.is_file():
+        return out
+    tokenizer = models.load_tokenizer(cfg.teacher)
+    remotes = [RemoteEngine(e) for e in engines]
+
+    def score_batch(batch: list) -> None:
+        requests = []  # (trajectory, first generated position, positions per turn)
+        for traj in batch:
+            ids, generated = generated_positions(traj, tokenizer, trajectory_format(traj))
+            if generated:
+                first = min(p[0] for p in generated.values() if p)
+                last = max(p[-1] for p in generated.values() if p)
+                requests.append((traj, ids[:first], ids[first:last + 1], first, generated))
+        shares = [requests[i::len(remotes)] for i in range(len(remotes))]
+        with concurrent.futures.ThreadPoolExecutor(len(remotes)) as pool:
+            answers = pool.map(lambda pair: pair[0].score([r[1] for r in pair[1]], [r[2] for r in pair[1]],
+                                                          cfg.teacher_topk) if pair[1] else [],
+                               zip(remotes, shares))
+            for share, rows in zip(shares, answers):
+                for (traj, _, _, first, generated), (topk_ids, topk_logprobs) in zip(share, rows):
+                    for n, positions in generated.items():
+                        turn = traj.turns[n]
+                        turn.topk_ids = [topk_ids[p - first] for p in positions]
+                        turn.topk_logprobs = [topk_logprobs[p - first] for p in positions]
+
+    with read_trajectories(played) as reader, TrajectoryWriter(tmp) as writer:
+        batch: list = []
+        for traj in reader:
+            batch.append(traj)
+            if len(batch) == SCORE_BATCH:
+                score_batch(batch)
+                for t in batch:
+                    writer.write(t)
+                batch = []
+        if batch:
+            score_batch(batch)
+            for t in batch:
+                writer.write(t)
+    tmp.replace(out)
+    return out
 
 
 def mix_in_teacher(cfg: OnPolicyConfig, k: int, played: Path) -> tuple[Path, int]:
@@ -127,12 +230,21 @@ def mix_in_teacher(cfg: OnPolicyConfig, k: int, played: Path) -> tuple[Path, int
     return path, len(picked)
 
 
-def success_rate(path: Path) -> float:
+def play_counts(path: Path) -> dict[str, float]:
+    """What the iteration's episodes hold: success rate, the student's and the teacher's turns, and episodes in
+    which the student played no turn (nothing to learn from: b2f's teacher finished within its part)."""
     from raysad.trajectory_reader import read_trajectories
 
+    episodes = successes = student = teacher = idle = 0
     with read_trajectories(path) as reader:
-        outcomes = [t.success for t in reader]
-    return sum(outcomes) / len(outcomes) if outcomes else 0.0
+        for t in reader:
+            guided = sum(bool(turn.extra.get("guide")) for turn in t.turns)
+            episodes, successes = episodes + 1, successes + bool(t.success)
+            student, teacher = student + len(t.turns) - guided, teacher + guided
+            idle += guided == len(t.turns)
+    return {"onpolicy/train_success_rate": successes / episodes if episodes else 0.0,
+            "onpolicy/student_turns": student, "onpolicy/teacher_turns": teacher,
+            "onpolicy/episodes_without_student_turns": idle}
 
 
 class CurrentPlayer:
@@ -157,16 +269,22 @@ class CurrentPlayer:
 @dataclasses.dataclass
 class Players:
     """What the iterations play on, started once for the whole run: the env actors (their envs made once) and,
-    for hf, the engine actors with the current player's weights (vLLM: a new engine per iteration)."""
+    for hf, the engine actors with the current player's weights and, when the teacher plays turns or scores
+    them (teacher_topk), the teacher's (vLLM: new engines per iteration)."""
     env_actors: list
     engines: list | None = None
     current: CurrentPlayer | None = None
+    teacher_engines: list | None = None
 
     def stop(self) -> None:
-        import ray
+        _kill(self.env_actors + (self.engines or []) + (self.teacher_engines or []))
 
-        for actor in self.env_actors + (self.engines or []):
-            ray.kill(actor)
+
+def _kill(actors: list) -> None:
+    import ray
+
+    for actor in actors:
+        ray.kill(actor)
 
 
 def start_players(cfg: OnPolicyConfig, student: str) -> Players:
@@ -176,7 +294,7 @@ def start_players(cfg: OnPolicyConfig, student: str) -> Players:
     overlaps it with."""
     import ray
 
-    from raysad.rollout import start_env_actors, start_rollout_engines
+    from raysad.rollout import start_env_actors, start_guides, start_rollout_engines
 
     rcfg = play_config(cfg, 0, student, [])
     env_actors = start_env_actors(rcfg, cfg.env_actors)
@@ -184,52 +302,92 @@ def start_players(cfg: OnPolicyConfig, student: str) -> Players:
         return Players(env_actors)
     player = CurrentPlayer(rcfg, Path(cfg.out) / PLAYER_FILE)
     player.point(student, rcfg.seed)
-    engines = start_rollout_engines(rcfg, player, cfg.env_actors, cfg.episodes or cfg.env_actors * cfg.envs_per_actor,
-                                    reserve_cpus=False)
-    ray.get([e.ready.remote() for e in engines])
-    return Players(env_actors, engines, player)
+    episodes = cfg.episodes or cfg.env_actors * cfg.envs_per_actor
+    engines = start_rollout_engines(rcfg, player, cfg.env_actors, episodes, reserve_cpus=False)
+    teacher = (start_guides(dataclasses.replace(rcfg, guide=cfg.teacher), cfg.env_actors, episodes)
+               if teacher_plays(cfg) or cfg.teacher_topk else None)
+    ray.get([e.ready.remote() for e in engines + (teacher or [])])
+    return Players(env_actors, engines, player, teacher)
 
 
-def play(cfg: OnPolicyConfig, k: int, player: str, pool: list[str], progress: bool, players: Players | None = None):
+def play(cfg: OnPolicyConfig, k: int, player: str, pool: list[str], progress: bool, players: Players | None = None,
+         horizon: int | None = None):
     """Iteration k's episodes, played by `player` (resumes a partly played iteration) on the run's actors: its
     engine actors after loading the player's weights (with the iteration's seed, as a fresh engine would
-    sample), else on new engines."""
+    sample), else on new engines; the teacher plays its share of the turns (curriculum)."""
     from raysad.rollout import run_rollout
 
-    rcfg = play_config(cfg, k, player, iteration_tasks(pool, k, cfg.episodes))
+    rcfg = play_config(cfg, k, player, iteration_tasks(pool, k, cfg.episodes), horizon)
     if players is not None and players.engines is not None:
         import ray
 
         players.current.point(player, rcfg.seed)
         ray.get([e.load_weights.remote(str(player), rcfg.seed) for e in players.engines])
     return run_rollout(rcfg, engines=players.engines if players else None,
-                       env_actors=players.env_actors if players else None, progress=progress, track=False)
+                       env_actors=players.env_actors if players else None,
+                       guides=players.teacher_engines if players and teacher_plays(cfg) else None,
+                       progress=progress, track=False)
 
 
-def train(cfg: OnPolicyConfig, k: int, student: str, played, waited_s: float) -> dict[str, float]:
+def train(cfg: OnPolicyConfig, k: int, student: str, played, waited_s: float, horizon: int | None = None,
+          players: Players | None = None) -> dict[str, float]:
     """Score + train on iteration k's episodes; returns its metrics (also written to iter_<k>/done.json)."""
     from raysad.distill import run_distill
 
     began = time.monotonic()
     path = Path(played.out)
-    data, mixed = mix_in_teacher(cfg, k, path)
+    counts = play_counts(path)
+    scored, score_s = path, None
+    if cfg.teacher_topk:
+        engines = players.teacher_engines if players and players.teacher_engines else None
+        own = _start_scorers(cfg, k) if engines is None else []
+        try:
+            scored = score(cfg, path, engines or own)
+        finally:
+            _kill(own)
+        score_s = time.monotonic() - began
+    data, mixed = mix_in_teacher(cfg, k, scored)
+    if counts["onpolicy/student_turns"] == 0 and not mixed:
+        raise RuntimeError(f"iteration {k}: the student played no turn in {path}, the teacher played them all "
+                           "(nothing to learn from): start the depth curriculum shallower with more "
+                           "--curriculum-iterations, or lower --teacher-takeover")
+    if counts["onpolicy/episodes_without_student_turns"]:
+        log.warning("iteration %d: in %d of %d episodes the teacher played every turn (they add no loss)", k,
+                    counts["onpolicy/episodes_without_student_turns"], played.episodes + played.skipped)
     trained = run_distill(train_config(cfg, k, student, data), track=False)
     m = trained.metrics
-    metrics = {"onpolicy/iteration": k, "onpolicy/train_success_rate": success_rate(path),
+    metrics = {"onpolicy/iteration": k, **counts,
                "onpolicy/episodes": played.episodes + played.skipped, "onpolicy/teacher_trajectories": mixed,
                "onpolicy/play_s": played.wall_s, "onpolicy/wait_for_play_s": waited_s,
-               "onpolicy/score_train_s": time.monotonic() - began,
+               "onpolicy/score_s": score_s, "onpolicy/score_train_s": time.monotonic() - began,
                # iterations between the weights that played these episodes and the weights trained on them
                "onpolicy/staleness": float(min(k, cfg.max_staleness)),
                "onpolicy/tokens_trained": float(sum(r.get("reason_tokens", 0) + r.get("act_tokens", 0)
                                                     for r in trained.log)),
                "onpolicy/loss": m.get("distill/loss"), "onpolicy/reason_divergence": m.get("distill/reason_loss"),
                "onpolicy/act_divergence": m.get("distill/act_loss"), "onpolicy/steps": float(trained.steps)}
+    if horizon is not None:  # the curriculum's settings this iteration played with
+        share = curriculum(cfg, k, horizon)
+        metrics.update({"onpolicy/teacher_prefix_turns": share["guide_turns"],
+                        "onpolicy/turn_limit": share["turn_limit"] or horizon,
+                        "onpolicy/takeover_share": share["guide_share"]})
     metrics = {k_: float(v) for k_, v in metrics.items() if v is not None}
     write_json(iteration_dir(cfg.out, k) / DONE_FILE, {"student": str(trained.out), "metrics": metrics})
     # a finished iteration is never resumed: its checkpoints (a model and optimizer copy each) only take disk
     shutil.rmtree(Path(trained.out) / "checkpoints", ignore_errors=True)
     return metrics
+
+
+def _start_scorers(cfg: OnPolicyConfig, k: int) -> list:
+    """The teacher's engine actors for one iteration's scoring (vLLM: engines are not kept across iterations)."""
+    import ray
+
+    from raysad.rollout import start_guides
+
+    engines = start_guides(dataclasses.replace(play_config(cfg, k, cfg.teacher, []), guide=cfg.teacher),
+                           cfg.env_actors, cfg.episodes or 1)
+    ray.get([e.ready.remote() for e in engines])
+    return engines
 
 
 def player_of(k: int, staleness: int, first: str, trained: list[str]) -> str:
@@ -280,6 +438,7 @@ def run_onpolicy(cfg: OnPolicyConfig, track: bool = True, progress: bool = True)
         run = tracking.resumable_run(out / RUN_ID_FILE, cfg.experiment, uri,
                                      cfg.run_name or f"onpolicy-{cfg.method}-{cfg.env}", flatten(cfg),
                                      {"stage": "onpolicy", "method": cfg.method, "env": cfg.env})
+    horizon = horizon_of(cfg) if cfg.depth_curriculum != "off" or cfg.teacher_takeover else None
     started_ray = init_ray(cfg.ray_address, cfg.num_cpus)
     players = start_players(cfg, student)
     first, trained = student, []
@@ -298,13 +457,14 @@ def run_onpolicy(cfg: OnPolicyConfig, track: bool = True, progress: bool = True)
                 student = trained[-1] if trained else first
                 waited = time.monotonic()
                 played = (ahead.pop(k).result() if k in ahead
-                          else play(cfg, k, player_of(k, cfg.max_staleness, first, trained), pool, progress, players))
+                          else play(cfg, k, player_of(k, cfg.max_staleness, first, trained), pool, progress, players,
+                                    horizon))
                 waited = time.monotonic() - waited
                 nxt = k + 1
                 if pool_ahead is not None and nxt < cfg.iterations and not (iteration_dir(out, nxt) / DONE_FILE).is_file():
                     ahead[nxt] = pool_ahead.submit(play, cfg, nxt, player_of(nxt, cfg.max_staleness, first, trained),
-                                                   pool, False, players)
-                metrics = train(cfg, k, student, played, waited)
+                                                   pool, False, players, horizon)
+                metrics = train(cfg, k, student, played, waited, horizon, players)
                 trained.append(json.loads(done.read_text())["student"])
                 if active is not None:
                     tracking.log_metrics(metrics, step=k)

@@ -64,16 +64,20 @@ MAX_CURVES = 30  # training-curve runs drawn (legend stays readable)
 PARETO_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
-def method_label(method: str, curriculum: bool = False) -> str:
+def method_label(method: str, curriculum: bool = False, onpolicy: str | None = None) -> str:
     """The `method` param of a distilled student: the distill method, '+curriculum' when its data was ordered
-    easy -> hard (the paper's SAD is sad+curriculum), so the report tells the two apart."""
-    return f"{method}+curriculum" if curriculum else method
+    easy -> hard (the paper's SAD is sad+curriculum), '+onpolicy-<method>' when it then trained on-policy, so
+    the report tells them apart."""
+    label = f"{method}+curriculum" if curriculum else method
+    return f"{label}+onpolicy-{onpolicy}" if onpolicy else label
 
 
-def student_labels(config) -> dict[str, Any]:
-    """The report's params of a student distilled with `config` (a DistillConfig): what distill writes to
-    <out>/raysad.json, so a hand-run evaluate -> report shows its method, λs and seed."""
-    return {P_METHOD: method_label(config.method, config.curriculum), P_LAMBDA_REASON: config.lambda_reason,
+def student_labels(config, onpolicy=None) -> dict[str, Any]:
+    """The report's params of a student distilled with `config` (a DistillConfig) and then, if given, trained
+    on-policy with `onpolicy` (an OnPolicyConfig): what distill writes to <out>/raysad.json, so a hand-run
+    evaluate -> report shows its method, λs and seed."""
+    return {P_METHOD: method_label(config.method, config.curriculum, onpolicy.method if onpolicy else None),
+            P_LAMBDA_REASON: config.lambda_reason,
             P_LAMBDA_ACT: config.lambda_act, P_DIVERGENCE: config.divergence, P_SEED: config.seed}
 
 

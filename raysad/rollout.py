@@ -71,6 +71,7 @@ class RolloutSummary:
     empty_thoughts: int = 0      # model turns whose thought came back empty
     turns_reencoded: int = 0     # turns whose ids a text-only server made us re-derive
     model_turns: int = 0         # turns written by a text engine (the denominators of the three above)
+    guide_turns: int = 0         # of those, turns the guide played (cfg.guide_turns / guide_share)
     total_reward: float = 0.0
     actor_failures: int = 0
     engine_waits: int = 0        # env actor calls that waited for a dead engine actor to restart (none failed)
@@ -92,7 +93,7 @@ class RolloutSummary:
                 "rollout/actor_failures": self.actor_failures, "rollout/engine_waits": self.engine_waits,
                 "rollout/turns_truncated": self.turns_truncated, "rollout/thoughts_truncated": self.thoughts_truncated,
                 "rollout/actions_truncated": self.actions_truncated, "rollout/empty_thoughts": self.empty_thoughts,
-                "rollout/turns_reencoded": self.turns_reencoded,
+                "rollout/turns_reencoded": self.turns_reencoded, "rollout/guide_turns": self.guide_turns,
                 "rollout/truncated_turn_frac": self.turns_truncated / max(self.model_turns, 1),
                 "rollout/engine_mean_batch": self.engine_prompts / max(self.engine_calls, 1),
                 "rollout/engine_busy_frac": self.engine_busy_s / wall}
@@ -191,18 +192,21 @@ def _resume_state(out: str | Path) -> tuple[set[str], set[str], set[str]]:
 
 def run_rollout(cfg: RolloutConfig, *, env_factory: Callable[[], Any] | None = None,
                 engine_factory: Callable[[], Any] | None = None, engines: list | None = None,
-                env_actors: list | None = None, progress: bool = True, track: bool = True,
-                _on_write: Callable[[Any], None] | None = None) -> RolloutSummary:
+                env_actors: list | None = None, guides: list | None = None, progress: bool = True,
+                track: bool = True, _on_write: Callable[[Any], None] | None = None) -> RolloutSummary:
     """Play the tasks of `cfg` and write their trajectories to cfg.out (resuming it). `env_factory` /
     `engine_factory` (picklable, no arguments) replace the registered env / cfg.policy's engine. `engines`:
     engine actors to play with, started and stopped by the caller (on-policy distillation keeps its student's
     across iterations and swaps their weights), instead of cfg.engines new ones. `env_actors`: the same for the
-    env actors (start_env_actors; each is told this run's cfg), instead of cfg.env_actors new ones."""
+    env actors (start_env_actors; each is told this run's cfg), instead of cfg.env_actors new ones. `guides`: the
+    same for the engine actors of cfg.guide, the model that plays the turns cfg.guide_turns / guide_share give it
+    (started per run when cfg asks for guide turns and none are given)."""
     from raysad.locks import lock_path, output_lock
 
     # one writer per output: a second rollout on this --out would play and append the same tasks again
     with output_lock(lock_path(cfg.out), f"rollout --out {cfg.out}"):
-        return _run_tracked(cfg, env_factory, engine_factory, (engines, env_actors), progress, track, _on_write)
+        return _run_tracked(cfg, env_factory, engine_factory, (engines, env_actors, guides), progress, track,
+                            _on_write)
 
 
 def _run_tracked(cfg, env_factory, engine_factory, given, progress, track, _on_write) -> RolloutSummary:
@@ -260,6 +264,21 @@ def start_rollout_engines(cfg: RolloutConfig, make_engine: Callable[[], Any], en
                          batch_wait_s=cfg.batch_wait_s)
 
 
+def start_guides(cfg: RolloutConfig, env_actors: int, episodes: int) -> list:
+    """Engine actors of cfg.guide (as many as cfg.engines, the same backend), reserving no CPU: they share the
+    cores with the player's engines, and each plays only some turns. Its tokenizer must be the player's: the
+    env actors encode every context once, with the player's."""
+    from raysad import models
+
+    for path in (cfg.guide, cfg.tokenizer or cfg.model):
+        if not (Path(path) / "config.json").is_file():
+            raise ValueError(f"guide {cfg.guide}: {path} is not a model directory (no config.json)")
+    models.check_same_tokenizer(models.load_tokenizer(cfg.guide), models.load_tokenizer(cfg.tokenizer or cfg.model))
+    guide_cfg = dataclasses.replace(cfg, model=cfg.guide, tokenizer=None)
+    return start_rollout_engines(guide_cfg, default_engine_factory(guide_cfg), env_actors, episodes,
+                                 reserve_cpus=False)
+
+
 def _run(cfg, env_factory, engine_factory, given, progress, on_write) -> RolloutSummary:
     from raysad.trajectory import Trajectory
     from raysad.trajectory_writer import TrajectoryWriter
@@ -278,16 +297,19 @@ def _run(cfg, env_factory, engine_factory, given, progress, on_write) -> Rollout
         os.replace(tmp, done_path(cfg.out))
 
     started_here = init_ray(cfg.ray_address, cfg.num_cpus)
-    given_engines, given_actors = given
-    engines, actors = list(given_engines or []), []
+    given_engines, given_actors, given_guides = given
+    engines, actors, guides = list(given_engines or []), [], list(given_guides or [])
     try:
         n_actors = min(len(given_actors) if given_actors else cfg.env_actors, -(-len(todo) // cfg.envs_per_actor))
         if cfg.policy not in ENV_SIDE_POLICIES and given_engines is None:
             engines = start_rollout_engines(cfg, engine_factory or default_engine_factory(cfg), n_actors, len(todo))
+        if (cfg.guide_turns or cfg.guide_share) and given_guides is None:
+            guides = start_guides(cfg, n_actors, len(todo))
         actors = list(given_actors[:n_actors]) if given_actors else start_env_actors(cfg, n_actors, env_factory)
-        actor_nodes = _wait_ready(cfg, actors, engines, progress)
+        actor_nodes = _wait_ready(cfg, actors, engines + guides, progress)
         earlier = ray.get([e.stats.remote() for e in engines])  # given engines: count this run's calls only
         engine_of = pair_with_engines(actor_nodes, [s["node_id"] for s in earlier])
+        guide_of = pair_with_engines(actor_nodes, [s["node_id"] for s in ray.get([g.stats.remote() for g in guides])])
         summary.actors_with_local_engine = sum(bool(engines) and actor_nodes[i] == earlier[e]["node_id"]
                                                for i, e in enumerate(engine_of))
 
@@ -318,7 +340,8 @@ def _run(cfg, env_factory, engine_factory, given, progress, on_write) -> Rollout
                     os.fsync(done_file.fileno())
                 bar.update()
 
-            _drive(cfg, actors, engines, engine_of, collections.deque(todo), record, summary, bar)
+            _drive(cfg, actors, (engines, engine_of), (guides, guide_of), collections.deque(todo), record, summary,
+                   bar)
         summary.wall_s = bar.elapsed
         for stats, before in zip(ray.get([e.stats.remote() for e in engines]), earlier):
             summary.engine_calls += stats["calls"] - before["calls"]
@@ -327,9 +350,10 @@ def _run(cfg, env_factory, engine_factory, given, progress, on_write) -> Rollout
             summary.engine_nodes.append(stats["node_id"])
     finally:
         # also on Ctrl-C: free their CPUs/GPUs for whatever runs next (given actors are the caller's)
-        for actor in (actors if given_actors is None else []) + (engines if given_engines is None else []):
+        for actor in ((actors if given_actors is None else []) + (engines if given_engines is None else [])
+                      + (guides if given_guides is None else [])):
             ray.kill(actor)
-        for engine in given_engines or []:
+        for engine in (given_engines or []) + (given_guides or []):
             engine.expect.remote(None)  # the caller's engines as they were: no episodes of this run in flight
         if started_here:
             ray.shutdown()
@@ -348,6 +372,7 @@ def count_turns(summary: RolloutSummary, traj) -> None:
         summary.actions_truncated += "action" in closed
         summary.empty_thoughts += not turn.thought.strip()
         summary.turns_reencoded += bool(turn.extra.get("reencoded"))
+        summary.guide_turns += bool(turn.extra.get("guide"))
 
 
 def warn_turns(summary: RolloutSummary, cfg) -> None:
@@ -389,20 +414,22 @@ def _wait_ready(cfg: RolloutConfig, actors: list, engines: list, progress: bool)
             raise RuntimeError(f"an actor failed to start: {error_line(err)}") from err
 
 
-def _drive(cfg: RolloutConfig, actors: list, engines: list, engine_of: list[int], queue: collections.deque,
-           record, summary: RolloutSummary, bar) -> None:
+def _drive(cfg: RolloutConfig, actors: list, players: tuple[list, list[int]], guides: tuple[list, list[int]],
+           queue: collections.deque, record, summary: RolloutSummary, bar) -> None:
     """Hand out tasks, collect finished episodes, re-queue the tasks of an actor call that failed.
 
     After a failure the actor gets no tasks until a probe answers: Ray refuses calls while it restarts the
     actor ("actor is restarting"), and those refusals must not count as deaths or as episode attempts. The
     probe (`use`) also hands a restarted actor this run's cfg.
 
-    Env actor i asks engines[engine_of[i]] (serving.pair_with_engines: one on its own node where it can).
-    Each engine is told how many episodes its env actors hold (EngineActor.expect: no batch can get more
+    players = (engines, engine_of): env actor i asks engines[engine_of[i]] (serving.pair_with_engines: one on its
+    own node where it can); guides the same for the guide's engines (none: no guide). Each engine is told how
+    many episodes its env actors hold (EngineActor.expect: no batch can get more
     prompts), so that once the queue is empty and episodes end, its batches start without waiting out the
     batching window for prompts that will not come.
     """
     n = len(actors)
+    (engines, engine_of), (guide_engines, guide_of) = players, guides
     held: list[set[str]] = [set() for _ in actors]  # sent to the actor, not yet returned finished
     failures, probing, abandoned = [0] * n, [False] * n, [False] * n
     retry_at, backoff, probe_since = [0.0] * n, [0.25] * n, [0.0] * n
@@ -420,16 +447,18 @@ def _drive(cfg: RolloutConfig, actors: list, engines: list, engine_of: list[int]
         if held[i] or batch:
             held[i].update(batch)
             engine = engines[engine_of[i]] if engines else None
-            in_flight[actors[i].advance.remote(batch, engine)] = (i, "advance")
+            guide = guide_engines[guide_of[i]] if guide_engines else None
+            in_flight[actors[i].advance.remote(batch, engine, guide)] = (i, "advance")
 
-    told: list[int | None] = [None] * len(engines)
+    told: dict[Any, int] = {}
 
     def tell_engines() -> None:
-        for e, engine in enumerate(engines):
-            count = sum(len(held[i]) for i in range(n) if engine_of[i] == e)
-            if count != told[e]:
-                engine.expect.remote(count)  # (no wait for the answer: a late word only costs one batch's wait)
-                told[e] = count
+        for group, of in ((engines, engine_of), (guide_engines, guide_of)):
+            for e, engine in enumerate(group):
+                count = sum(len(held[i]) for i in range(n) if of[i] == e)
+                if count != told.get(engine):
+                    engine.expect.remote(count)  # (no wait for the answer: a late word only costs one batch's wait)
+                    told[engine] = count
 
     while True:
         for i in range(n):

@@ -58,6 +58,8 @@ class EngineActor:
         self.arrived: asyncio.Event | None = None  # while a batch waits for more prompts: set by each request
         self.expected: int | None = None  # prompts in flight, as the driver last said (None: max_batch)
         self.busy = False
+        self.idle = asyncio.Event()  # set whenever no batch (nor weight swap, nor scoring) runs
+        self.idle.set()
         self.calls = self.prompts = 0
         self.busy_s = 0.0
 
@@ -75,6 +77,7 @@ class EngineActor:
     def _serve_waiting(self) -> None:
         """Start serving the queue (the caller saw the engine idle)."""
         self.busy = True
+        self.idle.clear()
         asyncio.get_running_loop().create_task(self._serve())
 
     async def _serve(self) -> None:
@@ -103,6 +106,7 @@ class EngineActor:
                     start += len(ps)
         finally:
             self.busy = False
+            self.idle.set()
 
     async def _wait_for_batch(self, key: tuple, deadline: float) -> None:
         """Until the requests with settings `key` hold batch_target() prompts, or `deadline` passes; woken by
@@ -138,14 +142,25 @@ class EngineActor:
         if not hasattr(self.engine, "load_weights"):
             raise NotImplementedError(f"{type(self.engine).__name__} cannot swap its weights in place: start a new "
                                       "engine actor for the new model")
+        await self._alone(self.engine.load_weights, folder, seed)
+
+    async def score(self, prompts: list[list[int]], continuations: list[list[int]], topk: int) -> list:
+        """The engine's top-k rows at each continuation position (teacher forcing: engine.score), run between
+        batches."""
+        return await self._alone(self.engine.score, prompts, continuations, topk)
+
+    async def _alone(self, fn, *args):
+        """fn(*args) in a thread once the batch in progress is done; requests that arrive meanwhile wait for it."""
         while self.busy:
-            await asyncio.sleep(0.005)
+            await self.idle.wait()
         self.busy = True  # (no await since the check: no batch can start in between)
+        self.idle.clear()
         try:
-            await asyncio.to_thread(self.engine.load_weights, folder, seed)
+            return await asyncio.to_thread(fn, *args)
         finally:
             self.busy = False
-            if self.waiting:  # requests that arrived during the swap
+            self.idle.set()
+            if self.waiting:  # requests that arrived meanwhile
                 self._serve_waiting()
 
     def stats(self) -> dict[str, Any]:
@@ -171,13 +186,18 @@ class RemoteEngine:
         self.restarts_waited = 0
 
     def generate(self, prompts, stop=None, max_tokens=None, topk=0, temperature=None, seed=None):
-        def outage(err) -> None:
-            self.restarts_waited += 1
-            log.warning("engine actor unavailable (%s); waiting for it to restart", str(err).splitlines()[0][:200])
-
         return through_restarts(lambda: self.handle.generate.remote(prompts, stop=stop, max_tokens=max_tokens,
                                                                     topk=topk, temperature=temperature, seed=seed),
-                                self.restart_timeout_s, "engine actor", outage)
+                                self.restart_timeout_s, "engine actor", self._outage)
+
+    def score(self, prompts, continuations, topk):
+        """The engine's top-k rows at each continuation position (safe to repeat, as generating is)."""
+        return through_restarts(lambda: self.handle.score.remote(prompts, continuations, topk),
+                                self.restart_timeout_s, "engine actor", self._outage)
+
+    def _outage(self, err) -> None:
+        self.restarts_waited += 1
+        log.warning("engine actor unavailable (%s); waiting for it to restart", str(err).splitlines()[0][:200])
 
 
 def through_restarts(call: Callable[[], Any], timeout_s: float, what: str, on_outage=None):

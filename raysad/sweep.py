@@ -31,6 +31,8 @@ EVAL_SET_BY_SWEEP = ("env", "split", "episodes", "policy", "model", "out", "meth
 PRUNE_SET_BY_SWEEP = ("model", "out", "ratio", "experiment", "run_name", "tracking_uri")
 ROLLOUT_SET_BY_SWEEP = ("env", "split", "out", "experiment", "run_name", "tracking_uri", "ray_address", "num_cpus")
 SFT_SET_BY_SWEEP = ("trajectories", "out", "experiment", "run_name", "tracking_uri")
+ONPOLICY_SET_BY_SWEEP = ("student", "teacher", "tokenizer", "env", "split", "out", "experiment", "run_name",
+                         "tracking_uri", "ray_address", "num_cpus")
 
 
 @dataclass
@@ -58,6 +60,9 @@ class SweepConfig:
     test_split: str = "test"
     distill: dict[str, Any] = field(default_factory=dict)    # DistillConfig fields shared by every trial
     prune: dict[str, Any] = field(default_factory=dict)      # PruneConfig fields (ratio is the space's)
+    onpolicy: dict[str, Any] = field(default_factory=dict)   # OnPolicyConfig fields: given, each trial (the
+    #                                          space's `onpolicy: [false, true]` picks which) continues its
+    #                                          distilled student on-policy with the teacher, before prune/test
     evaluate: dict[str, Any] = field(default_factory=dict)   # EvalConfig fields (max_turns, few_shot ...)
     # resources and bookkeeping
     cpus_per_trial: float = 1.0                # the trial's own process (fractional is fine)
@@ -161,6 +166,13 @@ def _check_sections(sweep: SweepConfig, source: str) -> None:
         raise _fail(source, "distill.workers", "must be >= 1 in a sweep: workers 0 runs Ray Train's local mode in "
                     "the calling process, which Ray Train refuses inside a Tune trial")
     sweep.prune = _check_section(PruneConfig, sweep.prune, "prune", PRUNE_SET_BY_SWEEP, source)
+    if sweep.onpolicy:
+        from raysad.onpolicy import OnPolicyConfig
+
+        sweep.onpolicy = _check_section(OnPolicyConfig, sweep.onpolicy, "onpolicy", ONPOLICY_SET_BY_SWEEP, source)
+        if sweep.onpolicy.get("workers", 1) < 1:
+            raise _fail(source, "onpolicy.workers", "must be >= 1 in a sweep (Ray Train's local mode is refused "
+                        "inside a Tune trial)")
     sweep.evaluate = _check_section(EvalConfig, sweep.evaluate, "evaluate", EVAL_SET_BY_SWEEP, source)
     sweep.rollout = _check_section(RolloutConfig, sweep.rollout, "rollout", ROLLOUT_SET_BY_SWEEP, source)
     if sweep.teacher_sft is not None:
@@ -196,6 +208,9 @@ def _check_data_and_teacher(sweep: SweepConfig, source: str) -> None:
         raise _fail(source, "teacher_sft", "the teacher is fine-tuned on the rollout's trajectories, so the rollout "
                     "must be the expert's (rollout.policy: expert)")
     has_teacher = bool(sweep.teacher) or sweep.teacher_sft is not None
+    if sweep.onpolicy and not has_teacher:
+        raise _fail(source, "onpolicy", "the teacher scores the student's own tokens: set teacher (an HF "
+                    "directory) or teacher_sft")
     if sweep.online_teacher and not has_teacher:
         raise _fail(source, "online_teacher", "needs teacher (an HF directory) or teacher_sft")
     flat = [m for m in sweep_methods(sweep) if DISTILL_METHODS[m].flat]
@@ -275,7 +290,8 @@ def check_space(space: Any, sweep: SweepConfig, prefix: str, source: str) -> Non
     if not isinstance(space, dict):
         raise _fail(source, prefix, f"expected a mapping of axis: values, got {space!r}")
     hints = _distill_hints()
-    allowed = {"student", "prune_ratio"} | (set(hints) - set(DISTILL_SET_BY_SWEEP))
+    allowed = {"student", "prune_ratio"} | (set(hints) - set(DISTILL_SET_BY_SWEEP)) | ({"onpolicy"} if sweep.onpolicy
+                                                                                       else set())
     for axis, spec in space.items():
         where = f"{prefix}.{axis}"
         if axis not in allowed:
@@ -301,6 +317,8 @@ def check_space(space: Any, sweep: SweepConfig, prefix: str, source: str) -> Non
             elif axis == "prune_ratio":
                 if coerce(value, float, at) < 0 or float(value) >= 1:
                     raise _fail(source, f"{where}[{j}]", f"a pruning ratio is in [0, 1), got {value!r}")
+            elif axis == "onpolicy":
+                coerce(value, bool, at)
             else:
                 coerce(value, hints[axis], at)
         if axis == "method":

@@ -56,7 +56,21 @@ def trainable(sweep: SweepConfig, inputs: dict, parent_run_id: str | None):
 
 def trial_params(config: dict, sweep: SweepConfig) -> dict[str, Any]:
     """The distill settings of one trial: the sweep's `distill:` section, then the trial's axes."""
-    return {**sweep.distill, **{k: v for k, v in config.items() if k not in ("student", "prune_ratio", "env")}}
+    return {**sweep.distill, **{k: v for k, v in config.items() if k not in ("student", "prune_ratio", "env",
+                                                                             "onpolicy")}}
+
+
+def onpolicy_config(config: dict, sweep: SweepConfig, inputs: dict, dcfg, work: Path):
+    """The trial's on-policy stage (None: off): the sweep's `onpolicy:` section on the distilled student, with the
+    sweep's teacher, unless the trial's `onpolicy` axis says false."""
+    from raysad.config import coerce
+    from raysad.onpolicy import OnPolicyConfig
+
+    if not sweep.onpolicy or not coerce(config.get("onpolicy", True), bool, "onpolicy"):
+        return None
+    return OnPolicyConfig(**{"seed": dcfg.seed, **sweep.onpolicy}, env=config["env"], student=dcfg.out,
+                          teacher=inputs["teacher"], out=str(work / "onpolicy"), experiment=inputs["experiment"],
+                          tracking_uri=inputs["tracking_uri"])
 
 
 def trial_distill_config(config: dict, sweep: SweepConfig, inputs: dict, work: Path):
@@ -176,11 +190,13 @@ def run_trial(config: dict, sweep: dict, inputs: dict, parent_run_id: str | None
     spec = str(config["student"])
     dcfg = trial_distill_config(config, sweep, inputs, work)
     prune_ratio = float(config.get("prune_ratio", 0.0))
-    student = {**names.student_labels(dcfg), names.P_STUDENT_SIZE: student_size(spec),
+    ocfg = onpolicy_config(config, sweep, inputs, dcfg, work)
+    student = {**names.student_labels(dcfg, ocfg), names.P_STUDENT_SIZE: student_size(spec),
                names.P_PRUNE_RATIO: prune_ratio, names.P_ENV: config["env"]}
     params = {**student, "lr": dcfg.lr, "temperature": dcfg.temperature, "student": spec, "trial_id": trial_id,
               "sweep": sweep.name, "chunks": sweep.chunks,
-              **{f"distill.{k}": v for k, v in run_params(dcfg).items() if v is not None}}
+              **{f"distill.{k}": v for k, v in run_params(dcfg).items() if v is not None},
+              **({f"onpolicy.{k}": v for k, v in sweep.onpolicy.items()} if ocfg else {})}
     tags = {names.STAGE_TAG: "trial", "sweep": sweep.name, "trial_id": trial_id, "method": student[names.P_METHOD],
             "student_size": student_size(spec), "env": config["env"]}
     if parent_run_id:
@@ -192,10 +208,10 @@ def run_trial(config: dict, sweep: dict, inputs: dict, parent_run_id: str | None
     client = MlflowClient(inputs["tracking_uri"])
     with tracking.resumable_run(work / "mlflow_run_id", inputs["experiment"], inputs["tracking_uri"],
                                 f"{student[names.P_METHOD]}-{student_size(spec)}-{trial_id}", params, tags) as run:
-        _trial_body(sweep, inputs, config, dcfg, student, prune_ratio, state, work, client, run.info.run_id)
+        _trial_body(sweep, inputs, config, dcfg, ocfg, student, prune_ratio, state, work, client, run.info.run_id)
 
 
-def _trial_body(sweep, inputs, config, dcfg, student, prune_ratio, state, work, client, run_id) -> None:
+def _trial_body(sweep, inputs, config, dcfg, ocfg, student, prune_ratio, state, work, client, run_id) -> None:
     """Distill in chunks, prune, evaluate on the test split; log it all to the trial's run and report to Tune."""
     import mlflow
 
@@ -208,6 +224,8 @@ def _trial_body(sweep, inputs, config, dcfg, student, prune_ratio, state, work, 
         return
     env = config["env"]
     model = _distill_chunks(sweep, inputs, env, dcfg, student, state, work, client, run_id)
+    if ocfg is not None:
+        model = _onpolicy(dataclasses.replace(ocfg, student=model), work, state)
     final = _prune(sweep, inputs, dcfg, model, prune_ratio, work) if prune_ratio > 0 else model
     (Path(final) / names.STUDENT_LABELS).write_text(json.dumps({k: str(v) for k, v in student.items()}, indent=2) + "\n")
     _events(work, "evaluate", split=sweep.test_split)
@@ -263,6 +281,26 @@ def _distill_chunks(sweep, inputs, env, dcfg, student, state, work, client, run_
         if chunk + 1 < sweep.chunks:
             _report(report, state)
     return model
+
+
+def _onpolicy(ocfg, work: Path, state: dict) -> str:
+    """The on-policy stage on the distilled student (it resumes per iteration on its own); its per-iteration
+    onpolicy/* metrics go to the trial's run at steps after distill's. Returns its last student."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from raysad import tracking
+    from raysad.onpolicy import run_onpolicy
+
+    _events(work, "onpolicy", iterations=ocfg.iterations)
+    # its engine and env actors and its Train workers reserve their own resources: a task outside the trial's
+    # placement group, as the evaluation runs
+    task = ray.remote(num_cpus=0)(run_onpolicy).options(
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+    result = ray.get(task.remote(ocfg, track=False, progress=False))
+    for k, metrics in enumerate(result.iterations):
+        tracking.log_metrics(metrics, step=state["step"] + k)
+    return str(result.student)
 
 
 def _prune(sweep, inputs, dcfg, model: str, ratio: float, work: Path) -> str:

@@ -205,3 +205,91 @@ def test_a_restarted_engine_actor_comes_back_as_the_current_player(data, student
         assert ids(remote) == expected  # Ray restarted it: built on the current player's weights, not the first
     finally:
         ray.shutdown()
+
+
+def test_the_curriculum_schedules_depth_and_take_over_linearly():
+    from raysad.onpolicy import curriculum
+
+    def shares(**kw):
+        cfg = OnPolicyConfig(student="s", teacher="t", iterations=4, **kw)
+        return [curriculum(cfg, k, horizon=8) for k in range(5)]
+
+    b2f = shares(depth_curriculum="b2f")  # the teacher's first turns shrink: 6, 4, 2, 0 of 8
+    assert [s["guide_turns"] for s in b2f] == [6, 4, 2, 0, 0] and {s["guide"] for s in b2f} == {"t"}
+    assert {s["turn_limit"] for s in b2f} == {None} and {s["guide_share"] for s in b2f} == {0.0}
+    f2b = shares(depth_curriculum="f2b", curriculum_iterations=2)  # the student's depth grows: 4, then all 8
+    assert [s["turn_limit"] for s in f2b] == [4, None, None, None, None]
+    assert {s["guide_turns"] for s in f2b} == {0} and {s["guide"] for s in f2b} == {None}
+    takeover = shares(teacher_takeover=0.8)
+    assert [round(s["guide_share"], 6) for s in takeover] == [0.8, 0.6, 0.4, 0.2, 0.0]
+    assert {s["guide_turns"] for s in takeover} == {0} and {s["turn_limit"] for s in takeover} == {None}
+    off = shares()
+    assert off[0] == {"guide": None, "guide_turns": 0, "turn_limit": None, "guide_share": 0.0}
+
+
+def test_b2f_the_teacher_plays_the_first_turns_and_they_carry_no_loss(data, student_dir, tmp_path):
+    # greedy play, 2 turns, 2 iterations: iteration 0's first turn is the teacher's (what it writes greedily),
+    # its second the student's; iteration 1 is the student's alone. Training sees only the student's ids.
+    from raysad.agent_formats import get_format
+    from raysad.policies import make_policy, next_turns
+
+    cfg = onpolicy_config(data, student_dir, tmp_path / "b2f", depth_curriculum="b2f", sample_temperature=0.0,
+                          episodes=1)
+    result = run_onpolicy(cfg, track=False, progress=False)
+    (first,) = read_trajectories(iteration_dir(cfg.out, 0) / "trajectories.jsonl")
+    (second,) = read_trajectories(iteration_dir(cfg.out, 1) / "trajectories.jsonl")
+    assert [bool(t.extra.get("guide")) for t in first.turns] == [True, False]
+    assert not any(t.extra.get("guide") for t in second.turns)
+    tokenizer, fmt = models.load_tokenizer(cfg.student), get_format("hotpotqa")
+    for model, history, turn in ((cfg.teacher, [], first.turns[0]), (str(student_dir), first.turns[:1], first.turns[1])):
+        (expected,) = next_turns(make_policy("hf", model), tokenizer, fmt, [first.prompt], [history],
+                                 max_thought_tokens=6, max_action_tokens=6, temperature=0.0)
+        assert expected.token_ids == turn.token_ids
+    example = encode_trajectory(first, tokenizer, trajectory_format(first), max_length=cfg.max_length)
+    trained_ids = example["input_ids"][example["reason_mask"] | example["act_mask"]].tolist()
+    assert trained_ids == first.turns[1].token_ids  # the teacher's turn is context
+    m0, m1 = result.iterations
+    assert (m0["onpolicy/teacher_turns"], m0["onpolicy/student_turns"], m0["onpolicy/teacher_prefix_turns"]) == (1, 1, 1)
+    assert (m1["onpolicy/teacher_turns"], m1["onpolicy/teacher_prefix_turns"]) == (0, 0)
+
+
+def test_f2b_episodes_end_at_the_students_depth(data, student_dir, tmp_path):
+    cfg = onpolicy_config(data, student_dir, tmp_path / "f2b", depth_curriculum="f2b", episodes=2)
+    result = run_onpolicy(cfg, track=False, progress=False)
+    turns = [[len(t.turns) for t in read_trajectories(iteration_dir(cfg.out, k) / "trajectories.jsonl")]
+             for k in range(2)]
+    assert turns[0] == [1, 1] and max(turns[1]) == 2  # (a random student's episodes run to the limit)
+    assert [m["onpolicy/turn_limit"] for m in result.iterations] == [1, 2]
+    assert all(m["onpolicy/teacher_turns"] == 0 for m in result.iterations)
+
+
+def test_a_full_take_over_leaves_nothing_to_learn_and_says_so(data, student_dir, tmp_path):
+    cfg = onpolicy_config(data, student_dir, tmp_path / "takeover", teacher_takeover=1.0, iterations=1)
+    with pytest.raises(RuntimeError, match="the student played no turn .* lower --teacher-takeover"):
+        run_onpolicy(cfg, track=False, progress=False)
+    played = list(read_trajectories(iteration_dir(cfg.out, 0) / "trajectories.jsonl"))
+    assert played and all(t.extra.get("guide") for traj in played for t in traj.turns)
+
+
+def test_with_teacher_topk_the_teachers_engines_score_exactly_the_students_tokens(data, student_dir, tmp_path):
+    from raysad.encoding import generated_positions
+    from raysad.onpolicy import train_config
+
+    cfg = onpolicy_config(data, student_dir, tmp_path / "topk", teacher_topk=4, iterations=1)
+    (metrics,) = run_onpolicy(cfg, track=False, progress=False).iterations
+    assert metrics["onpolicy/score_s"] > 0 and metrics["onpolicy/tokens_trained"] > 0
+    assert train_config(cfg, 0, "s", Path("d")).teacher is None  # training reads the stored rows
+    scored = list(read_trajectories(iteration_dir(cfg.out, 0) / "scored.jsonl"))
+    played = list(read_trajectories(iteration_dir(cfg.out, 0) / "trajectories.jsonl"))
+    assert [t.turns[0].token_ids for t in scored] == [t.turns[0].token_ids for t in played]
+    tokenizer, teacher = models.load_tokenizer(cfg.teacher), models.load_model(cfg.teacher)
+    for traj in scored:
+        ids, generated = generated_positions(traj, tokenizer, trajectory_format(traj))
+        with torch.no_grad():  # the teacher's distribution at each generated token, one sequence, no padding
+            logp = teacher(torch.as_tensor(ids)[None]).logits[0].log_softmax(-1)
+        for n, turn in enumerate(traj.turns):
+            assert len(turn.topk_ids) == len(turn.token_ids) == len(generated[n])
+            for p, row_ids, row_lp in zip(generated[n], turn.topk_ids, turn.topk_logprobs):
+                expected = logp[p - 1]
+                assert np.allclose(row_lp, expected[row_ids].numpy(), atol=1e-4)
+                assert min(row_lp) >= expected.topk(5).values[-1].item() - 1e-4  # they are its 4 largest

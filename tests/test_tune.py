@@ -286,6 +286,35 @@ def test_an_interrupted_sweep_resumes_and_runs_nothing_twice(ray_cluster, data, 
         run_sweep(changed)
 
 
+def test_a_trial_continues_its_student_on_policy_when_the_sweep_says_so(ray_cluster, data, tmp_path):
+    # the space's onpolicy axis: one trial stops after distill, the other plays and trains one on-policy iteration
+    onpolicy = {"iterations": 1, "episodes": 2, "max_turns": 2, "max_new_tokens": 6, "max_steps": 2,
+                "batch_size": 2, "micro_batch_size": 2, "max_length": 512, "workers": 1, "env_actors": 1,
+                "envs_per_actor": 2}
+    path = sweep_file(data, tmp_path, "onpolicy", ["sad"], onpolicy=onpolicy,
+                      space={"student": ["tiny-1m"], "method": ["sad"], "onpolicy": [False, True]})
+    result = run_sweep(load_sweep(path))
+    assert [t["error"] for t in result.trials] == [None, None] and all(t["done"] for t in result.trials)
+    client, runs = mlflow_runs(tmp_path, "onpolicy")
+    trials = {r.data.params["method"]: r for r in runs if r.data.tags.get("stage") == "trial"}
+    assert set(trials) == {"sad", "sad+onpolicy-sad"}
+    on, off = trials["sad+onpolicy-sad"], trials["sad"]
+    assert on.data.params["onpolicy.iterations"] == "1" and "onpolicy.iterations" not in off.data.params
+    assert on.data.metrics["onpolicy/tokens_trained"] > 0 and "onpolicy/tokens_trained" not in off.data.metrics
+    assert Path(on.data.tags["model_path"]).parent.name == "onpolicy"  # the on-policy student was tested
+    assert "eval/success_rate" in on.data.metrics and "eval/success_rate" in off.data.metrics
+    assert sorted(ev for evs in events(result.sweep_dir).values() for ev in evs).count("onpolicy") == 1
+
+
+def test_an_onpolicy_section_is_checked_like_the_others(tmp_path, data):
+    with pytest.raises(ConfigError, match=r"field 'onpolicy.student': set by the sweep"):
+        load_sweep(sweep_file(data, tmp_path, "bad", ["sad"], onpolicy={"student": "x"}))
+    with pytest.raises(ConfigError, match=r"field 'onpolicy.workers': must be >= 1"):
+        load_sweep(sweep_file(data, tmp_path, "bad", ["sad"], onpolicy={"workers": 0}))
+    with pytest.raises(ConfigError, match=r"field 'space.onpolicy': not a search axis"):
+        load_sweep(sweep_file(data, tmp_path, "bad", ["sad"], space={"student": ["tiny-1m"], "onpolicy": [True]}))
+
+
 @pytest.mark.slow
 def test_chunks_report_valid_success_to_asha(ray_cluster, data, tmp_path):
     path = sweep_file(data, tmp_path, "asha", ["sad", "sft"], chunks=2, asha=True, valid_episodes=1,
