@@ -18,8 +18,9 @@ Iteration k (folder <out>/iter_<k>):
                 baseline) for `max_steps` steps -> student/, the next iteration's policy. With
                 `teacher_trajectories`, `teacher_share` of the iteration's trajectories are the teacher's own
                 (off-policy examples, GKD's λ).
-  Weight sync: the student's hf engine actors are started once; before each iteration plays they load its
-  player's weights from disk (`EngineActor.load_weights`; vLLM engines start anew). With `max_staleness 0` the loop is
+  Weight sync: the student's engine actors (hf or vLLM) are started once; before each iteration plays they
+  load its player's weights from disk (`EngineActor.load_weights`: HFEngine swaps its model, VLLMEngine reloads
+  the weights in place on its workers). With `max_staleness 0` the loop is
   synchronous (every sample comes from the weights being trained); with 1, iteration k+1 is played (in a
   thread, same Ray cluster) while iteration k trains, by the weights of iteration k-1 (`player_of`; staleness
   logged per iteration). Each iteration starts a fresh AdamW (its learning rate warms up in the first only).
@@ -268,9 +269,9 @@ class CurrentPlayer:
 
 @dataclasses.dataclass
 class Players:
-    """What the iterations play on, started once for the whole run: the env actors (their envs made once) and,
-    for hf, the engine actors with the current player's weights and, when the teacher plays turns or scores
-    them (teacher_topk), the teacher's (vLLM: new engines per iteration)."""
+    """What the iterations play on, started once for the whole run: the env actors (their envs made once), the
+    engine actors with the current player's weights and, when the teacher plays turns or scores them
+    (teacher_topk), the teacher's."""
     env_actors: list
     engines: list | None = None
     current: CurrentPlayer | None = None
@@ -288,7 +289,8 @@ def _kill(actors: list) -> None:
 
 
 def start_players(cfg: OnPolicyConfig, student: str) -> Players:
-    """The env actors and (hf) engine actors the student plays on, for the whole run: each iteration swaps in
+    """The env actors and engine actors the student plays on (and the teacher's, if it plays or scores), for
+    the whole run: each iteration swaps in
     its player's weights (weight sync) and its settings, where fresh actors per iteration paid their start-up
     every time. An engine without a GPU reserves no CPU: it shares the cores with training, which playing ahead
     overlaps it with."""
@@ -298,8 +300,6 @@ def start_players(cfg: OnPolicyConfig, student: str) -> Players:
 
     rcfg = play_config(cfg, 0, student, [])
     env_actors = start_env_actors(rcfg, cfg.env_actors)
-    if cfg.engine != "hf":
-        return Players(env_actors)
     player = CurrentPlayer(rcfg, Path(cfg.out) / PLAYER_FILE)
     player.point(student, rcfg.seed)
     episodes = cfg.episodes or cfg.env_actors * cfg.envs_per_actor
@@ -339,12 +339,7 @@ def train(cfg: OnPolicyConfig, k: int, student: str, played, waited_s: float, ho
     counts = play_counts(path)
     scored, score_s = path, None
     if cfg.teacher_topk:
-        engines = players.teacher_engines if players and players.teacher_engines else None
-        own = _start_scorers(cfg, k) if engines is None else []
-        try:
-            scored = score(cfg, path, engines or own)
-        finally:
-            _kill(own)
+        scored = score(cfg, path, players.teacher_engines)
         score_s = time.monotonic() - began
     data, mixed = mix_in_teacher(cfg, k, scored)
     if counts["onpolicy/student_turns"] == 0 and not mixed:
@@ -376,18 +371,6 @@ def train(cfg: OnPolicyConfig, k: int, student: str, played, waited_s: float, ho
     # a finished iteration is never resumed: its checkpoints (a model and optimizer copy each) only take disk
     shutil.rmtree(Path(trained.out) / "checkpoints", ignore_errors=True)
     return metrics
-
-
-def _start_scorers(cfg: OnPolicyConfig, k: int) -> list:
-    """The teacher's engine actors for one iteration's scoring (vLLM: engines are not kept across iterations)."""
-    import ray
-
-    from raysad.rollout import start_guides
-
-    engines = start_guides(dataclasses.replace(play_config(cfg, k, cfg.teacher, []), guide=cfg.teacher),
-                           cfg.env_actors, cfg.episodes or 1)
-    ray.get([e.ready.remote() for e in engines])
-    return engines
 
 
 def player_of(k: int, staleness: int, first: str, trained: list[str]) -> str:

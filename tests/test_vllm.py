@@ -199,3 +199,40 @@ def test_token_in_token_out_through_next_turns(engine, model_dir):
     assert contexts == {"turns": 4, "mismatched": 0}
     error = fidelity.topk_error(models.load_model(model_dir, dtype="float32", device="cpu"), trajs, tok)
     assert error["entries"] > 0 and error["max_abs_error"] <= 1e-4, error
+
+
+def test_load_weights_swaps_the_model_in_place(model_dir, ids, tmp_path):
+    """Weight sync (on-policy distillation): after load_weights the same engine generates and scores as the
+    other model, checked against transformers on that model; loading the first weights back restores it."""
+    import torch
+
+    from raysad import models
+    from raysad.policies.vllm import VLLMEngine
+
+    other = tmp_path / "other"
+    model = models.load_model(model_dir, dtype="float32", device="cpu")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.2, alpha=1.0)
+    model.save_pretrained(other)
+    models.save_tokenizer(models.load_tokenizer(model_dir), other)
+    hf_other = models.load_model(other, dtype="float32", device="cpu")
+
+    def reference_rows(p, cont):
+        with torch.no_grad():
+            return hf_other(torch.tensor([p + cont])).logits[0, len(p) - 1:len(p) - 1 + len(cont)].log_softmax(-1)
+
+    engine = VLLMEngine(model_dir, dtype="float32", max_model_len=256, seed=0, kv_cache_memory_bytes=64 << 20)
+    before = [g.token_ids for g in engine.generate(ids, max_tokens=8, temperature=0.0)]
+    engine.load_weights(other, seed=5)
+    after = engine.generate(ids, max_tokens=8, temperature=0.0, topk=TOPK)
+    for prompt, gen in zip(ids, after):  # greedy = the other model's argmax at every step, its own top-k rows
+        ref = reference_rows(prompt, gen.token_ids)
+        assert gen.token_ids == ref.argmax(-1).tolist()
+        assert [r[0] for r in gen.topk_logprobs] == pytest.approx(ref.max(-1).values.tolist(), abs=1e-3)
+    assert [g.token_ids for g in after] != before and engine.seed == 5
+    ((id_rows, lp_rows),) = engine.score([ids[0]], [after[0].token_ids], TOPK)  # teacher forcing, new weights
+    assert [r[0] for r in lp_rows] == pytest.approx(reference_rows(ids[0], after[0].token_ids).max(-1).values.tolist(),
+                                                    abs=1e-3)
+    engine.load_weights(model_dir)
+    assert [g.token_ids for g in engine.generate(ids, max_tokens=8, temperature=0.0)] == before

@@ -135,6 +135,20 @@ class VLLMEngine:
         return gens
 
     # ---------------------------------------------------------------------------------------- score ---
+    def load_weights(self, folder: str | Path, seed: int | None = None) -> None:
+        """Swap in the weights saved in `folder` (the same architecture: on-policy distillation's student after
+        its latest training), in place on every worker (vLLM's `reload_weights`: no new engine, no new KV
+        cache); the prefix cache goes, its keys and values came from the old weights. `seed`: sample from now
+        on as an engine built with that seed would (requests carry their seeds)."""
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder}: not a model directory (no config.json)")
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
+        self.llm.reset_prefix_cache()
+        if seed is not None:
+            self.seed, self.calls = seed, 0
+        self.model_path = str(folder)
+
     def score(self, prompt_ids: list[list[int]], continuations: list[list[int]], topk: int
                   ) -> list[tuple[list[list[int]], list[list[float]]]]:
         """Top-k rows of the model's next-token distribution at each continuation position (teacher forcing,
