@@ -24,6 +24,11 @@ whole run <out>/results.md (tables), <out>/results.json and PNG plots under <out
     python benchmarks/replicate.py --small                   # the smoke version the tests run (~3 min)
     python benchmarks/replicate.py --real --envs hotpotqa --stages teacher   # the real-weights teacher (45 min)
     python benchmarks/replicate.py --real --envs hotpotqa    # its students (~30 min per trial; resumes per trial)
+    python benchmarks/replicate.py --real --envs hotpotqa --stages onpolicy   # step 7 alone
+  7. on-policy stage (not by default): from the main sweep's seed-0 SAD student, each arm of ONPOLICY_ARMS trains
+     `onpolicy_iterations` x `onpolicy_steps` more steps of the same batch: off-policy (sad, token_kd, sft on
+     teacher.jsonl) or on-policy (the student plays, the teacher's engine scores its tokens: sad, the vanilla
+     token_kd, sad with TCOD's b2f depth curriculum); tokens trained per arm and ONPOLICY_COMPARISONS paired
 """
 from __future__ import annotations
 
@@ -48,6 +53,20 @@ BASE_METHODS = ("sad", "token_kd", "sft")
 # the paired comparisons reported per student size: (a, b) -> "a - b"
 COMPARISONS = (("sad", "token_kd"), ("sad", "sft"), ("sad", "flat_kd"), ("sad+curriculum", "sad"),
                ("sad+curriculum", "token_kd"))
+# the on-policy stage (issue 19): arms from one distilled SAD student, each trained as much again (the same
+# optimizer steps of the same batch size): off-policy on the teacher's trajectories (sad, token_kd, sft) or
+# on-policy (the student plays, the teacher scores its tokens): SAD's segment-weighted reverse KL, the vanilla
+# one-loss on-policy KD, and SAD with TCOD's b2f depth curriculum
+ONPOLICY_ARMS = {"sad": {"method": ["sad"], "onpolicy": [False]},
+                 "token_kd": {"method": ["token_kd"], "onpolicy": [False]},
+                 "sft": {"method": ["sft"], "onpolicy": [False]},
+                 "sad+onpolicy-sad": {"distill": [False], "onpolicy.method": ["sad"]},
+                 "sad+onpolicy-token_kd": {"distill": [False], "onpolicy.method": ["token_kd"]},
+                 "sad+onpolicy-sad-b2f": {"distill": [False], "onpolicy.method": ["sad"],
+                                          "onpolicy.depth_curriculum": ["b2f"]}}
+ONPOLICY_COMPARISONS = (("sad+onpolicy-sad", "sad"), ("sad+onpolicy-sad", "sad+onpolicy-token_kd"),
+                        ("sad+onpolicy-sad", "token_kd"), ("sad+onpolicy-sad", "sft"),
+                        ("sad+onpolicy-sad-b2f", "sad+onpolicy-sad"))
 
 
 @dataclass
@@ -83,6 +102,12 @@ class ReplicateConfig:
     max_turns: int = 8                     # per episode
     max_new_tokens: int | None = None      # per thought / action; None = the env's token_budget
     max_length: int = 768
+    # the on-policy stage: from `onpolicy_from` (default: the main sweep's seed-0 SAD student at SAD's best size)
+    onpolicy_from: str | None = None
+    onpolicy_iterations: int = 8           # play -> score -> train iterations per on-policy arm
+    onpolicy_episodes: int = 16            # train episodes the student plays per iteration
+    onpolicy_steps: int = 4                # optimizer steps per iteration (off-policy arms: iterations x steps)
+    onpolicy_topk: int = 16                # the teacher's engine scores the student's tokens, top-k kept
     experiment: str = "replicate"          # MLflow experiment prefix: <experiment>-<env>
     tracking_uri: str | None = None
 
@@ -90,7 +115,9 @@ class ReplicateConfig:
 SMALL = dict(out="runs/replicate-small", envs=["hotpotqa"], expert_episodes=24, teacher="tiny-1m",
              teacher_steps=20, teacher_episodes=6, students=["derive:keep_every=2"], seeds=1, distill_steps=6,
              test_episodes=3, cot_reference=2, lambda_pairs=[[0.0, 1.0]], prune_ratios=[0.5], max_turns=4,
-             max_new_tokens=16, max_length=512, methods=list(METHODS), experiment="replicate-small")
+             max_new_tokens=16, max_length=512, methods=list(METHODS), experiment="replicate-small",
+             stages=["main", "lambda", "prune", "onpolicy"], onpolicy_iterations=1, onpolicy_episodes=2,
+             onpolicy_steps=1, onpolicy_topk=4)
 # the real-weights replication: a SmolLM2-135M-Instruct teacher fine-tuned on 600 expert episodes (one epoch of
 # batch 8), students cut to 8 of its 30 layers, 300 test tasks. A cut student starts far from the teacher (CE
 # 14 nats on its tokens: benchmarks/student_cuts.py) and recovers slowly (CE ~2 after 45 steps of lr 1e-3), so
@@ -181,15 +208,15 @@ def gate_line(env: str, metrics: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------ sweeps -----
-def paired_comparisons(rows, uri: str) -> list[dict]:
-    """COMPARISONS per student size, task by task over the seeds both arms ran (raysad.stats)."""
+def paired_comparisons(rows, uri: str, comparisons=COMPARISONS) -> list[dict]:
+    """`comparisons` per student size, task by task over the seeds both arms ran (raysad.stats)."""
     from raysad import report
 
     found = []
     for size in sorted(rows[report.P_STUDENT_SIZE].unique()):
         at_size = rows[rows[report.P_STUDENT_SIZE] == size]
         arms = set(at_size[report.P_METHOD])
-        for a, b in COMPARISONS:
+        for a, b in comparisons:
             if a not in arms or b not in arms:
                 continue
             try:
@@ -224,6 +251,17 @@ def write_sweep(cfg: ReplicateConfig, env: str, kind: str, space: dict | list, i
     sweep["prune"] = {**sweep.get("prune", {}), "max_length": cfg.max_length}
     sweep["evaluate"] = {**sweep.get("evaluate", {}), "max_turns": cfg.max_turns,
                          "max_new_tokens": cfg.max_new_tokens, "reference": inputs["reference"]}
+    if kind == "onpolicy":  # each arm trains as much again as the others: the same steps of the same batch
+        distill = sweep["distill"]
+        sweep["distill"] = {**distill, "max_steps": cfg.onpolicy_iterations * cfg.onpolicy_steps, "warmup_steps": 0}
+        sweep["onpolicy"] = {
+            "iterations": cfg.onpolicy_iterations, "episodes": cfg.onpolicy_episodes, "max_steps": cfg.onpolicy_steps,
+            "teacher_topk": cfg.onpolicy_topk, "max_turns": cfg.max_turns, "max_new_tokens": cfg.max_new_tokens,
+            # the env actor idles while the student trains: it reserves no CPU, the Train worker takes them all
+            "workers": 1, "env_actors": 1, "envs_per_actor": cfg.onpolicy_episodes, "cpus_per_env_actor": 0,
+            "warmup_steps": 0,
+            **{k: distill[k] for k in ("batch_size", "micro_batch_size", "max_length", "lr", "cpus_per_worker")
+               if k in distill}}
     path.write_text(f"# written by benchmarks/replicate.py from {cfg.sweep_file}\n" + yaml.safe_dump(sweep))
     return path
 
@@ -352,9 +390,50 @@ def run_env(cfg: ReplicateConfig, env: str, uri: str) -> dict[str, Any] | None:
         rows = pd.concat([offline.assign(teacher="top-k stored"), online_rows.assign(teacher="full logits, online")])
         result["online_rows"] = rows
         result["online"] = group(rows, [report.P_METHOD, "teacher"])
+    result.update(onpolicy_stage(cfg, out, experiment, uri, main_rows, sweep_rows))
     if not report_only:
         wall["total_s"] = time.perf_counter() - began
     return result
+
+
+def onpolicy_stage(cfg: ReplicateConfig, out: Path, experiment: str, uri: str, main_rows, sweep_rows) -> dict:
+    """The on-policy stage's sweep (ONPOLICY_ARMS x seeds from one distilled SAD student), its table with the
+    tokens each arm trained on, and its paired differences (ONPOLICY_COMPARISONS)."""
+    from raysad import report
+
+    found = {"onpolicy": None, "onpolicy_rows": None, "onpolicy_paired": [], "onpolicy_from": None}
+    start = cfg.onpolicy_from
+    if start is None:
+        sad = main_rows[(main_rows[report.P_METHOD] == "sad") & (main_rows[report.P_SEED].astype(float) == 0)]
+        if sad.empty:
+            return found
+        best = sad.sort_values(report.M_SUCCESS, ascending=False, kind="stable").iloc[0]
+        start = str(out / "tune" / f"{experiment}-main" / "trials" / best["trial_id"] / "student")
+    found["onpolicy_from"] = start
+    seeds = list(range(cfg.seeds))
+    rows = sweep_rows("onpolicy", [{"student": [start], "seed": [seed], **axes}
+                                   for seed in seeds for axes in ONPOLICY_ARMS.values()])
+    if rows is None or rows.empty:
+        return found
+    rows = rows.assign(tokens_trained=[tokens_trained(out / "tune" / f"{experiment}-onpolicy" / "trials" / t)
+                                       for t in rows["trial_id"]])
+    found["onpolicy_rows"] = rows
+    found["onpolicy"] = group(rows, [report.P_METHOD])
+    found["onpolicy_paired"] = paired_comparisons(rows, uri, ONPOLICY_COMPARISONS)
+    return found
+
+
+def tokens_trained(trial: Path) -> float:
+    """Thought + action tokens a trial's student trained on after its start: its on-policy iterations', else its
+    distillation's (train_log.jsonl)."""
+    if (trial / "onpolicy").is_dir():
+        return float(sum(json.loads(p.read_text())["metrics"].get("onpolicy/tokens_trained", 0)
+                         for p in (trial / "onpolicy").glob("iter_*/done.json")))
+    log = trial / "student" / "train_log.jsonl"
+    if not log.is_file():
+        return float("nan")
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return float(sum(r.get("reason_tokens", 0) + r.get("act_tokens", 0) for r in rows))
 
 
 # ------------------------------------------------------------------------------------------ results ----
@@ -472,6 +551,21 @@ def plot_prune(results: list[dict], path: Path) -> Path | None:
     return save(fig, path)
 
 
+def onpolicy_section(result: dict) -> str:
+    """The on-policy stage's table (with the tokens each arm trained on) and its paired differences."""
+    from raysad import report
+
+    if result.get("onpolicy") is None:
+        return "not run"
+    rows = result["onpolicy_rows"]
+    tokens = rows.groupby(report.P_METHOD)["tokens_trained"].mean()
+    lines = [markdown_table(result["onpolicy"], [(report.P_METHOD, "arm")], rows), "",
+             "Thought + action tokens trained per arm (mean over seeds): "
+             + ", ".join(f"{arm} {n:,.0f}" for arm, n in tokens.items()), "",
+             "Paired differences in test success:", ""]
+    return "\n".join(lines + ([f"- {row['line']}" for row in result["onpolicy_paired"]] or ["none yet"]))
+
+
 def write_results(cfg: ReplicateConfig, results: list[dict], seconds: float, uri: str) -> Path:
     from raysad import report
 
@@ -507,6 +601,10 @@ def write_results(cfg: ReplicateConfig, results: list[dict], seconds: float, uri
                   f"({result['best_sad'][report.P_STUDENT_SIZE]})", "",
                   markdown_table(result["online"], [(report.P_METHOD, "method"), ("teacher", "teacher signal")],
                                  result["online_rows"]) if result["online"] is not None else "not run", "",
+                  "### On-policy against off-policy, from one distilled SAD student "
+                  f"(`{result.get('onpolicy_from')}`; each arm trains {cfg.onpolicy_iterations} x "
+                  f"{cfg.onpolicy_steps} more steps)", "",
+                  onpolicy_section(result), "",
                   "Wall seconds (stages run by this invocation): "
                   + (", ".join(f"{k} {v:.0f}" for k, v in result["wall_s"].items()) or "none run"), ""]
     lines += ["Plots: " + ", ".join(str(p.relative_to(out)) for p in made if p.exists()), ""]
@@ -514,9 +612,10 @@ def write_results(cfg: ReplicateConfig, results: list[dict], seconds: float, uri
     path.write_text("\n".join(lines))
     summary = [{"env": r["env"], "teacher": r["teacher"], "teacher_train_success": r["teacher_train_success"],
                 "settings": r["settings"], "best": r["best"], "best_sad": r["best_sad"], "wall_s": r["wall_s"],
-                "paired": r["paired"], "teacher_path": r["teacher_path"],
+                "paired": r["paired"], "teacher_path": r["teacher_path"], "onpolicy_from": r.get("onpolicy_from"),
+                "onpolicy_paired": r.get("onpolicy_paired", []),
                 **{k: None if r[k] is None else json.loads(r[k].to_json(orient="records"))
-                   for k in ("main", "lambda", "prune", "online")}}
+                   for k in ("main", "lambda", "prune", "online", "onpolicy") if r.get(k) is not None}}
                for r in results]
     (out / "results.json").write_text(json.dumps({"seconds": seconds, "config": dataclasses.asdict(cfg),
                                                   "envs": summary}, indent=1) + "\n")
@@ -551,10 +650,11 @@ def run(cfg: ReplicateConfig) -> Path | None:
 
 LIST_HELP = {"envs": "comma-separated", "students": "comma-separated (size names, derive:..., HF dirs)",
              "methods": "comma-separated",
-             "stages": "comma-separated: main, lambda, prune, online, teacher; or report (rewrite the results only)",
+             "stages": "comma-separated: main, lambda, prune, online, onpolicy, teacher; or report (rewrite the "
+                       "results only)",
              "prune_ratios": "comma-separated (0 is the main sweep's row)",
              "lambda_pairs": "λ_r:λ_a pairs, e.g. 0:1,2:1"}
-STAGES = ("main", "lambda", "prune", "online", "teacher", "report")
+STAGES = ("main", "lambda", "prune", "online", "onpolicy", "teacher", "report")
 
 
 def parse_config(argv: list[str] | None = None) -> ReplicateConfig:

@@ -6,6 +6,7 @@
     Policy        the model that plays and how it samples                    (rollout, evaluate)
     Play          prompts, token budgets, env actors and engine actors       (rollout, evaluate)
     Training      the model's output, batch, length, steps, workers          (distill, sft)
+    Workers       where Ray Train's workers run: GPUs, CPUs, resources, DDP/FSDP (distill, onpolicy)
     Optimizer     AdamW and its learning-rate schedule                       (distill, sft)
     Distillation  the teacher and the loss: method, λ_r, λ_a, divergence     (distill)
 
@@ -203,6 +204,24 @@ class Distillation(Checked):
 
 
 @dataclass(kw_only=True)
+class Workers(Checked):
+    precision: Literal["auto", "bf16", "fp32"] = setting("auto", "auto: bf16 autocast on GPU, fp32 on CPU.")
+    gpus_per_worker: float = setting(0.0, "GPUs per worker (0 = CPU with gloo).")
+    cpus_per_worker: float = setting(1.0, "CPUs per worker.")
+    worker_resources: dict[str, float] = setting(
+        factory=dict, help="Custom resources each worker asks for, k=v[,k=v]: pins workers to a node type, e.g. "
+                           "trainer=1 (cluster.yaml).", shown="none")
+    strategy: Literal["ddp", "fsdp"] = setting("ddp", "ddp, or fsdp (FSDP2, shards a student too big for one GPU).")
+
+    def check(self) -> None:
+        check_range("gpus_per_worker", self.gpus_per_worker, 0, 1_024)
+        check_range("cpus_per_worker", self.cpus_per_worker, 0, 100_000)
+        if getattr(self, "workers", 1) == 0 and self.strategy == "fsdp":
+            raise ValueError("strategy fsdp needs workers >= 1 (workers 0 runs in this process)")
+        _check_resources(self, "worker_resources")
+
+
+@dataclass(kw_only=True)
 class Optimizer(Checked):
     lr: float = setting(5e-4, "Peak learning rate (warm-up, then the schedule's decay).")
     min_lr_ratio: float = setting(0.1, "The learning rate decays to lr × this.")
@@ -257,7 +276,7 @@ class EvalConfig(Tasks, Policy, Play, Tracking, RayCluster):
 
 
 @dataclass(kw_only=True)
-class DistillConfig(Distillation, Training, Optimizer, Tracking, RayCluster):
+class DistillConfig(Distillation, Training, Workers, Optimizer, Tracking, RayCluster):
     """`raysad distill`: a student trained on teacher trajectories on Ray Train."""
     trajectories: str = setting(help="Teacher trajectories (.jsonl or .parquet) from `raysad rollout`.")
     student: str = setting(help="Student: HF model directory, a tiny size name (tiny-1m, tiny-5m, tiny-20m), or "
@@ -265,13 +284,6 @@ class DistillConfig(Distillation, Training, Optimizer, Tracking, RayCluster):
                                 "into <out>/derived-student: every K-th layer, or its first A and last B layers).")
     curriculum: bool = setting(False, "Order trajectories easy -> hard, unlocking more each epoch.")
     curriculum_start: float = setting(0.3, "Share of the (sorted) data unlocked in the first epoch.")
-    precision: Literal["auto", "bf16", "fp32"] = setting("auto", "auto: bf16 autocast on GPU, fp32 on CPU.")
-    gpus_per_worker: float = setting(0.0, "GPUs per worker (0 = CPU with gloo).")
-    cpus_per_worker: float = setting(1.0, "CPUs per worker.")
-    worker_resources: dict[str, float] = setting(
-        factory=dict, help="Custom resources each worker asks for, k=v[,k=v]: pins workers to a node type, e.g. "
-                           "trainer=1 (cluster.yaml).", shown="none")
-    strategy: Literal["ddp", "fsdp"] = setting("ddp", "ddp, or fsdp (FSDP2, shards a student too big for one GPU).")
     checkpoint_every: int = setting(50, "Steps between checkpoints (one is also written at the end).")
     resume: bool = setting(True, "Continue from the last checkpoint of the run in --out, or start again.")
     max_failures: int = setting(2, "Worker failures Ray Train recovers from (from the last checkpoint).")
@@ -288,15 +300,10 @@ class DistillConfig(Distillation, Training, Optimizer, Tracking, RayCluster):
 
     def check(self) -> None:
         check_range("curriculum_start", self.curriculum_start, 0, 1, low_inclusive=False)
-        check_range("gpus_per_worker", self.gpus_per_worker, 0, 1_024)
-        check_range("cpus_per_worker", self.cpus_per_worker, 0, 100_000)
         check_range("checkpoint_every", self.checkpoint_every, 1)
         check_range("max_failures", self.max_failures, 0, 1_000)
         check_range("log_every", self.log_every, 1)
         check_range("fail_once_at_step", self.fail_once_at_step, 0, why="0 = never")
-        if self.workers == 0 and self.strategy == "fsdp":
-            raise ValueError("strategy fsdp needs workers >= 1 (workers 0 runs in this process)")
-        _check_resources(self, "worker_resources")
 
 
 @dataclass(kw_only=True)
@@ -326,7 +333,7 @@ class SFTConfig(Training, Optimizer, Tracking, RayCluster):
 
 
 @dataclass(kw_only=True)
-class OnPolicyConfig(Distillation, Training, Tasks, Play, Optimizer, Tracking, RayCluster):
+class OnPolicyConfig(Distillation, Training, Workers, Tasks, Play, Optimizer, Tracking, RayCluster):
     """`raysad onpolicy`: iterations in which the student plays, the teacher scores the student's own tokens
     and the student learns from them segment by segment."""
     student: str = setting(help="The student to train: HF model directory, or derive:keep_every=K | "

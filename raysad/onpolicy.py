@@ -55,7 +55,7 @@ from typing import Any
 
 from raysad.config import values_of, write_json
 from raysad.configs import (DistillConfig, Distillation, OnPolicyConfig, Optimizer, Play, RayCluster, RolloutConfig,
-                            Training)
+                            Training, Workers)
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def horizon_of(cfg: OnPolicyConfig) -> int:
 def train_config(cfg: OnPolicyConfig, k: int, student: str, data: Path) -> DistillConfig:
     """Iteration k's distillation: the student on its own trajectories, the teacher online (or, teacher_topk,
     its stored top-k rows)."""
-    settings = values_of(cfg, Distillation, Training, Optimizer, RayCluster)
+    settings = values_of(cfg, Distillation, Training, Workers, Optimizer, RayCluster)
     if cfg.teacher_topk:
         settings["teacher"] = None
     steps = max(cfg.max_steps, 1)

@@ -72,11 +72,18 @@ def method_label(method: str, curriculum: bool = False, onpolicy: str | None = N
     return f"{label}+onpolicy-{onpolicy}" if onpolicy else label
 
 
+def onpolicy_label(config) -> str:
+    """An on-policy stage in a method label: its method, then its depth curriculum and take-over if on
+    ('sad-b2f', 'token_kd-takeover')."""
+    return "-".join([config.method] + ([config.depth_curriculum] if config.depth_curriculum != "off" else [])
+                    + (["takeover"] if config.teacher_takeover else []))
+
+
 def student_labels(config, onpolicy=None) -> dict[str, Any]:
     """The report's params of a student distilled with `config` (a DistillConfig) and then, if given, trained
     on-policy with `onpolicy` (an OnPolicyConfig): what distill writes to <out>/raysad.json, so a hand-run
     evaluate -> report shows its method, λs and seed."""
-    return {P_METHOD: method_label(config.method, config.curriculum, onpolicy.method if onpolicy else None),
+    return {P_METHOD: method_label(config.method, config.curriculum, onpolicy_label(onpolicy) if onpolicy else None),
             P_LAMBDA_REASON: config.lambda_reason,
             P_LAMBDA_ACT: config.lambda_act, P_DIVERGENCE: config.divergence, P_SEED: config.seed}
 

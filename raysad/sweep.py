@@ -62,7 +62,8 @@ class SweepConfig:
     prune: dict[str, Any] = field(default_factory=dict)      # PruneConfig fields (ratio is the space's)
     onpolicy: dict[str, Any] = field(default_factory=dict)   # OnPolicyConfig fields: given, each trial (the
     #                                          space's `onpolicy: [false, true]` picks which) continues its
-    #                                          distilled student on-policy with the teacher, before prune/test
+    #                                          distilled student on-policy with the teacher, before prune/test;
+    #                                          axes `onpolicy.<field>` vary its fields per trial
     evaluate: dict[str, Any] = field(default_factory=dict)   # EvalConfig fields (max_turns, few_shot ...)
     # resources and bookkeeping
     cpus_per_trial: float = 1.0                # the trial's own process (fractional is fine)
@@ -101,6 +102,16 @@ def _check_section(cls, values: dict, section: str, set_by_sweep: tuple, source:
                         + ", ".join(sorted(fields - set(set_by_sweep))))
         out[key] = coerce(value, hints[key], f"{source}: field '{section}.{key}'")
     return out
+
+
+def _onpolicy_hints() -> dict:
+    """The OnPolicyConfig fields a sweep's `onpolicy.<field>` axes may set (the others the sweep sets itself)."""
+    import typing
+
+    from raysad.onpolicy import OnPolicyConfig
+
+    hints = typing.get_type_hints(OnPolicyConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(OnPolicyConfig) if f.name not in ONPOLICY_SET_BY_SWEEP}
 
 
 def _distill_hints() -> dict:
@@ -290,13 +301,16 @@ def check_space(space: Any, sweep: SweepConfig, prefix: str, source: str) -> Non
     if not isinstance(space, dict):
         raise _fail(source, prefix, f"expected a mapping of axis: values, got {space!r}")
     hints = _distill_hints()
-    allowed = {"student", "prune_ratio"} | (set(hints) - set(DISTILL_SET_BY_SWEEP)) | ({"onpolicy"} if sweep.onpolicy
-                                                                                       else set())
+    allowed = {"student", "prune_ratio", "distill"} | (set(hints) - set(DISTILL_SET_BY_SWEEP))
+    onpolicy_hints = _onpolicy_hints() if sweep.onpolicy else {}
+    allowed |= {"onpolicy"} | {f"onpolicy.{f}" for f in onpolicy_hints} if sweep.onpolicy else set()
     for axis, spec in space.items():
         where = f"{prefix}.{axis}"
         if axis not in allowed:
-            raise _fail(source, where, "not a search axis; axes: student, prune_ratio, "
-                        + ", ".join(sorted(allowed - {"student", "prune_ratio"})))
+            raise _fail(source, where, "not a search axis; axes: student, prune_ratio, distill, "
+                        + ("onpolicy, onpolicy.<field>, " if sweep.onpolicy else "")
+                        + ", ".join(sorted(a for a in allowed - {"student", "prune_ratio", "distill", "onpolicy"}
+                                           if not a.startswith("onpolicy."))))
         if isinstance(spec, dict):
             if len(spec) != 1 or next(iter(spec)) not in RANGES:
                 raise _fail(source, where, f"a range is one of {{{'|'.join(RANGES)}: [...]}}, got {spec!r}")
@@ -317,8 +331,10 @@ def check_space(space: Any, sweep: SweepConfig, prefix: str, source: str) -> Non
             elif axis == "prune_ratio":
                 if coerce(value, float, at) < 0 or float(value) >= 1:
                     raise _fail(source, f"{where}[{j}]", f"a pruning ratio is in [0, 1), got {value!r}")
-            elif axis == "onpolicy":
+            elif axis in ("onpolicy", "distill"):  # distill false: the student as given goes on (on-policy, test)
                 coerce(value, bool, at)
+            elif axis.startswith("onpolicy."):
+                coerce(value, onpolicy_hints[axis.partition(".")[2]], at)
             else:
                 coerce(value, hints[axis], at)
         if axis == "method":
@@ -328,6 +344,13 @@ def check_space(space: Any, sweep: SweepConfig, prefix: str, source: str) -> Non
     if "student" not in space:
         raise _fail(source, f"{prefix}.student", "name the student(s): tiny-1m, tiny-5m, tiny-20m, "
                     "derive:keep_every=2 or an HF directory")
+    from raysad import models
+
+    if "distill" in space and not all(coerce(v, bool, "distill") for v in axis_values("distill", space["distill"])):
+        tiny = [v for v in axis_values("student", space["student"]) if v in models.TINY_SIZES]
+        if tiny:
+            raise _fail(source, f"{prefix}.distill", f"false takes the student as given, and {tiny[0]} is a size to "
+                        "build and train: give an HF directory (or derive:...)")
 
 
 def check_student_spec(spec: str, sweep: SweepConfig, where: str, source: str) -> None:

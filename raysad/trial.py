@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from raysad import report as names
-from raysad.config import write_json
+from raysad.config import coerce, write_json
 from raysad.losses import METHODS as DISTILL_METHODS
 from raysad.sweep import SweepConfig, student_size
 
@@ -56,19 +56,20 @@ def trainable(sweep: SweepConfig, inputs: dict, parent_run_id: str | None):
 
 def trial_params(config: dict, sweep: SweepConfig) -> dict[str, Any]:
     """The distill settings of one trial: the sweep's `distill:` section, then the trial's axes."""
-    return {**sweep.distill, **{k: v for k, v in config.items() if k not in ("student", "prune_ratio", "env",
-                                                                             "onpolicy")}}
+    return {**sweep.distill, **{k: v for k, v in config.items()
+                                if k not in ("student", "prune_ratio", "env", "distill", "onpolicy")
+                                and not k.startswith("onpolicy.")}}
 
 
 def onpolicy_config(config: dict, sweep: SweepConfig, inputs: dict, dcfg, work: Path):
-    """The trial's on-policy stage (None: off): the sweep's `onpolicy:` section on the distilled student, with the
-    sweep's teacher, unless the trial's `onpolicy` axis says false."""
-    from raysad.config import coerce
+    """The trial's on-policy stage (None: off): the sweep's `onpolicy:` section with the trial's `onpolicy.<field>`
+    axes on the distilled student, with the sweep's teacher, unless the trial's `onpolicy` axis says false."""
     from raysad.onpolicy import OnPolicyConfig
 
     if not sweep.onpolicy or not coerce(config.get("onpolicy", True), bool, "onpolicy"):
         return None
-    return OnPolicyConfig(**{"seed": dcfg.seed, **sweep.onpolicy}, env=config["env"], student=dcfg.out,
+    axes = {k.partition(".")[2]: v for k, v in config.items() if k.startswith("onpolicy.")}
+    return OnPolicyConfig(**{"seed": dcfg.seed, **sweep.onpolicy, **axes}, env=config["env"], student=dcfg.out,
                           teacher=inputs["teacher"], out=str(work / "onpolicy"), experiment=inputs["experiment"],
                           tracking_uri=inputs["tracking_uri"])
 
@@ -193,10 +194,12 @@ def run_trial(config: dict, sweep: dict, inputs: dict, parent_run_id: str | None
     ocfg = onpolicy_config(config, sweep, inputs, dcfg, work)
     student = {**names.student_labels(dcfg, ocfg), names.P_STUDENT_SIZE: student_size(spec),
                names.P_PRUNE_RATIO: prune_ratio, names.P_ENV: config["env"]}
+    distilled = coerce(config.get("distill", True), bool, "distill")
     params = {**student, "lr": dcfg.lr, "temperature": dcfg.temperature, "student": spec, "trial_id": trial_id,
-              "sweep": sweep.name, "chunks": sweep.chunks,
-              **{f"distill.{k}": v for k, v in run_params(dcfg).items() if v is not None},
-              **({f"onpolicy.{k}": v for k, v in sweep.onpolicy.items()} if ocfg else {})}
+              "sweep": sweep.name, "chunks": sweep.chunks, "distill": distilled,
+              **({f"distill.{k}": v for k, v in run_params(dcfg).items() if v is not None} if distilled else {}),
+              **({f"onpolicy.{k}": v for k, v in run_params(ocfg).items() if k in sweep.onpolicy
+                  or f"onpolicy.{k}" in config} if ocfg else {})}
     tags = {names.STAGE_TAG: "trial", "sweep": sweep.name, "trial_id": trial_id, "method": student[names.P_METHOD],
             "student_size": student_size(spec), "env": config["env"]}
     if parent_run_id:
@@ -223,7 +226,11 @@ def _trial_body(sweep, inputs, config, dcfg, ocfg, student, prune_ratio, state, 
         _report(json.loads(finished.read_text()), state)
         return
     env = config["env"]
-    model = _distill_chunks(sweep, inputs, env, dcfg, student, state, work, client, run_id)
+    if coerce(config.get("distill", True), bool, "distill"):
+        model = _distill_chunks(sweep, inputs, env, dcfg, student, state, work, client, run_id)
+    else:  # the student as given goes on (e.g. on-policy from an already distilled student)
+        model = dcfg.student
+        _events(work, "distill_skipped")
     if ocfg is not None:
         model = _onpolicy(dataclasses.replace(ocfg, student=model), work, state)
     final = _prune(sweep, inputs, dcfg, model, prune_ratio, work) if prune_ratio > 0 else model

@@ -29,7 +29,7 @@ def test_small_replication_runs_every_sweep_and_writes_tables_plots_and_mlflow(t
     assert results_md == out / "results.md"
     text = results_md.read_text()
     for heading in ("## hotpotqa", "### Students", "### Paired differences", "### λ sweep", "### Pruning sweep",
-                    "pooled success [95% CI]"):
+                    "pooled success [95% CI]", "### On-policy against off-policy", "tokens trained per arm"):
         assert heading in text
 
     [env] = json.loads((out / "results.json").read_text())["envs"]
@@ -51,6 +51,11 @@ def test_small_replication_runs_every_sweep_and_writes_tables_plots_and_mlflow(t
     prune = {row["prune_ratio"]: row for row in env["prune"]}
     assert set(prune) == {0.0, 0.5}
     assert prune[0.5]["eval/params"] < prune[0.0]["eval/params"]
+    # the on-policy stage: every arm from the main sweep's SAD student, paired against each other
+    assert sorted(row["method"] for row in env["onpolicy"]) == sorted(replicate.ONPOLICY_ARMS)
+    start = Path(env["onpolicy_from"])  # the seed-0 SAD trial's student of the main sweep
+    assert start.name == "student" and start.parents[1].name == "trials" and start.parents[2].name.endswith("-main")
+    assert {(row["a"], row["b"]) for row in env["onpolicy_paired"]} == set(replicate.ONPOLICY_COMPARISONS)
     assert all((out / "plots" / name).stat().st_size > 0
                for name in ("students.png", "pruning.png", "lambda_hotpotqa.png"))
 
@@ -58,7 +63,11 @@ def test_small_replication_runs_every_sweep_and_writes_tables_plots_and_mlflow(t
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["replicate-small-hotpotqa"], output_format="list")
     trials = [r for r in runs if r.data.tags.get("stage") == "trial"]
-    assert len(trials) == 5 + 1 + 1
+    assert len(trials) == 5 + 1 + 1 + len(replicate.ONPOLICY_ARMS)
+    onpolicy = {r.data.params["method"]: r for r in trials if r.data.tags["sweep"].endswith("-onpolicy")}
+    assert onpolicy["sad+onpolicy-sad-b2f"].data.params["onpolicy.depth_curriculum"] == "b2f"
+    assert onpolicy["sad+onpolicy-sad"].data.params["onpolicy.teacher_topk"] == "4"
+    assert onpolicy["sad"].data.params["distill.max_steps"] == "1"  # iterations x steps: as much training again
     assert all(r.info.status == "FINISHED" and "eval/success_rate" in r.data.metrics for r in trials)
     curriculum = next(r for r in trials if r.data.params["method"] == "sad+curriculum")
     assert curriculum.data.params["distill.curriculum"] == "True"
@@ -67,7 +76,7 @@ def test_small_replication_runs_every_sweep_and_writes_tables_plots_and_mlflow(t
     by_sweep = {}
     for r in trials:
         by_sweep.setdefault(r.data.tags["sweep"], []).append(r)
-    assert set(by_sweep) == {f"replicate-small-hotpotqa-{k}" for k in ("main", "lambda", "prune")}
+    assert set(by_sweep) == {f"replicate-small-hotpotqa-{k}" for k in ("main", "lambda", "prune", "onpolicy")}
     sad = next(r for r in by_sweep["replicate-small-hotpotqa-main"] if r.data.params["method"] == "sad")
     row = next(row for row in main if row["method"] == "sad")
     assert sad.data.metrics["eval/success_rate"] == pytest.approx(row["eval/success_rate"])

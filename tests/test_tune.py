@@ -287,23 +287,28 @@ def test_an_interrupted_sweep_resumes_and_runs_nothing_twice(ray_cluster, data, 
 
 
 def test_a_trial_continues_its_student_on_policy_when_the_sweep_says_so(ray_cluster, data, tmp_path):
-    # the space's onpolicy axis: one trial stops after distill, the other plays and trains one on-policy iteration
+    # two grids: one trial distils and stops there; the other takes its student as given (distill: false) and
+    # trains it on-policy with the trial's own on-policy method and depth curriculum (onpolicy.<field> axes)
     onpolicy = {"iterations": 1, "episodes": 2, "max_turns": 2, "max_new_tokens": 6, "max_steps": 2,
                 "batch_size": 2, "micro_batch_size": 2, "max_length": 512, "workers": 1, "env_actors": 1,
                 "envs_per_actor": 2}
-    path = sweep_file(data, tmp_path, "onpolicy", ["sad"], onpolicy=onpolicy,
-                      space={"student": ["tiny-1m"], "method": ["sad"], "onpolicy": [False, True]})
+    space = [{"student": ["tiny-1m"], "method": ["sad"], "onpolicy": [False]},
+             {"student": [str(data / "teacher")], "method": ["sad"], "distill": [False],
+              "onpolicy.method": ["token_kd"], "onpolicy.depth_curriculum": ["f2b"]}]
+    path = sweep_file(data, tmp_path, "onpolicy", ["sad"], onpolicy=onpolicy, space=space)
     result = run_sweep(load_sweep(path))
     assert [t["error"] for t in result.trials] == [None, None] and all(t["done"] for t in result.trials)
     client, runs = mlflow_runs(tmp_path, "onpolicy")
     trials = {r.data.params["method"]: r for r in runs if r.data.tags.get("stage") == "trial"}
-    assert set(trials) == {"sad", "sad+onpolicy-sad"}
-    on, off = trials["sad+onpolicy-sad"], trials["sad"]
-    assert on.data.params["onpolicy.iterations"] == "1" and "onpolicy.iterations" not in off.data.params
+    assert set(trials) == {"sad", "sad+onpolicy-token_kd-f2b"}
+    on, off = trials["sad+onpolicy-token_kd-f2b"], trials["sad"]
+    assert on.data.params["onpolicy.iterations"] == "1" and on.data.params["onpolicy.method"] == "token_kd"
+    assert "onpolicy.iterations" not in off.data.params
     assert on.data.metrics["onpolicy/tokens_trained"] > 0 and "onpolicy/tokens_trained" not in off.data.metrics
     assert Path(on.data.tags["model_path"]).parent.name == "onpolicy"  # the on-policy student was tested
     assert "eval/success_rate" in on.data.metrics and "eval/success_rate" in off.data.metrics
-    assert sorted(ev for evs in events(result.sweep_dir).values() for ev in evs).count("onpolicy") == 1
+    assert sorted(events(result.sweep_dir).values()) == [["distill", "evaluate", "done"],
+                                                         ["distill_skipped", "onpolicy", "evaluate", "done"]]
 
 
 def test_an_onpolicy_section_is_checked_like_the_others(tmp_path, data):
@@ -313,6 +318,11 @@ def test_an_onpolicy_section_is_checked_like_the_others(tmp_path, data):
         load_sweep(sweep_file(data, tmp_path, "bad", ["sad"], onpolicy={"workers": 0}))
     with pytest.raises(ConfigError, match=r"field 'space.onpolicy': not a search axis"):
         load_sweep(sweep_file(data, tmp_path, "bad", ["sad"], space={"student": ["tiny-1m"], "onpolicy": [True]}))
+    with pytest.raises(ConfigError, match=r"field 'space.distill': false takes the student as given, and tiny-1m"):
+        load_sweep(sweep_file(data, tmp_path, "bad", ["sad"], space={"student": ["tiny-1m"], "distill": [False]}))
+    with pytest.raises(ConfigError, match=r"field 'space.onpolicy.depth_curriculum\[0\]'"):
+        load_sweep(sweep_file(data, tmp_path, "bad", ["sad"], onpolicy={"iterations": 2},
+                              space={"student": ["tiny-1m"], "onpolicy.depth_curriculum": ["sideways"]}))
 
 
 @pytest.mark.slow
