@@ -57,11 +57,12 @@ COMPARISONS = (("sad", "token_kd"), ("sad", "sft"), ("sad", "flat_kd"), ("sad+cu
 # optimizer steps of the same batch size): off-policy on the teacher's trajectories (sad, token_kd, sft) or
 # on-policy (the student plays, the teacher scores its tokens): SAD's segment-weighted reverse KL, the vanilla
 # one-loss on-policy KD, and SAD with TCOD's b2f depth curriculum
+# (in the order they run: the first comparison, on-policy SAD against SAD trained on as long, comes first)
 ONPOLICY_ARMS = {"sad": {"method": ["sad"], "onpolicy": [False]},
-                 "token_kd": {"method": ["token_kd"], "onpolicy": [False]},
-                 "sft": {"method": ["sft"], "onpolicy": [False]},
                  "sad+onpolicy-sad": {"distill": [False], "onpolicy.method": ["sad"]},
                  "sad+onpolicy-token_kd": {"distill": [False], "onpolicy.method": ["token_kd"]},
+                 "token_kd": {"method": ["token_kd"], "onpolicy": [False]},
+                 "sft": {"method": ["sft"], "onpolicy": [False]},
                  "sad+onpolicy-sad-b2f": {"distill": [False], "onpolicy.method": ["sad"],
                                           "onpolicy.depth_curriculum": ["b2f"]}}
 ONPOLICY_COMPARISONS = (("sad+onpolicy-sad", "sad"), ("sad+onpolicy-sad", "sad+onpolicy-token_kd"),
@@ -108,6 +109,7 @@ class ReplicateConfig:
     onpolicy_episodes: int = 16            # train episodes the student plays per iteration
     onpolicy_steps: int = 4                # optimizer steps per iteration (off-policy arms: iterations x steps)
     onpolicy_topk: int = 16                # the teacher's engine scores the student's tokens, top-k kept
+    onpolicy_lr: float = 2e-4              # every arm's (constant) learning rate: the student is trained already
     experiment: str = "replicate"          # MLflow experiment prefix: <experiment>-<env>
     tracking_uri: str | None = None
 
@@ -253,7 +255,8 @@ def write_sweep(cfg: ReplicateConfig, env: str, kind: str, space: dict | list, i
                          "max_new_tokens": cfg.max_new_tokens, "reference": inputs["reference"]}
     if kind == "onpolicy":  # each arm trains as much again as the others: the same steps of the same batch
         distill = sweep["distill"]
-        sweep["distill"] = {**distill, "max_steps": cfg.onpolicy_iterations * cfg.onpolicy_steps, "warmup_steps": 0}
+        sweep["distill"] = distill = {**distill, "max_steps": cfg.onpolicy_iterations * cfg.onpolicy_steps,
+                                      "warmup_steps": 0, "lr": cfg.onpolicy_lr, "schedule": "constant"}
         sweep["onpolicy"] = {
             "iterations": cfg.onpolicy_iterations, "episodes": cfg.onpolicy_episodes, "max_steps": cfg.onpolicy_steps,
             "teacher_topk": cfg.onpolicy_topk, "max_turns": cfg.max_turns, "max_new_tokens": cfg.max_new_tokens,
@@ -351,7 +354,9 @@ def run_env(cfg: ReplicateConfig, env: str, uri: str) -> dict[str, Any] | None:
     main_config = out / "config_main.json"  # what this env's main sweep ran with (flags may differ per env)
     settings = json.loads(main_config.read_text()) if main_config.exists() else dataclasses.asdict(cfg)
     result = {"env": env, "teacher": inputs["teacher_test"], "teacher_size": settings["teacher"],
-              "settings": {k: settings[k] for k in RUN_SETTINGS},
+              # (a main sweep run before max_steps was renamed max_turns recorded the old name)
+              "settings": {k: settings.get(k, settings.get("max_steps") if k == "max_turns" else None)
+                           for k in RUN_SETTINGS},
               "teacher_train_success": inputs["teacher_train_success"],
               "teacher_train_episodes": inputs["teacher_train_episodes"], "main_rows": main_rows, "main": main_table,
               "lambda": None, "lambda_rows": None, "prune": None, "prune_rows": None, "online": None,
