@@ -372,8 +372,9 @@ class OnPolicyConfig(Distillation, Training, Workers, Tasks, Play, Optimizer, Tr
     depth_curriculum: Literal["off", "b2f", "f2b"] = setting(
         "off", "TCOD's curriculum over trajectory depth, reaching full depth linearly over --curriculum-iterations: "
                "b2f (the teacher plays each episode's first turns, the student the rest; the teacher's part shrinks "
-               "to none) or f2b (the student plays the first turns only, episodes end there; the depth grows to "
-               "--max-turns). The teacher's turns are context, no loss.")
+               "to none; it starts from the teacher's median episode length in --teacher-trajectories if given) or "
+               "f2b (the student plays the first turns only, episodes end there; the depth grows to --max-turns). "
+               "The teacher's turns are context, no loss.")
     teacher_takeover: float = setting(0.0, "Share of the student's turns that the teacher plays instead at the first "
                                            "iteration, decaying linearly to 0 over --curriculum-iterations (guided "
                                            "on-policy); the teacher's turns are context, no loss.")

@@ -125,12 +125,24 @@ def play_config(cfg: OnPolicyConfig, k: int, student: str, task_ids: list[str],
 
 
 def horizon_of(cfg: OnPolicyConfig) -> int:
-    """The episodes' max turns: --max-turns, else the env's own (one env built to ask)."""
-    if cfg.max_turns:
-        return cfg.max_turns
-    from raysad.env_actors import default_env_factory
+    """The depth the curriculum grows to: the episodes' max turns (--max-turns, else the env's own: one env built
+    to ask); for b2f, where the teacher plays the first turns, the teacher's median episode length in
+    --teacher-trajectories when given (a teacher that finishes in 4 turns of 8 would otherwise play whole episodes
+    in the first iterations), at most the max turns."""
+    limit = cfg.max_turns
+    if not limit:
+        from raysad.env_actors import default_env_factory
 
-    return int(default_env_factory(play_config(cfg, 0, cfg.teacher, []))().unwrapped.max_steps)
+        limit = int(default_env_factory(play_config(cfg, 0, cfg.teacher, []))().unwrapped.max_steps)
+    if cfg.depth_curriculum != "b2f" or not cfg.teacher_trajectories:
+        return limit
+    from raysad.trajectory_reader import read_trajectories
+
+    with read_trajectories(cfg.teacher_trajectories) as reader:
+        lengths = sorted(len(t.turns) for t in reader)
+    if not lengths:
+        raise ValueError(f"--teacher-trajectories {cfg.teacher_trajectories}: no trajectories")
+    return max(1, min(limit, lengths[len(lengths) // 2]))
 
 
 def train_config(cfg: OnPolicyConfig, k: int, student: str, data: Path) -> DistillConfig:

@@ -69,7 +69,11 @@ def onpolicy_config(config: dict, sweep: SweepConfig, inputs: dict, dcfg, work: 
     if not sweep.onpolicy or not coerce(config.get("onpolicy", True), bool, "onpolicy"):
         return None
     axes = {k.partition(".")[2]: v for k, v in config.items() if k.startswith("onpolicy.")}
-    return OnPolicyConfig(**{"seed": dcfg.seed, **sweep.onpolicy, **axes}, env=config["env"], student=dcfg.out,
+    # the sweep's teacher trajectories, unless the section names others: the off-policy examples a teacher_share
+    # mixes in, and where b2f's depth curriculum starts (the teacher's median episode length)
+    settings = {"seed": dcfg.seed, "teacher_trajectories": inputs["trajectories"][config["env"]], **sweep.onpolicy,
+                **axes}
+    return OnPolicyConfig(**settings, env=config["env"], student=dcfg.out,
                           teacher=inputs["teacher"], out=str(work / "onpolicy"), experiment=inputs["experiment"],
                           tracking_uri=inputs["tracking_uri"])
 

@@ -6,6 +6,7 @@ norm scaled up, so its distributions are peaked). Episodes are 2 turns of at mos
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -293,3 +294,15 @@ def test_with_teacher_topk_the_teachers_engines_score_exactly_the_students_token
                 expected = logp[p - 1]
                 assert np.allclose(row_lp, expected[row_ids].numpy(), atol=1e-4)
                 assert min(row_lp) >= expected.topk(5).values[-1].item() - 1e-4  # they are its 4 largest
+
+
+def test_b2f_starts_from_the_teachers_median_episode_length(data, student_dir, tmp_path):
+    # a teacher that finishes in a few turns of many: b2f counts its depth from that length, not from --max-turns
+    from raysad.onpolicy import horizon_of
+
+    lengths = sorted(len(t.turns) for t in read_trajectories(data / "text.jsonl"))
+    cfg = onpolicy_config(data, student_dir, tmp_path, depth_curriculum="b2f", max_turns=50,
+                          teacher_trajectories=str(data / "text.jsonl"))
+    assert horizon_of(cfg) == lengths[len(lengths) // 2] < 50
+    assert horizon_of(dataclasses.replace(cfg, depth_curriculum="f2b")) == 50  # f2b grows to the max turns
+    assert horizon_of(dataclasses.replace(cfg, teacher_trajectories=None)) == 50
