@@ -282,3 +282,21 @@ def test_cli_refuses_other_settings_in_one_line(tmp_path, monkeypatch):
                                       "--out", str(out)])
     assert result.exit_code == 2
     assert "other settings (few_shot: 6 -> 2)" in result.output
+
+
+def test_a_guided_output_resumes_only_with_the_same_guide_turns(tmp_path):
+    # on-policy curricula change who plays which turn: an iteration's output played with other guide settings is
+    # not continued (its episodes would mix two shares of teacher turns)
+    from raysad.configs import RolloutConfig
+    from raysad.rollout import check_settings
+
+    out = tmp_path / "t.jsonl"
+
+    def cfg(**kw):
+        return RolloutConfig(env="hotpotqa", policy="hf", model="student", guide="teacher", out=str(out), **kw)
+
+    check_settings(cfg(guide_turns=3))
+    out.write_text("")  # the output exists from here on
+    check_settings(cfg(guide_turns=3))
+    with pytest.raises(ValueError, match=r"other settings \(guide_turns: 3 -> 2\)"):
+        check_settings(cfg(guide_turns=2))
