@@ -254,7 +254,7 @@ def play_counts(path: Path) -> dict[str, float]:
             guided = sum(bool(turn.extra.get("guide")) for turn in t.turns)
             episodes, successes = episodes + 1, successes + bool(t.success)
             student, teacher = student + len(t.turns) - guided, teacher + guided
-            idle += guided == len(t.turns)
+            idle += bool(t.turns) and guided == len(t.turns)  # (an episode that errored at reset has no turns)
     return {"onpolicy/train_success_rate": successes / episodes if episodes else 0.0,
             "onpolicy/student_turns": student, "onpolicy/teacher_turns": teacher,
             "onpolicy/episodes_without_student_turns": idle}
@@ -354,7 +354,7 @@ def train(cfg: OnPolicyConfig, k: int, student: str, played, waited_s: float, ho
         scored = score(cfg, path, players.teacher_engines)
         score_s = time.monotonic() - began
     data, mixed = mix_in_teacher(cfg, k, scored)
-    if counts["onpolicy/student_turns"] == 0 and not mixed:
+    if counts["onpolicy/student_turns"] == 0 and counts["onpolicy/teacher_turns"] and not mixed:
         raise RuntimeError(f"iteration {k}: the student played no turn in {path}, the teacher played them all "
                            "(nothing to learn from): start the depth curriculum shallower with more "
                            "--curriculum-iterations, or lower --teacher-takeover")

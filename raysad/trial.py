@@ -128,14 +128,7 @@ def _evaluate(sweep: SweepConfig, inputs: dict, env: str, split: str, model: str
                      model=model, out=str(out), method=student.get(names.P_METHOD),
                      student_size=student.get(names.P_STUDENT_SIZE), experiment=inputs["experiment"],
                      tracking_uri=inputs["tracking_uri"])
-    # A Tune trial's placement group captures the actors its process creates; the evaluation's engine and env
-    # actors reserve their own resources, so the evaluation runs as a task outside that placement group.
-    import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    task = ray.remote(num_cpus=0)(run_evaluate).options(
-        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
-    metrics = ray.get(task.remote(cfg, progress=False, track=False))
+    metrics = _outside_trial_group(run_evaluate, cfg, progress=False, track=False)
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
@@ -294,21 +287,25 @@ def _distill_chunks(sweep, inputs, env, dcfg, student, state, work, client, run_
     return model
 
 
-def _onpolicy(ocfg, work: Path, state: dict) -> str:
-    """The on-policy stage on the distilled student (it resumes per iteration on its own); its per-iteration
-    onpolicy/* metrics go to the trial's run at steps after distill's. Returns its last student."""
+def _outside_trial_group(fn, *args, **kwargs):
+    """fn(*args, **kwargs) as a Ray task outside the trial's placement group, which captures the actors its
+    process creates: a stage whose engine/env actors and Train workers reserve their own resources."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+    task = ray.remote(num_cpus=0)(fn).options(
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+    return ray.get(task.remote(*args, **kwargs))
+
+
+def _onpolicy(ocfg, work: Path, state: dict) -> str:
+    """The on-policy stage on the distilled student (it resumes per iteration on its own); its per-iteration
+    onpolicy/* metrics go to the trial's run at steps after distill's. Returns its last student."""
     from raysad import tracking
     from raysad.onpolicy import run_onpolicy
 
     _events(work, "onpolicy", iterations=ocfg.iterations)
-    # its engine and env actors and its Train workers reserve their own resources: a task outside the trial's
-    # placement group, as the evaluation runs
-    task = ray.remote(num_cpus=0)(run_onpolicy).options(
-        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
-    result = ray.get(task.remote(ocfg, track=False, progress=False))
+    result = _outside_trial_group(run_onpolicy, ocfg, track=False, progress=False)
     for k, metrics in enumerate(result.iterations):
         tracking.log_metrics(metrics, step=state["step"] + k)
     return str(result.student)
