@@ -4,7 +4,7 @@
 #
 #   bash .ci/vllm_tests.sh [VENV]        VENV: argument, else $VLLM_VENV, else .venv-vllm in the repo
 #
-# The venv is built once (about 2 minutes, 3.5 GB) and reused; the tests take 1-3 minutes on 2 cores.
+# The venv is built once (about 4 minutes, 4 GB) and reused; the tests take 2-4 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
@@ -24,9 +24,11 @@ if ! "$PY" -c "import vllm" 2>/dev/null; then
     # CPU torch (vllm then fails at import with "operator torchvision::nms does not exist"); text models need none
     "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec
 fi
-# the project without its dependencies (the vllm venv keeps vllm's pins), plus what the vllm tests import
-"$PY" -m pip install -q -e . --no-deps
-"$PY" -m pip install -q "pytest>=8" "pytest-timeout>=2.3" "ray==2.60.0"
+# the project with its dependencies (Ray Train/Data, MLflow, the envs: the on-policy test runs the whole loop on
+# vLLM engines), under the versions vllm installed: its torch, transformers, tokenizers and numpy stay as they are
+PINS="$VENV/vllm-pins.txt"
+"$PY" -m pip freeze | grep -iE '^(torch|transformers|tokenizers|numpy)==' > "$PINS"
+"$PY" -m pip install -q -e ".[dev]" "ray==2.60.0" -c "$PINS"
 # vllm must import here: the tests importorskip it, and a broken install would otherwise pass as all-skipped
 versions=$("$PY" -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)') || {
     echo "vllm does not import in $VENV"; exit 1; }

@@ -201,14 +201,38 @@ def test_token_in_token_out_through_next_turns(engine, model_dir):
     assert error["entries"] > 0 and error["max_abs_error"] <= 1e-4, error
 
 
-def test_load_weights_swaps_the_model_in_place(model_dir, ids, tmp_path):
+@pytest.fixture(scope="module")
+def tied_model_dir(model_dir, tmp_path_factory):
+    """model_dir's tiny Llama with its output head tied to its input embedding (as SmolLM2's): a tied model
+    saves no head tensor, which vLLM's in-place reload has to handle."""
+    import torch
+
+    from raysad import models
+
+    out = tmp_path_factory.mktemp("tiny_vllm_tied") / "model"
+    tokenizer = models.load_tokenizer(model_dir)
+    size = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, tie_word_embeddings=True, max_position_embeddings=256)
+    model = models.build_tiny_model(size, tokenizer, seed=3)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0, 0.1)
+    model.save_pretrained(out)
+    models.save_tokenizer(tokenizer, out)
+    return out
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["own-head", "tied-embeddings"])
+def test_load_weights_swaps_the_model_in_place(model_dir, tied_model_dir, ids, tmp_path, tied):
     """Weight sync (on-policy distillation): after load_weights the same engine generates and scores as the
-    other model, checked against transformers on that model; loading the first weights back restores it."""
+    other model, checked against transformers on that model; loading the first weights back restores it. With
+    tied embeddings too: on CPU vLLM packs the head's weight, and a reload that skipped re-packing it scored
+    with the previous model's head."""
     import torch
 
     from raysad import models
     from raysad.policies.vllm import VLLMEngine
 
+    model_dir = tied_model_dir if tied else model_dir
     other = tmp_path / "other"
     model = models.load_model(model_dir, dtype="float32", device="cpu")
     with torch.no_grad():
@@ -236,3 +260,56 @@ def test_load_weights_swaps_the_model_in_place(model_dir, ids, tmp_path):
                                                     abs=1e-3)
     engine.load_weights(model_dir)
     assert [g.token_ids for g in engine.generate(ids, max_tokens=8, temperature=0.0)] == before
+
+
+def test_onpolicy_plays_and_scores_on_vllm_engines(model_dir, tmp_path):
+    """`raysad onpolicy --engine vllm` end to end (Ray env actors, vLLM engine actors, Ray Train, Ray Data): the
+    student plays on a vLLM engine actor, the teacher's vLLM engine actor scores exactly the student's ids
+    (prompt_logprobs), and iteration 1 plays with iteration 0's trained weights, swapped into the same engine."""
+    import numpy as np
+    import torch
+
+    from raysad import models
+    from raysad.agent_formats import trajectory_format
+    from raysad.configs import OnPolicyConfig
+    from raysad.encoding import encode_trajectory
+    from raysad.onpolicy import iteration_dir, run_onpolicy
+    from raysad.trajectory_reader import read_trajectories
+
+    # student and teacher: two draws of model_dir's tiny Llama with a context long enough for HotPotQA's
+    # prompt in its byte-level tokens
+    tokenizer = models.load_tokenizer(model_dir)
+    size = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, tie_word_embeddings=False, max_position_embeddings=2048)
+    student, teacher = tmp_path / "student", tmp_path / "teacher"
+    for seed, folder in ((0, student), (1, teacher)):
+        model = models.build_tiny_model(size, tokenizer, seed=seed)
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0, 0.3)
+        model.save_pretrained(folder)
+        models.save_tokenizer(tokenizer, folder)
+    vllm_args = dict(dtype="float32", max_model_len=2048, kv_cache_memory_bytes=64 << 20)
+    cfg = OnPolicyConfig(student=str(student), teacher=str(teacher), out=str(tmp_path / "run"), env="hotpotqa",
+                         engine="vllm", engine_args=vllm_args, teacher_topk=TOPK, iterations=2, episodes=2,
+                         max_turns=2, max_new_tokens=6, max_steps=2, batch_size=2, micro_batch_size=2,
+                         max_length=2048, lr=3e-2, warmup_steps=0, workers=0, env_actors=1, envs_per_actor=2,
+                         num_cpus=2, seed=0)
+    result = run_onpolicy(cfg, track=False, progress=False)
+    assert [m["onpolicy/iteration"] for m in result.iterations] == [0, 1]
+    played = [list(read_trajectories(iteration_dir(cfg.out, k) / "trajectories.jsonl")) for k in range(2)]
+    assert {t.policy["model"] for t in played[1]} == {str(iteration_dir(cfg.out, 0) / "student")}
+    # the stored rows are the teacher's own log-probs at exactly the student's tokens (teacher forcing)
+    hf_teacher = models.load_model(teacher, dtype="float32", device="cpu")
+    scored = list(read_trajectories(iteration_dir(cfg.out, 0) / "scored.jsonl"))
+    assert scored and sum(len(turn.token_ids) for t in scored for turn in t.turns) > 0
+    for traj in scored:
+        example = encode_trajectory(traj, tokenizer, trajectory_format(traj), max_length=cfg.max_length)
+        rows = np.nonzero(example["reason_mask"] | example["act_mask"])[0]
+        ids = example["input_ids"]
+        assert ids[rows].tolist() == [i for turn in traj.turns for i in turn.token_ids]
+        with torch.no_grad():
+            logp = hf_teacher(torch.as_tensor(ids)[None]).logits[0].log_softmax(-1)
+        stored = [row for turn in traj.turns for row in turn.topk_logprobs]
+        stored_ids = [row for turn in traj.turns for row in turn.topk_ids]
+        for j, r in enumerate(rows):
+            assert logp[r - 1, stored_ids[j]].tolist() == pytest.approx(stored[j], abs=1e-3)
