@@ -29,19 +29,20 @@ ConfigOpt = typer.Option(None, "--config", help="YAML file with any of this comm
 
 def _bad_input(err: BaseException) -> bool:
     """Bad input, or an error raised because of bad input (an actor that failed to start on a model folder
-    without config.json re-raises it `from` the actor's error)."""
-    from raysad.config import ConfigError
+    without config.json re-raises it `from` the actor's error), or a setting whose optional dependency is not
+    installed (MissingExtra: its message is the install command)."""
+    from raysad.config import ConfigError, MissingExtra
 
     import re
 
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
-        if isinstance(err, (ConfigError, ValueError, FileNotFoundError)):
+        if isinstance(err, (ConfigError, ValueError, FileNotFoundError, MissingExtra)):
             return True
         # an actor whose constructor raised (a model folder without config.json) reaches the driver as a Ray
         # error that keeps only the text: the remote exception's type is in its last line
         if type(err).__module__.startswith("ray.") and re.search(
-                r"\b(ConfigError|ValueError|FileNotFoundError|TrajectoryError): ",
+                r"\b(ConfigError|ValueError|FileNotFoundError|TrajectoryError|MissingExtra): ",
                 (str(err).strip().splitlines() or [""])[-1]):
             return True
         seen.add(id(err))
@@ -68,7 +69,9 @@ def run_stage(main, *args, **flags) -> None:
             raise
         message = str(err).strip()
         if "\n" in message:  # a remote (Ray) error carries the worker's traceback: its last line says what
-            message = message.splitlines()[-1].strip()  # happened
+            from raysad.env_actors import error_line  # happened
+
+            message = error_line(err)
         typer.secho(f"error: {message or type(err).__name__}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
 

@@ -24,6 +24,11 @@ class ConfigError(ValueError):
     """A config value is missing, unknown or of the wrong type; the message names the file and the field."""
 
 
+class MissingExtra(ImportError):
+    """An optional dependency that a chosen setting needs (vLLM for --policy/--engine vllm) is not installed
+    where it runs; the message says what to install."""
+
+
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING,
             flag: str | None = None, shown: str | None = None) -> Any:
     """A config field with its command-line help. `help` "" keeps the field out of the CLI (YAML only);

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -270,6 +271,7 @@ class EnvWorker:
 
 
 def error_line(err: BaseException) -> str:
-    """The last line of an error (a Ray error carries the remote traceback; its last line says what happened)."""
+    """The last line of an error (a Ray error carries the remote traceback; its last line says what happened),
+    its exception named without its module (`raysad.config.MissingExtra: ...` -> `MissingExtra: ...`)."""
     lines = str(err).strip().splitlines()
-    return lines[-1] if lines else type(err).__name__
+    return re.sub(r"^(?:\w+\.)+(\w+: )", r"\1", lines[-1].strip()) if lines else type(err).__name__

@@ -167,6 +167,28 @@ def test_evaluate_with_a_model_folder_without_config_json_exits_2(tmp_path):
     assert str(empty) in line and "config.json" in line
 
 
+def test_a_vllm_engine_without_vllm_installed_says_what_to_install(tmp_path):
+    """The engine actor that cannot import vLLM fails to start; the driver exits 2 with the install command."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    from raysad import models
+
+    tokenizer = models.train_tokenizer(["Thought: search.\nAction: Search[x]\n"] * 5, vocab_size=300)
+    model_dir = tmp_path / "model"
+    models.build_tiny_model("tiny-1m", tokenizer).save_pretrained(model_dir)
+    models.save_tokenizer(tokenizer, model_dir)
+    proc = subprocess.run([str(RAYSAD), "evaluate", "--env", "hotpotqa", "--policy", "vllm", "--model", str(model_dir),
+                           "--episodes", "1", "--env-actors", "1", "--envs-per-actor", "1",
+                           "--out", str(tmp_path / "eval")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = error_lines(proc.stderr)
+    assert "MissingExtra: vLLM is not installed" in line and "pip install" in line and "raysad.config" not in line
+
+
 def test_an_unknown_split_names_the_allowed_ones(tmp_path):
     assert_one_line_error(invoke("rollout", "--env", "hotpotqa", "--split", "valid_seen", "--episodes", "1",
                                  "--out", tmp_path / "t.jsonl"), "valid_seen", "allowed: train, valid, test")

@@ -33,10 +33,12 @@ CPU_KV_CACHE_BYTES = 1 << 30  # on CPU, reserve this much for the KV cache (vLLM
 
 
 def import_vllm():
+    from raysad.config import MissingExtra
+
     try:
         import vllm
     except ImportError as err:
-        raise ImportError(INSTALL_HINT) from err
+        raise MissingExtra(INSTALL_HINT) from err
     return vllm
 
 
