@@ -82,6 +82,8 @@ class ReplicateConfig:
     teacher_epochs: int = 3
     teacher_lr: float = 2e-3
     teacher_batch_size: int = 8
+    teacher_micro_batch_size: int = 8      # per forward/backward of the teacher's SFT (gradients accumulate to the
+                                           # batch): smaller for long episodes (WebShop's at max_length 1280)
     teacher_episodes: int = 120            # teacher train episodes per env: the students' data
     topk: int = 16
     students: list[str] = field(default_factory=lambda: ["derive:keep_every=2", "derive:keep_every=4"])
@@ -170,8 +172,9 @@ def prepare_env(cfg: ReplicateConfig, env: str, out: Path, uri: str) -> dict[str
           + (f"{cfg.teacher_steps} steps" if cfg.teacher_steps else f"{cfg.teacher_epochs} epoch(s)"),
           lambda: run_sft(SFTConfig(trajectories=str(expert), model=base, out=str(teacher),
                                     max_steps=cfg.teacher_steps, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr,
-                                    batch_size=cfg.teacher_batch_size, max_length=cfg.max_length,
-                                    run_name="sft-teacher", **common), progress=False))
+                                    batch_size=cfg.teacher_batch_size,
+                                    micro_batch_size=min(cfg.teacher_micro_batch_size, cfg.teacher_batch_size),
+                                    max_length=cfg.max_length, run_name="sft-teacher", **common), progress=False))
     stage("teacher_rollout_s", out / "teacher.done",
           f"teacher plays {cfg.teacher_episodes} train tasks (top-{cfg.topk} log-probs kept)", lambda: run_rollout(
               RolloutConfig(env=env, split="train", policy="hf", model=str(teacher), episodes=cfg.teacher_episodes,
