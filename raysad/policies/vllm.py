@@ -50,23 +50,20 @@ def _topk_row(position: dict | None, k: int) -> tuple[list[int], list[float]]:
     return [int(i) for i, _ in ranked], [float(lp.logprob) for _, lp in ranked]
 
 
-def _ties_embeddings(folder: Path) -> bool:
-    """Whether the model in `folder` shares its input embedding with its output head (SmolLM2, Llama-3.2 ...)."""
-    import json
-
-    config = json.loads((folder / "config.json").read_text())
-    return bool(config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", False)))
-
-
 def _refresh_tied_output_head(worker) -> None:
-    """On each vLLM worker after `reload_weights` of a tied-embedding model. vLLM 0.32's in-place reload loads the
-    new embedding (which the output head shares) but, finding no checkpoint tensor of the head's own (a tied model
-    saves none), skips the head's post-load processing: on CPU that step packs the head's weight into a GEMM
-    kernel, so the engine would go on scoring with the *previous* model's packed head. Redo it on the new weight."""
-    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+    """On each vLLM worker after `reload_weights`. For a tied-embedding model (SmolLM2, Llama-3.2 ...) vLLM 0.32's
+    in-place reload loads the new embedding, which the output head shares, but finds no checkpoint tensor of the
+    head's own (a tied model saves none) and skips the head's post-load processing: on CPU that step packs the
+    head's weight into a GEMM kernel, so the engine would go on scoring with the *previous* model's packed head.
+    Redo it for a head that shares an embedding's weight (an untied head was processed by the reload itself)."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 
-    for head in worker.model_runner.get_model().modules():
-        if isinstance(head, ParallelLMHead) and getattr(head, "quant_method", None) is not None:
+    modules = list(worker.model_runner.get_model().modules())
+    embeddings = {m.weight.data_ptr() for m in modules
+                  if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)}
+    for head in modules:
+        if (isinstance(head, ParallelLMHead) and head.weight.data_ptr() in embeddings
+                and getattr(head, "quant_method", None) is not None):
             head.quant_method.process_weights_after_loading(head)
 
 
@@ -166,8 +163,7 @@ class VLLMEngine:
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder}: not a model directory (no config.json)")
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
-        if _ties_embeddings(folder):
-            self.llm.collective_rpc(_refresh_tied_output_head)
+        self.llm.collective_rpc(_refresh_tied_output_head)
         self.llm.reset_prefix_cache()
         if seed is not None:
             self.seed, self.calls = seed, 0
