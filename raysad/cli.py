@@ -31,9 +31,10 @@ def _bad_input(err: BaseException) -> bool:
     """Bad input, or an error raised because of bad input (an actor that failed to start on a model folder
     without config.json re-raises it `from` the actor's error), or a setting whose optional dependency is not
     installed (MissingExtra: its message is the install command)."""
-    from raysad.config import ConfigError, MissingExtra
-
     import re
+
+    from raysad.config import ConfigError, MissingExtra
+    from raysad.env_actors import error_line
 
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
@@ -42,8 +43,7 @@ def _bad_input(err: BaseException) -> bool:
         # an actor whose constructor raised (a model folder without config.json) reaches the driver as a Ray
         # error that keeps only the text: the remote exception's type is in its last line
         if type(err).__module__.startswith("ray.") and re.search(
-                r"\b(ConfigError|ValueError|FileNotFoundError|TrajectoryError|MissingExtra): ",
-                (str(err).strip().splitlines() or [""])[-1]):
+                r"\b(ConfigError|ValueError|FileNotFoundError|TrajectoryError|MissingExtra): ", error_line(err)):
             return True
         seen.add(id(err))
         err = err.__cause__

@@ -18,6 +18,9 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 TOPK = 5
 PROMPTS = ["Thought 1: I need to search", "Action 2: Search[", "Observation 1: Paris is the capital of"]
+# head size 32, as vLLM's CPU attention wants
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, tie_word_embeddings=False, max_position_embeddings=256)
 TEXTS = ["Thought 1: I need to search France.\nAction 1: Search[France]\nObservation 1: Paris is the capital "
          "of France.\n", "> think: the apple is on the table.\nOK.\n> go to table 1\nOn the table 1 you see a mug.\n"]
 
@@ -32,9 +35,7 @@ def model_dir(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny_vllm")
     tokenizer = models.train_tokenizer(TEXTS * 20, vocab_size=320, out_dir=out / "tok")
-    size = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=1, tie_word_embeddings=False, max_position_embeddings=256)
-    model = models.build_tiny_model(size, tokenizer, seed=0)
+    model = models.build_tiny_model(TINY_LLAMA, tokenizer, seed=0)
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 0.3)
     model.save_pretrained(out / "model")
@@ -211,9 +212,7 @@ def tied_model_dir(model_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny_vllm_tied") / "model"
     tokenizer = models.load_tokenizer(model_dir)
-    size = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=1, tie_word_embeddings=True, max_position_embeddings=256)
-    model = models.build_tiny_model(size, tokenizer, seed=3)
+    model = models.build_tiny_model({**TINY_LLAMA, "tie_word_embeddings": True}, tokenizer, seed=3)
     with torch.no_grad():
         model.get_input_embeddings().weight.normal_(0, 0.1)
     model.save_pretrained(out)
@@ -279,8 +278,7 @@ def test_onpolicy_plays_and_scores_on_vllm_engines(model_dir, tmp_path):
     # student and teacher: two draws of model_dir's tiny Llama with a context long enough for HotPotQA's
     # prompt in its byte-level tokens
     tokenizer = models.load_tokenizer(model_dir)
-    size = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=1, tie_word_embeddings=False, max_position_embeddings=2048)
+    size = {**TINY_LLAMA, "max_position_embeddings": 2048}
     student, teacher = tmp_path / "student", tmp_path / "teacher"
     for seed, folder in ((0, student), (1, teacher)):
         model = models.build_tiny_model(size, tokenizer, seed=seed)
