@@ -32,6 +32,7 @@ def test_lists_its_scenarios_and_refuses_unknown_ones(tmp_path):
     assert bad.returncode == 2 and "unknown scenario(s) nonsense" in bad.stderr
 
 
+@pytest.mark.slow  # the default suite has the same kill in test_rollout_durability (both formats)
 def test_a_parquet_rollout_killed_with_sigkill_loses_and_doubles_nothing(tmp_path):
     done = run_script(tmp_path, "--scenarios", "rollout-parquet-driver-sigkill", "--episodes", "12")
     assert done.returncode == 0, done.stdout + done.stderr

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 from raysad.cli import app
 
 
+@pytest.mark.slow  # (the same stages as the real-weights test below, which CI runs; 4 min on 2 cores)
 @pytest.mark.timeout(900)
 def test_small_quickstart_runs_every_stage_and_logs_to_mlflow(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -65,8 +66,22 @@ def test_small_quickstart_with_the_real_weights_teacher(tmp_path, monkeypatch, s
     # the teacher's own tokenizer end to end: its rollouts store top-k ids from SmolLM2's vocabulary
     teacher_trajs = [json.loads(line) for line in (out / "data" / "teacher_all.jsonl").read_text().splitlines()]
     assert teacher_trajs and any(i >= 4096 for t in teacher_trajs for turn in t["turns"] for i in turn["token_ids"])
+    assert all(t["turns"][0]["topk_ids"] for t in teacher_trajs)
+    for name, per_env in summary["results"].items():
+        assert 0.0 <= per_env["hotpotqa"]["eval/success_rate"] <= 1.0
+        assert per_env["hotpotqa"]["eval/params"] == summary["params"][name]
+    for method in ("sad", "token_kd", "sft"):
+        assert (out / "students" / method / "train_log.jsonl").read_text().count("\n") == 2  # --small: 2 steps
+    assert all((out / "plots" / name).exists() for name in ("pareto.png", "training_curves.png"))
+
     mlflow.set_tracking_uri(uri)
     runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["qs-real"], output_format="list")}
+    parent = runs["quickstart"].info.run_id
+    for name in ("sft-teacher", "distill-sad", "distill-token_kd", "distill-sft", "evaluate-sad-hotpotqa",
+                 "evaluate-teacher-hotpotqa", "rollout-teacher-hotpotqa"):
+        assert runs[name].data.tags.get("mlflow.parentRunId") == parent, name
+    assert "distill/reason_loss" in runs["distill-sad"].data.metrics
+    assert runs["evaluate-sad-hotpotqa"].data.params["method"] == "sad"
     assert runs["evaluate-sad-hotpotqa"].data.params["student_size"] == "smollm2/k4"
     assert runs["quickstart"].data.params["teacher"] == "smollm2"
 

@@ -20,6 +20,46 @@ def load_script():
 
 
 @pytest.mark.timeout(900)
+def test_main_sweep_of_two_arms_writes_paired_tables_and_mlflow_and_a_report_rewrites_them(tmp_path, monkeypatch):
+    """The default suite's version: the teacher and a main sweep of two arms (the whole --small, every stage,
+    is the slow test below: 14 Tune trials, 14 min on 2 cores)."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    replicate = load_script()
+    out = tmp_path / "rep"
+    results_md = replicate.main(["--small", "--methods", "sad,sft", "--stages", "main", "--out", str(out),
+                                 "--tracking-uri", uri])
+    assert results_md == out / "results.md"
+    text = results_md.read_text()
+    for heading in ("## hotpotqa", "### Students", "### Paired differences", "pooled success [95% CI]"):
+        assert heading in text
+    [env] = json.loads((out / "results.json").read_text())["envs"]
+    assert not {"lambda", "prune", "online", "onpolicy"} & set(env) and text.count("not run") == 4  # not asked
+    assert sorted(row["method"] for row in env["main"]) == ["sad", "sft"]
+    assert all(row["eval/params"] < env["teacher"]["eval/params"] for row in env["main"])  # cut from the teacher
+    [paired] = env["paired"]  # the one comparison whose two arms ran, over the same test tasks
+    assert (paired["a"], paired["b"]) == ("sad", "sft") and paired["line"] in text
+    assert paired["tasks"] == replicate.SMALL["test_episodes"] == paired["pairs"]
+    assert paired["low"] <= paired["mean"] <= paired["high"] and 0 <= paired["p_value"] <= 1
+    assert (out / "plots" / "students.png").stat().st_size > 0
+
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["replicate-small-hotpotqa"], output_format="list")
+    trials = {r.data.params["method"]: r for r in runs if r.data.tags.get("stage") == "trial"}
+    assert set(trials) == {"sad", "sft"} and all(r.info.status == "FINISHED" for r in trials.values())
+    row = next(row for row in env["main"] if row["method"] == "sad")
+    assert trials["sad"].data.metrics["eval/success_rate"] == pytest.approx(row["eval/success_rate"])
+
+    # `--stages report` runs nothing and writes the same tables back from MLflow and the run's files
+    replicate.main(["--stages", "report", "--out", str(out), "--tracking-uri", uri, "--experiment",
+                    "replicate-small"])
+    [again] = json.loads((out / "results.json").read_text())["envs"]
+    assert {k: v for k, v in again.items() if k != "wall_s"} == {k: v for k, v in env.items() if k != "wall_s"}
+    assert len(mlflow.search_runs(experiment_names=["replicate-small-hotpotqa"], output_format="list")) == len(runs)
+
+
+@pytest.mark.slow  # every stage of --small (the test above is the default suite's version)
+@pytest.mark.timeout(1800)
 def test_small_replication_runs_every_sweep_and_writes_tables_plots_and_mlflow(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
