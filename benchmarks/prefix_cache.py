@@ -1,4 +1,6 @@
 """What the HF engine's prefix cache buys in agent rollouts: env steps/s with and without it, same episodes.
+With `--compare finished_rows`, what dropping stopped rows from the decode batch buys instead (both sides with
+the prefix cache on; "off" is a static batch, decoded until its longest row stops).
 
 What is compared. A batch of `--episodes` episodes is played in one process (one env per episode, one batched
 `next_turns` per step, as an env actor does: a thought phase, then an action phase), greedy, by an HFEngine
@@ -35,6 +37,10 @@ not one trained on this agent format).
     python benchmarks/prefix_cache.py --model smollm2 --episodes 4 --max-steps 6 --max-new-tokens 32   # ~5 min
     python benchmarks/prefix_cache.py --out runs/bench/prefix_cache    # + .md and .json
     python benchmarks/prefix_cache.py --size tiny-1m --episodes 2 --max-steps 2 --max-new-tokens 8 --repeats 1
+    python benchmarks/prefix_cache.py --compare finished_rows --model smollm2 --env hotpotqa --max-new-tokens 128
+
+Dropping finished rows pays when a batch's turns differ in length (a trained agent's, or a student that rambles
+in some turns); a random model writes every segment to its budget, so with the default model it cannot gain.
 """
 from __future__ import annotations
 
@@ -89,8 +95,10 @@ def child(args) -> None:
     pin_threads(args.threads)
     tasks = raysad_envs.list_tasks(args.env, "test")[: args.episodes]
     began = time.perf_counter()
+    on = args.side == "on"
     engine = HFEngine(args.model_dir, batch_size=args.episodes, max_new_tokens=args.max_new_tokens,
-                      prefix_cache=4 * args.episodes if args.side == "on" else 0)
+                      prefix_cache=4 * args.episodes if on or args.compare == "finished_rows" else 0,
+                      drop_finished=on or args.compare == "prefix_cache")
     load_s = time.perf_counter() - began
     warmup = play(engine, args.env, tasks, args.warmup_steps, args.max_new_tokens) if args.warmup_steps else None
     if engine.prefix_cache is not None:
@@ -100,6 +108,7 @@ def child(args) -> None:
     child_result({"side": args.side, **timed, "load_s": load_s,
                   "warmup_s": warmup["seconds"] if warmup else 0.0, "warmup_steps": warmup["steps"] if warmup else 0,
                   "reused_token_fraction": stats["reused_token_fraction"], "cache_stats": stats,
+                  "decoded_rows": engine.decoded_rows,
                   "threads": torch.get_num_threads()})
 
 
@@ -120,6 +129,8 @@ def model_directory(args, tmp: Path) -> tuple[str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--compare", choices=["prefix_cache", "finished_rows"], default="prefix_cache",
+                        help="what the two sides differ in (default: %(default)s)")
     parser.add_argument("--model", help="smollm2, or a model folder with its tokenizer (default: a tiny random "
                                         "model built from config)")
     parser.add_argument("--env", default="alfworld")
@@ -137,6 +148,7 @@ def main() -> None:
     if args.side:
         return child(args)
 
+    what = {"prefix_cache": "prefix cache", "finished_rows": "dropping finished rows"}[args.compare]
     machine = Machine(args.threads)
     runs: dict[str, list[dict]] = {side: [] for side in SIDES}
     began = time.perf_counter()
@@ -144,9 +156,9 @@ def main() -> None:
         model_dir, model_name = model_directory(args, Path(tmp))
         shared = [f"--model-dir={model_dir}", f"--env={args.env}", f"--episodes={args.episodes}",
                   f"--max-steps={args.max_steps}", f"--max-new-tokens={args.max_new_tokens}",
-                  f"--warmup-steps={args.warmup_steps}", f"--threads={args.threads}"]
+                  f"--warmup-steps={args.warmup_steps}", f"--threads={args.threads}", f"--compare={args.compare}"]
         for repeat, side in alternate(SIDES, args.repeats):
-            label = f"prefix cache {side}, repeat {repeat + 1}/{args.repeats}"
+            label = f"{what} {side}, repeat {repeat + 1}/{args.repeats}"
             print(f"{label} ...", file=sys.stderr, flush=True)
             result = run_child([sys.executable, __file__, f"--side={side}", *shared], args.threads, label)
             machine.record(result)
@@ -155,8 +167,8 @@ def main() -> None:
 
     reference = runs["off"][0]["actions"]
     episodes = len(reference)
-    columns = ["prefix cache", "env steps", "new tokens / step", "steps/s", "timed s", "× off",
-               "prompt tokens from cache", "same actions as off", "load avg (1 min)", "warm-up s"]
+    columns = [what, "env steps", "new tokens / step", "steps/s", "timed s", "× off",
+               "prompt tokens from cache", "rows decoded", "same actions as off", "load avg (1 min)", "warm-up s"]
     rows, speeds = [], {side: Spread([r["steps"] / r["seconds"] for r in rs]) for side, rs in runs.items()}
     agreement = {}
     for side, results in runs.items():
@@ -168,11 +180,13 @@ def main() -> None:
                      speeds[side].show(2),
                      Spread([r["seconds"] for r in results]).show(1), ratio(speeds[side], speeds["off"]),
                      Spread([100 * r["reused_token_fraction"] for r in results]).show(0) + "%",
+                     Spread([r["decoded_rows"] for r in results]).show(0),
                      f"{same}/{episodes} (every run)", f"{min(loads):.2f}–{max(loads):.2f}",
                      Spread([r["warmup_s"] for r in results]).show(1)])
-    title = (f"HF engine prefix cache, env {args.env}, model {model_name}: {args.episodes} episodes in one batch, "
+    title = (f"HF engine, {what} off and on, env {args.env}, model {model_name}: {args.episodes} episodes in one "
+             f"batch, "
              f"at most {args.max_steps} steps, {args.max_new_tokens} new tokens per segment, greedy; timed: the "
-             f"whole batch after a {args.warmup_steps}-step warm-up (cache emptied after it); {args.repeats} "
+             f"whole batch after a {args.warmup_steps}-step warm-up (prefix cache emptied after it); {args.repeats} "
              f"alternating repeat(s), median [min–max]")
     text = "\n".join([title, "", markdown_table(columns, rows), "",
                       f"speed-up (on / off, medians): {ratio(speeds['on'], speeds['off'])}; "
@@ -184,7 +198,7 @@ def main() -> None:
                                            for side, rs in runs.items()},
                                   "actions": reference, "same_actions": agreement, "machine": machine.describe()})
     if any(same < episodes for same in agreement.values()):
-        raise SystemExit("the runs did not all write the same actions (the cache must be exact)")
+        raise SystemExit(f"the runs did not all write the same actions ({what} must not change them)")
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def test_prefix_cache_tiny_run_has_both_sides_and_the_same_actions(tmp_path):
     assert out.count("| prefix cache |") == 1
     assert [row[0] for row in rows] == ["off", "on"]
     for row in rows:
-        assert row[1] == "4" and row[7] == "2/2 (every run)", row  # 2 episodes x 2 steps; the cache is exact
+        assert row[1] == "4" and row[8] == "2/2 (every run)", row  # 2 episodes x 2 steps; the cache is exact
     assert rows[0][6] == "0%" and rows[1][6] != "0%"  # the cache served prompt tokens
     assert "speed-up (on / off, medians): ×" in out and "load average" in out
     data = json.loads((tmp_path / "pc.json").read_text())
@@ -89,3 +89,14 @@ def test_prefix_cache_tiny_run_has_both_sides_and_the_same_actions(tmp_path):
     assert [len(data["runs"][side]) for side in ("off", "on")] == [1, 1]
     for side in ("off", "on"):
         assert data["runs"][side][0]["warmup_steps"] == 2 and data["runs"][side][0]["threads"] == 1
+
+
+@pytest.mark.timeout(120)
+def test_prefix_cache_compares_dropping_finished_rows(tmp_path):
+    out = run("prefix_cache.py", "--compare", "finished_rows", "--env", "hotpotqa", "--size", "tiny-1m",
+              "--episodes", "4", "--max-steps", "2", "--max-new-tokens", "8", "--repeats", "1")
+    rows = table_rows(out)
+    assert out.count("| dropping finished rows |") == 1 and [row[0] for row in rows] == ["off", "on"]
+    assert rows[0][6] != "0%" and rows[1][6] != "0%"  # the prefix cache is on for both sides
+    assert int(rows[1][7]) <= int(rows[0][7])  # rows decoded
+    assert rows[0][8] == rows[1][8] == "4/4 (every run)"

@@ -88,6 +88,24 @@ def test_batched_equals_one_by_one(engine, prompt_ids):
                                    atol=1e-4, rtol=1e-4)
 
 
+def test_rows_that_stop_leave_the_decode_batch(engine, tokenizer, prompt_ids):
+    """With "1" as the stop these 7 rows stop after 25, 3, 8, 25, 2, 5 and 2 tokens: rows that have stopped are
+    no longer decoded along with the longest ones, and every row is still what it would be alone."""
+    more = ["Action 2: Search[item 14", "Thought 5: I need", "> go to countertop 1\n", "Observation: OK.\n"]
+    prompts = prompt_ids + [tokenizer.encode(p, add_special_tokens=False) for p in more]
+    engine.decoded_rows = 0
+    together = engine.generate(prompts, stop=["1"], max_tokens=24, topk=3)
+    lengths = [len(g.token_ids) for g in together]
+    # (the premise: some rows stop early, two or more run on after the batch has shrunk)
+    assert min(lengths) < 5 and sum(n == max(lengths) for n in lengths) >= 2
+    static = len(prompts) * (24 - 1)  # every row decoded to the end of the longest (the first token is prefill's)
+    assert engine.decoded_rows < 0.6 * static
+    for prompt, gen in zip(prompts, together):
+        alone = engine.generate([prompt], stop=["1"], max_tokens=24, topk=3)[0]
+        assert alone.token_ids == gen.token_ids and alone.finish_reason == gen.finish_reason
+        check_topk(engine, prompt, gen, 3)
+
+
 def test_stop_strings_cut_text_and_tokens(engine, tokenizer, prompt_ids):
     free = engine.generate(prompt_ids[:2], max_tokens=16)
     checked_overshoot = False
@@ -134,7 +152,8 @@ def test_prefix_cache_reuses_keys_and_values_exactly(model, tokenizer, prompt_id
     plain = HFEngine(model, tokenizer, batch_size=8, prefix_cache=0)
     contexts = [list(p) for p in prompt_ids]
     for turn in range(3):
-        outs = [e.generate(contexts, stop=["."], max_tokens=10, topk=3) for e in (cached, plain)]
+        # (rows stop at different steps: those that stop first leave the batch, their keys/values kept then)
+        outs = [e.generate(contexts, stop=["1", "."], max_tokens=10, topk=3) for e in (cached, plain)]
         for with_cache, without in zip(*outs):
             assert with_cache.token_ids == without.token_ids and with_cache.text == without.text
             torch.testing.assert_close(torch.tensor(with_cache.topk_logprobs),

@@ -107,11 +107,13 @@ def _hit_stop(tokenizer, ids: list[int], stops: list[str], window: int) -> bool:
 
 class HFEngine(BatchedEngine):
     """`model` is a directory (the tokenizer then defaults to the same directory) or a loaded model.
-    `prefix_cache` is how many sequences' keys/values to keep for reuse (0: none)."""
+    `prefix_cache` is how many sequences' keys/values to keep for reuse (0: none). `drop_finished`: rows that
+    have stopped leave the decode batch once they are half of it (False: a static batch, decoded until its
+    longest row stops; kept for benchmarks/prefix_cache.py --compare finished_rows)."""
 
     def __init__(self, model: Any, tokenizer: Any = None, device: str | None = None, dtype: Any = None,
                  batch_size: int = 16, max_new_tokens: int = 128, temperature: float = 0.0,
-                 seed: int | None = None, prefix_cache: int = 128):
+                 seed: int | None = None, prefix_cache: int = 128, drop_finished: bool = True):
         from raysad import models
 
         if isinstance(model, (str, Path)):
@@ -129,6 +131,8 @@ class HFEngine(BatchedEngine):
         self.device = next(model.parameters()).device
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.temperature, self.seed, self.calls = temperature, seed, 0
+        self.drop_finished = drop_finished
+        self.decoded_rows = 0  # rows fed through decode steps, in all: what finished rows no longer cost
         self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache > 0 else None
         eos = model.generation_config.eos_token_id
         eos = eos if eos is not None else tokenizer.eos_token_id
@@ -220,6 +224,7 @@ class HFEngine(BatchedEngine):
         done = [False] * batch
         rows_topk: list[tuple[list, list]] = [([], []) for _ in range(batch)]
         next_position = torch.tensor([len(p) for p in prompt_ids], device=device)
+        live = list(range(batch))  # the prompt row at each position of the decode batch
         for step in range(max_tokens):
             if topk > 0:
                 values, indices = logits.log_softmax(-1).topk(min(topk, logits.shape[-1]), dim=-1)
@@ -228,23 +233,35 @@ class HFEngine(BatchedEngine):
                 choice = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)[:, 0]
             else:
                 choice = logits.argmax(-1)
-            for b, token in enumerate(choice.tolist()):
+            for pos, token in enumerate(choice.tolist()):
+                b = live[pos]
                 if done[b]:
                     continue
                 generated[b].append(token)
                 if topk > 0:
-                    rows_topk[b][0].append(indices[b])
-                    rows_topk[b][1].append(values[b])
+                    rows_topk[b][0].append(indices[pos])
+                    rows_topk[b][1].append(values[pos])
                 if token in self.eos_ids or (stop and _hit_stop(tok, generated[b], stop, window)):
                     done[b] = True
             if all(done) or step == max_tokens - 1:
                 break
-            valid = torch.cat([valid, torch.ones(batch, 1, dtype=torch.bool, device=device)], dim=1)
+            finished = [pos for pos, b in enumerate(live) if done[b]]
+            droppable = self.drop_finished and hasattr(cache, "batch_select_indices")
+            if droppable and 2 * len(finished) >= len(live):
+                # half the batch has stopped: drop those rows rather than decode them on to the longest one's
+                # end (the copy of the cache this costs is paid at most log2(batch) times per call)
+                self._remember([(live[pos], pos) for pos in finished], prompt_ids, generated, width + new,
+                               valid, cache, matches)
+                keep = torch.tensor([pos for pos, b in enumerate(live) if not done[b]], device=device)
+                cache.batch_select_indices(keep)
+                valid, next_position, choice = valid[keep], next_position[keep], choice[keep]
+                live = [live[pos] for pos in keep.tolist()]
+            self.decoded_rows += len(live)
+            valid = torch.cat([valid, torch.ones(len(live), 1, dtype=torch.bool, device=device)], dim=1)
             logits, cache = self._forward(choice[:, None], valid, next_position[:, None], cache)
             next_position = next_position + 1
 
-        if pc is not None:
-            self._remember(prompt_ids, generated, width + new, valid, cache, matches)
+        self._remember(list(zip(live, range(len(live)))), prompt_ids, generated, width + new, valid, cache, matches)
 
         gens, rescore = [], []
         for b, ids in enumerate(generated):
@@ -265,20 +282,23 @@ class HFEngine(BatchedEngine):
                 gens[b].topk_logprobs += lp_rows[keep:]
         return gens
 
-    def _remember(self, prompt_ids, generated, prompt_columns, valid, cache, matches) -> None:
-        """Store each row's keys/values (prompt + its first len - 1 generated tokens) in the prefix cache.
-        Those ran while the row was live, in the columns right after the prompt's. Its last token ran only if
-        other rows went on, and the columns after it hold tokens that are not the row's, so it is left out."""
+    def _remember(self, rows, prompt_ids, generated, prompt_columns, valid, cache, matches) -> None:
+        """Store the keys/values of each (prompt row, batch position) in `rows` (prompt + its first len - 1
+        generated tokens) in the prefix cache. Those ran while the row was live, in the columns right after the
+        prompt's. Its last token ran only if other rows went on, and the columns after it hold tokens that are
+        not the row's, so it is left out."""
+        if self.prefix_cache is None:
+            return
         layers = _cache_layers(cache)
         if layers is None:
             self.prefix_cache = None  # this model's cache cannot be stitched: stop trying
             return
-        for b, p in enumerate(prompt_ids):
+        for b, pos in rows:
             run = max(len(generated[b]) - 1, 0)
-            columns = valid[b, :prompt_columns].nonzero()[:, 0]
+            columns = valid[pos, :prompt_columns].nonzero()[:, 0]
             columns = torch.cat([columns, torch.arange(prompt_columns, prompt_columns + run, device=columns.device)])
-            kv = [(k[b][:, columns], v[b][:, columns]) for k, v in layers]
-            self.prefix_cache.add(p + generated[b][:run], kv, matches[b])
+            kv = [(k[pos][:, columns], v[pos][:, columns]) for k, v in layers]
+            self.prefix_cache.add(prompt_ids[b] + generated[b][:run], kv, matches[b])
 
     # ---------------------------------------------------------------------------------------- score ---
     @torch.no_grad()
