@@ -184,8 +184,7 @@ def main() -> None:
                      f"{same}/{episodes} (every run)", f"{min(loads):.2f}–{max(loads):.2f}",
                      Spread([r["warmup_s"] for r in results]).show(1)])
     title = (f"HF engine, {what} off and on, env {args.env}, model {model_name}: {args.episodes} episodes in one "
-             f"batch, "
-             f"at most {args.max_steps} steps, {args.max_new_tokens} new tokens per segment, greedy; timed: the "
+             f"batch, at most {args.max_steps} steps, {args.max_new_tokens} new tokens per segment, greedy; timed: the "
              f"whole batch after a {args.warmup_steps}-step warm-up (prefix cache emptied after it); {args.repeats} "
              f"alternating repeat(s), median [min–max]")
     text = "\n".join([title, "", markdown_table(columns, rows), "",

@@ -225,6 +225,7 @@ class HFEngine(BatchedEngine):
         rows_topk: list[tuple[list, list]] = [([], []) for _ in range(batch)]
         next_position = torch.tensor([len(p) for p in prompt_ids], device=device)
         live = list(range(batch))  # the prompt row at each position of the decode batch
+        droppable = self.drop_finished and hasattr(cache, "batch_select_indices")
         for step in range(max_tokens):
             if topk > 0:
                 values, indices = logits.log_softmax(-1).topk(min(topk, logits.shape[-1]), dim=-1)
@@ -245,9 +246,8 @@ class HFEngine(BatchedEngine):
                     done[b] = True
             if all(done) or step == max_tokens - 1:
                 break
-            finished = [pos for pos, b in enumerate(live) if done[b]]
-            droppable = self.drop_finished and hasattr(cache, "batch_select_indices")
-            if droppable and 2 * len(finished) >= len(live):
+            finished = [pos for pos, b in enumerate(live) if done[b]] if droppable else []
+            if finished and 2 * len(finished) >= len(live):
                 # half the batch has stopped: drop those rows rather than decode them on to the longest one's
                 # end (the copy of the cache this costs is paid at most log2(batch) times per call)
                 self._remember([(live[pos], pos) for pos in finished], prompt_ids, generated, width + new,
