@@ -23,7 +23,9 @@ whole run <out>/results.md (tables), <out>/results.json and PNG plots under <out
     python benchmarks/replicate.py --envs hotpotqa --seeds 2 # a part of it
     python benchmarks/replicate.py --small                   # every stage at toy size (~14 min; tests: -m slow)
     python benchmarks/replicate.py --real --envs hotpotqa --stages teacher   # the real-weights teacher (45 min)
-    python benchmarks/replicate.py --real --envs hotpotqa    # its students (~30 min per trial; resumes per trial)
+    python benchmarks/replicate.py --real --envs hotpotqa    # its students (~70 min per trial; resumes per trial)
+    python benchmarks/replicate.py --real --envs hotpotqa --methods sad,sft --seeds 1   # a part of the grid first;
+                                                             # more --methods / --seeds later run only the new trials
     python benchmarks/replicate.py --real --envs hotpotqa --stages onpolicy   # step 7 alone
   7. on-policy stage (not by default): from the main sweep's seed-0 SAD student, each arm of ONPOLICY_ARMS trains
      `onpolicy_iterations` x `onpolicy_steps` more steps of the same batch: off-policy (sad, token_kd, sft on

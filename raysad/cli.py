@@ -208,7 +208,7 @@ stage_command("evaluate", configs.EvalConfig, "raysad.evaluate",
 @app.command()
 def tune(
     sweep: Path = typer.Argument(..., help="Sweep file, e.g. tune_configs/quickstart.yaml (its fields: raysad/sweep.py)."),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue the sweep in <storage>/<name> if one was interrupted, or start it again from nothing."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue the sweep in <storage>/<name> if one was interrupted (a grid that gained points, e.g. a seed, runs only those), or start it again from nothing."),
     experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment.", show_default="the sweep's name"),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI.", show_default="$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"),
     storage: Optional[str] = typer.Option(None, "--storage", help="Folder of sweeps: this one goes to <storage>/<name>.", show_default="runs/tune"),

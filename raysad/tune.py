@@ -21,7 +21,10 @@ Resume: an interrupted sweep (Ctrl-C, a lost driver, trials that errored) contin
 again (Tuner.restore with resume_unfinished and resume_errored); finished trials are not run again, a trial
 cut short continues from its last finished chunk (raysad.trial); its MLflow run is reopened. `--no-resume`
 starts the sweep again from nothing. A sweep whose settings changed since it started (sweep.json in its folder)
-is not resumed: that is refused, naming the fields.
+is not resumed: that is refused, naming the fields. One change is a resume: a grid sweep whose `space` gained
+points (another seed, another arm) and lost none runs its finished and unfinished trials as before (tune/) and
+the new points as a Tune experiment of their own (tune-2/, tune-3/, ...; grid_parts.json lists them), all under
+the same MLflow sweep run.
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ from raysad.trial import trainable
 TUNE_DIR = "tune"                          # Ray Tune's experiment folder under the sweep folder
 PARENT_RUN_FILE = "mlflow_sweep_run_id"
 SETTINGS_FILE = "sweep.json"               # the settings the sweep started with: a resume must match them
+GRID_PARTS_FILE = "grid_parts.json"        # a grown grid sweep: its later Tune experiments and their grid points
 # SweepConfig fields a resumed sweep may change: where and how it runs, not what its trials compute
 RESUME_MAY_CHANGE = ("ray_address", "num_cpus", "max_concurrent_trials", "max_failures", "report",
                      "report_group_by", "tracking_uri")
@@ -218,20 +222,60 @@ def _settings(sweep: SweepConfig) -> dict:
     return redact(dataclasses.asdict(sweep))
 
 
-def check_resume(sweep: SweepConfig, sweep_dir: Path) -> None:
+def check_resume(sweep: SweepConfig, sweep_dir: Path) -> list[dict]:
     """A sweep resumes the Tune experiment it finds, with the grid it was started with: when this sweep's settings
     differ from those (a new space, other distill settings), resuming would silently run the old sweep, so refuse
-    and say what changed. A sweep folder from before SETTINGS_FILE existed resumes unchecked."""
+    and say what changed. The exception: a grid sweep whose space only gained points; those new points are
+    returned (they run as another Tune experiment, see run_sweep). A sweep folder from before SETTINGS_FILE
+    existed resumes unchecked."""
+    import json
+
     from raysad.config import changed_settings
+    from raysad.sweep import grid_points
 
     changed = changed_settings(sweep_dir / SETTINGS_FILE, _settings(sweep), ignore=RESUME_MAY_CHANGE)
-    if changed:
-        raise ConfigError(f"{sweep_dir} holds sweep {sweep.name!r} started with other settings (changed: "
-                          f"{', '.join(k.split(':')[0] for k in changed)}); resuming would run the old one. Rerun with "
-                          "--no-resume to start it again, or give the new sweep another `name`")
+    if not changed:
+        return []
+    fields = [k.split(':')[0] for k in changed]
+    refusal = (f"{sweep_dir} holds sweep {sweep.name!r} started with other settings (changed: {', '.join(fields)}); "
+               "resuming would run the old one. Rerun with --no-resume to start it again, or give the new sweep "
+               "another `name`")
+    if fields != ["space"] or sweep.search != "grid":
+        raise ConfigError(refusal + ("" if fields != ["space"] else " (only a grid sweep can gain points)"))
+    recorded = json.loads((sweep_dir / SETTINGS_FILE).read_text())
+    ran = grid_points(dataclasses.replace(sweep, space=recorded["space"]))
+    points = grid_points(sweep)
+    ran_keys, keys = [_point_key(p) for p in ran], {_point_key(p) for p in points}
+    lost = [p for p, key in zip(ran, ran_keys) if key not in keys]
+    if lost:
+        raise ConfigError(f"{refusal} (the new space lacks {len(lost)} grid point(s) the sweep has, e.g. {lost[0]}; "
+                          "a sweep can gain grid points, not lose them)")
+    return [p for p in points if _point_key(p) not in set(ran_keys)]
 
 
-def _tuner(sweep: SweepConfig, trial_fn, tune_dir: Path, restore: bool):
+def _point_key(point: dict) -> str:
+    import json
+
+    return json.dumps(point, sort_keys=True, default=str)
+
+
+def _grid_parts(sweep: SweepConfig, sweep_dir: Path, grown: list[dict]) -> list[tuple[str, list[dict] | None]]:
+    """The Tune experiments of the sweep, in order: (folder name, its grid points; None: the space it started
+    with). The points a grown sweep gained (check_resume) become the next one, recorded before it runs."""
+    import json
+
+    from raysad.config import write_json
+
+    path = sweep_dir / GRID_PARTS_FILE
+    later = json.loads(path.read_text()) if path.is_file() else []
+    if grown:
+        later.append({"name": f"{TUNE_DIR}-{len(later) + 2}", "points": grown})
+        write_json(path, later)
+    return [(TUNE_DIR, None)] + [(part["name"], part["points"]) for part in later]
+
+
+def _tuner(sweep: SweepConfig, trial_fn, tune_dir: Path, restore: bool, points: list[dict] | None = None):
+    """Tune's Tuner over the sweep's space (or these grid points), or the one in tune_dir restored."""
     from ray import tune
 
     if restore:
@@ -245,13 +289,14 @@ def _tuner(sweep: SweepConfig, trial_fn, tune_dir: Path, restore: bool):
 
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=sweep.chunks,
                                   grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
+    space = param_space(sweep) if points is None else {"params": tune.grid_search(points)}
     return tune.Tuner(
-        trial_fn, param_space=param_space(sweep),
+        trial_fn, param_space=space,
         tune_config=tune.TuneConfig(metric=metric, mode="max", search_alg=search_alg, scheduler=scheduler,
                                     num_samples=sweep.num_samples,
                                     max_concurrent_trials=sweep.max_concurrent_trials or None,
                                     trial_dirname_creator=_trial_dirname),
-        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(tune_dir.parent),
+        run_config=tune.RunConfig(name=tune_dir.name, storage_path=str(tune_dir.parent),
                                   failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                                   verbose=1))
 
@@ -267,9 +312,7 @@ def _last_line(error: BaseException) -> str:
 
 def _summarize(results, sweep_dir: Path | None = None) -> list[dict]:
     """Per trial: id, Tune status, config, error (its last line), finished or not, last metrics, where its logs
-    are; the sweep run gets the counts."""
-    from raysad import tracking
-
+    are."""
     trials = []
     tune_trials = list(getattr(getattr(results, "_experiment_analysis", None), "trials", None) or [])
     for i, result in enumerate(results):
@@ -285,6 +328,13 @@ def _summarize(results, sweep_dir: Path | None = None) -> list[dict]:
                        "error": _last_line(result.error) if result.error else None,
                        "done": bool(metrics.get("trial_done")), "logs": logs,
                        "metrics": {k: v for k, v in metrics.items() if "/" in k}})
+    return trials
+
+
+def _log_counts(trials: list[dict]) -> None:
+    """The sweep run gets the counts of its trials and the best success."""
+    from raysad import tracking
+
     done = sum(t["done"] for t in trials)
     errors = sum(t["error"] is not None for t in trials)
     tracking.log_metrics({"tune/trials": len(trials), "tune/finished": done, "tune/errors": errors,
@@ -292,7 +342,6 @@ def _summarize(results, sweep_dir: Path | None = None) -> list[dict]:
     scores = [t["metrics"].get(names.M_SUCCESS) for t in trials if t["done"]]
     if any(s is not None for s in scores):
         tracking.log_metrics({"tune/best_success_rate": max(s for s in scores if s is not None)})
-    return trials
 
 
 def run_sweep(sweep: SweepConfig, resume: bool = True) -> SweepResult:
@@ -312,10 +361,14 @@ def run_sweep(sweep: SweepConfig, resume: bool = True) -> SweepResult:
         shutil.rmtree(sweep_dir)
     check_stored_topk(sweep)  # before any folder, Ray or trial: a sweep bound to fail stops here
     resuming = resume and tune.Tuner.can_restore(str(tune_dir))
-    if resuming:
-        check_resume(sweep, sweep_dir)
+    grown = check_resume(sweep, sweep_dir) if resuming else []
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if not resuming:
+        (sweep_dir / GRID_PARTS_FILE).unlink(missing_ok=True)
+    parts = _grid_parts(sweep, sweep_dir, grown)
+    if grown:
+        _say(f"the space gained {len(grown)} grid point(s): they run in {sweep_dir / parts[-1][0]}")
+    if grown or not resuming:
         record_settings(sweep_dir / SETTINGS_FILE, _settings(sweep))
     uri = tracking.absolute_uri(sweep.tracking_uri)
     experiment = sweep.experiment or sweep.name
@@ -325,12 +378,23 @@ def run_sweep(sweep: SweepConfig, resume: bool = True) -> SweepResult:
                            {names.STAGE_TAG: "tune", "sweep": sweep.name}) as parent:
             run_id = parent.info.run_id
             inputs = prepare_inputs(sweep, sweep_dir, uri)
-            tuner = _tuner(sweep, trainable(sweep, inputs, run_id), tune_dir, resuming)
             _say(f"sweep {sweep.name!r}: trials in {sweep_dir / 'trials'}, MLflow experiment {experiment!r} at {uri}")
-            trials = _summarize(tuner.fit(), sweep_dir)
-            # Tune catches Ctrl-C / SIGINT itself: fit() returns with trials neither finished nor errored, or
-            # not yet created
+            if len(parts) > 1:
+                import mlflow
+
+                mlflow.log_artifact(str(sweep_dir / GRID_PARTS_FILE))
             planned = trial_count(sweep)
+            later = sum(sweep.num_samples * len(points) for _, points in parts[1:])
+            trials = []
+            for name, points in parts:
+                part = _summarize(_tuner(sweep, trainable(sweep, inputs, run_id), sweep_dir / name,
+                                         tune.Tuner.can_restore(str(sweep_dir / name)), points).fit(), sweep_dir)
+                trials += part
+                # Tune catches Ctrl-C / SIGINT itself: fit() returns with trials neither finished nor errored, or
+                # not yet created; the next experiment does not start then
+                if unfinished_trials(part, planned - later if points is None else sweep.num_samples * len(points)) > 0:
+                    break
+            _log_counts(trials)
             interrupted = unfinished_trials(trials, planned) > 0
             table = None
             done = sum(t["done"] for t in trials)

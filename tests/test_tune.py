@@ -237,13 +237,25 @@ def test_a_sweep_resumes_only_with_the_settings_it_started_with(tmp_path):
     sweep = SweepConfig(name="t", envs=["hotpotqa"], space={"student": ["tiny-1m"], "method": ["sad"]},
                         distill={"max_steps": 3})
     (tmp_path / SETTINGS_FILE).write_text(json.dumps(dataclasses.asdict(sweep)))
-    check_resume(sweep, tmp_path)  # the same settings
-    check_resume(dataclasses.replace(sweep, num_cpus=2, report=False), tmp_path)  # how it runs, not what
-    for changed, field in ((dict(space={"student": ["tiny-1m"], "method": ["sad", "sft"]}), "space"),
-                           (dict(distill={"max_steps": 4}), "distill"), (dict(test_episodes=5), "test_episodes")):
+    assert check_resume(sweep, tmp_path) == []  # the same settings
+    assert check_resume(dataclasses.replace(sweep, num_cpus=2, report=False), tmp_path) == []  # how it runs
+    for changed, field in ((dict(distill={"max_steps": 4}), "distill"), (dict(test_episodes=5), "test_episodes"),
+                           # a grid that loses a point, a random search: not a grown grid
+                           (dict(space={"student": ["tiny-1m"], "method": ["sft"]}), "space"),
+                           (dict(space={"student": ["tiny-1m"], "method": ["sad", "sft"]}, search="random"),
+                            "search, space"),
+                           (dict(space={"student": ["tiny-1m"], "method": ["sad", "sft"]}, test_episodes=5),
+                            "space, test_episodes")):
         with pytest.raises(ConfigError, match=rf"changed: {field}\)"):
             check_resume(dataclasses.replace(sweep, **changed), tmp_path)
-    check_resume(dataclasses.replace(sweep, test_episodes=5), tmp_path / "older")  # no settings file: unchecked
+    with pytest.raises(ConfigError, match=r"lacks 1 grid point.*'method': 'sad'"):
+        check_resume(dataclasses.replace(sweep, space={"student": ["tiny-1m"], "method": ["sft"]}), tmp_path)
+    # a grid that only gains points: the new points, in the grid's order (another arm, another seed)
+    grown = dataclasses.replace(sweep, space=[{"student": ["tiny-1m"], "method": ["sad", "sft"]},
+                                              {"student": ["tiny-1m"], "method": ["sad"], "seed": [1]}])
+    assert check_resume(grown, tmp_path) == [{"env": "hotpotqa", "student": "tiny-1m", "method": "sft"},
+                                             {"env": "hotpotqa", "student": "tiny-1m", "method": "sad", "seed": 1}]
+    assert check_resume(dataclasses.replace(sweep, test_episodes=5), tmp_path / "older") == []  # unchecked
 
 
 @pytest.mark.slow
@@ -284,6 +296,23 @@ def test_an_interrupted_sweep_resumes_and_runs_nothing_twice(ray_cluster, data, 
     changed = load_sweep(path, space=[{"student": ["tiny-1m"], "method": ["sft"]}])  # not what the folder holds
     with pytest.raises(ConfigError, match=r"changed: space\).*--no-resume"):
         run_sweep(changed)
+
+    # the grid grows by a seed: only the new point runs (in an experiment of its own), under the same sweep run
+    grown_path = sweep_file(data, tmp_path, "resume", [], space=space + [{"student": ["tiny-1m"], "method": ["sad"],
+                                                                          "seed": [1]}], distill=distill)
+    third = run_sweep(load_sweep(grown_path))
+    assert third.run_id == first.run_id and third.planned == 4 and not third.interrupted
+    assert sorted((t["config"]["method"], str(t["config"].get("seed", "-"))) for t in third.trials if t["done"]) == [
+        ("sad", "-"), ("sad", "1"), ("sft", "-"), ("token_kd", "-")]
+    grown_events = events(third.sweep_dir)
+    assert {name: ev for name, ev in grown_events.items() if name in after} == after  # none of the 3 ran again
+    assert [ev for name, ev in grown_events.items() if name not in after] == [["distill", "evaluate", "done"]]
+    assert (third.sweep_dir / "tune-2").is_dir()
+    fourth = run_sweep(load_sweep(grown_path))  # the grown sweep again: nothing to do
+    assert events(fourth.sweep_dir) == grown_events and sum(t["done"] for t in fourth.trials) == 4
+    _, runs = mlflow_runs(tmp_path, "resume")
+    assert len([r for r in runs if r.data.tags.get("stage") == "trial"]) == 4
+    assert len([r for r in runs if r.data.tags.get("stage") == "tune"]) == 1
 
 
 def test_a_trial_continues_its_student_on_policy_when_the_sweep_says_so(ray_cluster, data, tmp_path):
