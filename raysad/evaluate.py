@@ -159,15 +159,18 @@ def episode_metrics(trajectories: list, fmt, tokenizer=None) -> dict[str, float 
 
 
 def speed_metrics(summary) -> dict[str, float | None]:
-    """Latency per agent step and generation throughput of the episodes played in this call."""
+    """Latency per agent step and generation throughput of the episodes played in this call, and the engines'
+    own counters (hf: decode rows, prefix-cache reuse) as the rollout's metrics have them."""
     if summary.episodes == 0 or summary.steps == 0:
         return {names.M_LATENCY: None, names.M_TOKENS_PER_S: None}
+    engine = {k.replace("rollout/", "eval/"): v for k, v in summary.metrics().items()
+              if k.startswith("rollout/engine_") and k[len("rollout/engine_"):] in ("decoded_rows", "prefix_reuse_frac")}
     if summary.engine_calls:  # a turn is two engine calls; batched agents wait for the whole call
         latency = 2 * summary.engine_busy_s / summary.engine_calls
     else:  # env-side policies: the pool's wall time per step
         latency = summary.wall_s / summary.steps
     tokens_per_s = summary.tokens_generated / summary.wall_s if summary.tokens_generated and summary.wall_s else None
-    return {names.M_LATENCY: latency, names.M_TOKENS_PER_S: tokens_per_s}
+    return {names.M_LATENCY: latency, names.M_TOKENS_PER_S: tokens_per_s, **engine}
 
 
 # --- CoT match on reference prefixes -----------------------------------------------------------------------------

@@ -80,6 +80,7 @@ class RolloutSummary:
     engine_prompts: int = 0
     engine_busy_s: float = 0.0   # summed over engines
     engine_nodes: list[str] = dataclasses.field(default_factory=list)  # Ray node id of each engine
+    engine_counters: dict[str, float] = dataclasses.field(default_factory=dict)  # the engines' own (hf: decode rows)
     actors_with_local_engine: int = 0  # env actors asking an engine on their own node
     wall_s: float = 0.0
 
@@ -96,7 +97,10 @@ class RolloutSummary:
                 "rollout/turns_reencoded": self.turns_reencoded, "rollout/guide_turns": self.guide_turns,
                 "rollout/truncated_turn_frac": self.turns_truncated / max(self.model_turns, 1),
                 "rollout/engine_mean_batch": self.engine_prompts / max(self.engine_calls, 1),
-                "rollout/engine_busy_frac": self.engine_busy_s / wall}
+                "rollout/engine_busy_frac": self.engine_busy_s / wall,
+                **{f"rollout/engine_{k}": v for k, v in self.engine_counters.items()},
+                **({"rollout/engine_prefix_reuse_frac": self.engine_counters["prefix_reused_tokens"]
+                    / self.engine_counters["prompt_tokens"]} if self.engine_counters.get("prompt_tokens") else {})}
 
 
 # --- driver ------------------------------------------------------------------------------------------------
@@ -349,6 +353,9 @@ def _run(cfg, env_factory, engine_factory, given, progress, on_write) -> Rollout
             summary.engine_prompts += stats["prompts"] - before["prompts"]
             summary.engine_busy_s += stats["busy_s"] - before["busy_s"]
             summary.engine_nodes.append(stats["node_id"])
+            for key, value in stats.get("counters", {}).items():
+                summary.engine_counters[key] = (summary.engine_counters.get(key, 0)
+                                                + value - before.get("counters", {}).get(key, 0))
     finally:
         # also on Ctrl-C: free their CPUs/GPUs for whatever runs next (given actors are the caller's)
         for actor in ((actors if given_actors is None else []) + (engines if given_engines is None else [])

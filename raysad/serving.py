@@ -164,7 +164,9 @@ class EngineActor:
                 self._serve_waiting()
 
     def stats(self) -> dict[str, Any]:
-        return {"calls": self.calls, "prompts": self.prompts, "busy_s": self.busy_s, "node_id": self.node_id}
+        counters = getattr(self.engine, "counters", None)  # the engine's own work counters (hf), where it has them
+        return {"calls": self.calls, "prompts": self.prompts, "busy_s": self.busy_s, "node_id": self.node_id,
+                "counters": counters() if counters else {}}
 
     def ready(self) -> bool:
         return True

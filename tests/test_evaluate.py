@@ -115,6 +115,7 @@ def test_hf_student_metrics_and_cot_match(tmp_path, tiny_models):
     assert m["eval/reasoning_tokens"] == pytest.approx(sum(t.num_thought_tokens for t in turns) / len(trajs))
     assert m["eval/params"] == models.parameter_count(models.load_model(first, device="cpu"))
     assert m["eval/latency_per_step_s"] > 0 and m["eval/tokens_per_s"] > 0
+    assert 0 < m["eval/engine_decoded_rows"] <= 2 * sum(len(tr.turns) for tr in trajs) * (6 - 1)  # the engine's own
     rejected = sum(t.observation.startswith("Invalid action") for t in turns)
     assert m["eval/invalid_action_rate"] == pytest.approx(rejected / len(turns))
 

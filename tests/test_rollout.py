@@ -187,6 +187,12 @@ def test_hf_teacher_keeps_token_ids_and_topk(tmp_path, tiny_model):
             n_tokens += len(turn.token_ids)
     assert summary.tokens_generated == n_tokens
     assert summary.engine_prompts == 2 * summary.steps  # a thought and an action prompt per step
+    # the engine actors' own counters reach the run's metrics: decode rows (at most max_new_tokens - 1 per prompt:
+    # the prefill makes the first token) and the prompt tokens the prefix cache reused (the action prompt extends
+    # the thought prompt)
+    metrics = summary.metrics()
+    assert 0 < metrics["rollout/engine_decoded_rows"] <= summary.engine_prompts * (5 - 1)
+    assert 0.3 < metrics["rollout/engine_prefix_reuse_frac"] < 1
 
 
 def test_env_actors_kept_across_runs_play_each_run_with_its_settings(tmp_path, tiny_model):

@@ -142,6 +142,13 @@ class HFEngine(BatchedEngine):
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
+    def counters(self) -> dict[str, int]:
+        """Work counters since the engine started, summed over calls (the rollout's MLflow metrics take their
+        difference over a run): decode rows, and the prompt tokens the prefix cache saved."""
+        cache = self.prefix_cache
+        return {"decoded_rows": self.decoded_rows, "prompt_tokens": cache.prompt_tokens if cache else 0,
+                "prefix_reused_tokens": cache.reused_tokens if cache else 0}
+
     # ------------------------------------------------------------------------------------- generate ---
     def load_weights(self, folder: str | Path, seed: int | None = None) -> None:
         """Replace the model with the one saved in `folder`: the same architecture and vocabulary (on-policy
