@@ -259,7 +259,7 @@ def _point_key(point: dict) -> str:
     return json.dumps(point, sort_keys=True, default=str)
 
 
-def _grid_parts(sweep: SweepConfig, sweep_dir: Path, grown: list[dict]) -> list[tuple[str, list[dict] | None]]:
+def _grid_parts(sweep_dir: Path, grown: list[dict]) -> list[tuple[str, list[dict] | None]]:
     """The Tune experiments of the sweep, in order: (folder name, its grid points; None: the space it started
     with). The points a grown sweep gained (check_resume) become the next one, recorded before it runs."""
     import json
@@ -365,7 +365,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = True) -> SweepResult:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if not resuming:
         (sweep_dir / GRID_PARTS_FILE).unlink(missing_ok=True)
-    parts = _grid_parts(sweep, sweep_dir, grown)
+    parts = _grid_parts(sweep_dir, grown)
     if grown:
         _say(f"the space gained {len(grown)} grid point(s): they run in {sweep_dir / parts[-1][0]}")
     if grown or not resuming:
