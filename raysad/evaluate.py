@@ -163,8 +163,9 @@ def speed_metrics(summary) -> dict[str, float | None]:
     own counters (hf: decode rows, prefix-cache reuse) as the rollout's metrics have them."""
     if summary.episodes == 0 or summary.steps == 0:
         return {names.M_LATENCY: None, names.M_TOKENS_PER_S: None}
-    engine = {k.replace("rollout/", "eval/"): v for k, v in summary.metrics().items()
-              if k.startswith("rollout/engine_") and k[len("rollout/engine_"):] in ("decoded_rows", "prefix_reuse_frac")}
+    rollout = summary.metrics()
+    engine = {f"eval/engine_{k}": rollout[f"rollout/engine_{k}"] for k in ("decoded_rows", "prefix_reuse_frac")
+              if f"rollout/engine_{k}" in rollout}
     if summary.engine_calls:  # a turn is two engine calls; batched agents wait for the whole call
         latency = 2 * summary.engine_busy_s / summary.engine_calls
     else:  # env-side policies: the pool's wall time per step

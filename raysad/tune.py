@@ -245,12 +245,12 @@ def check_resume(sweep: SweepConfig, sweep_dir: Path) -> list[dict]:
     recorded = json.loads((sweep_dir / SETTINGS_FILE).read_text())
     ran = grid_points(dataclasses.replace(sweep, space=recorded["space"]))
     points = grid_points(sweep)
-    ran_keys, keys = [_point_key(p) for p in ran], {_point_key(p) for p in points}
-    lost = [p for p, key in zip(ran, ran_keys) if key not in keys]
+    ran_keys, keys = {_point_key(p) for p in ran}, {_point_key(p) for p in points}
+    lost = [p for p in ran if _point_key(p) not in keys]
     if lost:
         raise ConfigError(f"{refusal} (the new space lacks {len(lost)} grid point(s) the sweep has, e.g. {lost[0]}; "
                           "a sweep can gain grid points, not lose them)")
-    return [p for p in points if _point_key(p) not in set(ran_keys)]
+    return [p for p in points if _point_key(p) not in ran_keys]
 
 
 def _point_key(point: dict) -> str:
