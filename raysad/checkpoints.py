@@ -14,7 +14,7 @@ from typing import Any
 
 # the config fields a checkpoint must agree on to be resumed
 RESUME_FIELDS = ("trajectories", "trajectories_sha256", "student", "teacher", "method", "lambda_reason", "lambda_act", "divergence",
-                 "beta", "temperature", "ce_weight", "curriculum", "curriculum_start", "epochs", "max_steps",
+                 "beta", "temperature", "ce_weight", "curriculum", "curriculum_start", "curriculum_pace", "epochs", "max_steps",
                  "batch_size", "lr", "min_lr_ratio", "warmup_steps", "schedule", "weight_decay", "max_grad_norm",
                  "max_length", "seed")
 

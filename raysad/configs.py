@@ -282,8 +282,11 @@ class DistillConfig(Distillation, Training, Workers, Optimizer, Tracking, RayClu
     student: str = setting(help="Student: HF model directory, a tiny size name (tiny-1m, tiny-5m, tiny-20m), or "
                                 "derive:keep_every=K | derive:first=A,last=B [,width_factor=F] (cut from --teacher "
                                 "into <out>/derived-student: every K-th layer, or its first A and last B layers).")
-    curriculum: bool = setting(False, "Order trajectories easy -> hard, unlocking more each epoch.")
+    curriculum: bool = setting(False, "Easy -> hard: train on the easiest share of the trajectories (by thought + "
+                                      "action tokens and teacher entropy), unlocking more each epoch.")
     curriculum_start: float = setting(0.3, "Share of the (sorted) data unlocked in the first epoch.")
+    curriculum_pace: float = setting(0.5, "Share of the run (its steps, or epochs) over which the unlocked share "
+                                          "grows to all of the data; the rest trains on all of it.")
     checkpoint_every: int = setting(50, "Steps between checkpoints (one is also written at the end).")
     resume: bool = setting(True, "Continue from the last checkpoint of the run in --out, or start again.")
     max_failures: int = setting(2, "Worker failures Ray Train recovers from (from the last checkpoint).")
@@ -300,6 +303,7 @@ class DistillConfig(Distillation, Training, Workers, Optimizer, Tracking, RayClu
 
     def check(self) -> None:
         check_range("curriculum_start", self.curriculum_start, 0, 1, low_inclusive=False)
+        check_range("curriculum_pace", self.curriculum_pace, 0, 1)
         check_range("checkpoint_every", self.checkpoint_every, 1)
         check_range("max_failures", self.max_failures, 0, 1_000)
         check_range("log_every", self.log_every, 1)

@@ -280,7 +280,7 @@ def _train_step(config, model: _Model, place: Placement, step: int, total_steps:
     import torch
     import torch.distributed as dist
 
-    from raysad.data import collate, rank_rows, take
+    from raysad.data import collate, micro_batches, padded_positions, rank_rows, take
 
     began = time.perf_counter()
     rank, world, device = place.rank, place.world, place.device
@@ -294,9 +294,8 @@ def _train_step(config, model: _Model, place: Placement, step: int, total_steps:
     lr = lr_at(step, total_steps, config)
     for group in model.optimizer.param_groups:
         group["lr"] = lr
-    sums = torch.zeros(7, dtype=torch.float64)
-    for m in range(n_micro):
-        items = step_examples[m * config.micro_batch_size:(m + 1) * config.micro_batch_size]
+    sums = torch.zeros(8, dtype=torch.float64)
+    for m, items in enumerate(micro_batches(step_examples, config.micro_batch_size, n_micro)):
         real = bool(items) and not filler
         batch = collate(items or step_examples[:1], model.tokenizer.pad_token_id)
         if not real:  # a rank with less data still joins every gradient sync, with zero weight
@@ -314,6 +313,7 @@ def _train_step(config, model: _Model, place: Placement, step: int, total_steps:
         total.backward()
         sums[:6] += micro_sums
         sums[6] += float(batch["attention_mask"].sum()) if real else 0.0
+        sums[7] += padded_positions(items) if real else 0.0
     if place.distributed:
         dist.all_reduce(sums)
     grad_norm = _clip(model.student, config.max_grad_norm)
@@ -322,7 +322,8 @@ def _train_step(config, model: _Model, place: Placement, step: int, total_steps:
     metrics = step_loss(sums[:6].tolist(), config, world)
     seconds = time.perf_counter() - began
     metrics.update({"distill/lr": lr, "distill/grad_norm": grad_norm,
-                    "distill/tokens_per_s": float(sums[6]) / seconds, "distill/tokens": float(sums[6])})
+                    "distill/tokens_per_s": float(sums[6]) / seconds, "distill/tokens": float(sums[6]),
+                    "distill/pad_frac": 1.0 - float(sums[6]) / max(float(sums[7]), 1.0)})
     return metrics
 
 

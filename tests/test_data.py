@@ -127,6 +127,16 @@ def test_a_stream_that_ends_early_says_where():
         rdata.take(iter(range(3)), 5, "rank 1, step 7")
 
 
+def test_micro_batches_take_the_longest_first_and_keep_every_example():
+    items = [{"input_ids": [0] * n, "n": i} for i, n in enumerate([5, 9, 2, 9, 7])]
+    split = rdata.micro_batches(items, size=2, count=4)
+    assert [[len(x["input_ids"]) for x in m] for m in split] == [[9, 9], [7, 5], [2], []]
+    assert sorted(x["n"] for m in split for x in m) == [0, 1, 2, 3, 4]
+    # padded positions: 18 + 14 + 2 = 34 sorted, against 18 + 18 + 7 = 43 in the given order
+    assert sum(rdata.padded_positions(m) for m in split) == 34
+    assert sum(rdata.padded_positions(items[i:i + 2]) for i in (0, 2, 4)) == 43
+
+
 @pytest.mark.usefixtures("small_blocks")
 def test_a_bad_record_fails_the_cluster_encode_naming_its_line(data, tmp_path, ray_cluster):
     lines = (data / "topk.jsonl").read_text().splitlines()
