@@ -283,6 +283,16 @@ def curriculum_pacing(stats: DataStats, config) -> tuple[int, int]:
     return paced, paced + max(math.ceil((config.max_steps - steps(paced)) / full_epoch), 1)
 
 
+def check_curriculum(stats: DataStats, config) -> None:
+    """--curriculum on a run too short to pace (one epoch, or fewer steps than its first share takes) would train
+    as a plain run without a word: refuse instead."""
+    if config.curriculum and config.curriculum_pace > 0 and not curriculum_pacing(stats, config)[0]:
+        span = (f"--max-steps {config.max_steps} x --curriculum-pace {config.curriculum_pace}" if config.max_steps
+                else f"--epochs {config.epochs}")
+        raise ValueError(f"--curriculum has nothing to pace over: {span} leaves no epoch for a growing share of the "
+                         f"{stats.examples} trajectories; give more --max-steps or --epochs, or drop --curriculum")
+
+
 def step_batches(stats: DataStats, config) -> list[list[int]]:
     """All global batches of the run, in order (a pure function of the data and the config: resumable).
     When max_steps asks for more than the epochs give, a plain run cycles its batches from the start (a

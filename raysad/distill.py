@@ -115,6 +115,7 @@ def prepare(config: DistillConfig) -> tuple[DistillConfig, dict, dict]:
     else:
         examples, stats = data.load_examples_and_stats(config, tokenizer)
     data.check_teacher_signal(stats, config)
+    data.check_curriculum(stats, config)
     batches = data.step_batches(stats, config)
     args = {"examples": examples, "batches": batches, "normalizers": data.step_normalizers(batches, stats),
             "data_start": min(start, len(batches)), "storage": storage, "run_dir": run_dir,

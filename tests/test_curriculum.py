@@ -144,3 +144,22 @@ def test_a_curriculum_unlocks_all_the_data_early_enough_to_train_on_it(epochs, m
     assert hardest >= 1  # every example, the hardest included
     if pace == 0.5 and max_steps == 300:  # a plain run: 12 each
         assert hardest >= 6 and exposures[ranked[:n // 10]].mean() <= 16
+
+
+@pytest.mark.parametrize("epochs, max_steps, pace, refused", [(1, 0, 0.5, True), (1, 4, 0.5, True),
+                                                              (1, 0, 0.0, False), (2, 0, 0.5, False),
+                                                              (1, 20, 0.5, False)])
+def test_a_curriculum_too_short_to_pace_is_refused(epochs, max_steps, pace, refused):
+    # one epoch, or fewer steps than the first (easiest 30%) epoch takes, would train as a plain run without a word
+    from types import SimpleNamespace
+
+    from raysad.data import check_curriculum
+
+    stats = SimpleNamespace(examples=200, complexity=np.arange(200.0))
+    config = SimpleNamespace(curriculum=True, curriculum_start=0.3, curriculum_pace=pace, epochs=epochs,
+                             max_steps=max_steps, batch_size=8, seed=0)
+    if refused:
+        with pytest.raises(ValueError, match="--curriculum has nothing to pace over"):
+            check_curriculum(stats, config)
+    else:
+        check_curriculum(stats, config)
