@@ -34,7 +34,12 @@ def overrides(variant: str) -> dict:
         name, _, value = part.partition("=")
         if name not in types:
             raise SystemExit(f"--variants {variant!r}: DistillConfig has no field {name!r}")
-        out[name] = types[name](value) if types[name] in (int, float) else value
+        if types[name] is bool:
+            if value.lower() not in ("true", "false"):
+                raise SystemExit(f"--variants {variant!r}: {name} is true or false, not {value!r}")
+            out[name] = value.lower() == "true"
+        else:
+            out[name] = types[name](value) if types[name] in (int, float) else value
     return out
 
 
