@@ -267,10 +267,13 @@ def curriculum_pacing(stats: DataStats, config) -> tuple[int, int]:
     plain SAD's 19.3% (docs/RESULTS.md)."""
     from raysad.curriculum import unlocked
 
-    epochs = max(config.epochs, 1)
     if not config.max_steps:
+        epochs = max(config.epochs, 1)
         return min(math.ceil(config.curriculum_pace * (epochs - 1)), epochs - 1), epochs
+    full_epoch = math.ceil(stats.examples / config.batch_size)
     budget = config.curriculum_pace * config.max_steps
+    if config.max_steps >= full_epoch:  # room for one whole epoch after the pacing: every example is trained on
+        budget = min(budget, config.max_steps - full_epoch)
 
     def steps(paced: int) -> int:  # steps of epochs 0 .. paced - 1 while the share grows
         return sum(math.ceil(unlocked(stats.examples, e, config.curriculum_start, paced) / config.batch_size)
@@ -279,7 +282,6 @@ def curriculum_pacing(stats: DataStats, config) -> tuple[int, int]:
     paced = 0
     while paced < config.max_steps and steps(paced + 1) <= budget:
         paced += 1
-    full_epoch = math.ceil(stats.examples / config.batch_size)
     return paced, paced + max(math.ceil((config.max_steps - steps(paced)) / full_epoch), 1)
 
 
