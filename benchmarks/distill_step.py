@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import sys
 import tempfile
+from statistics import fmean as mean
 
 import bench_common as bench
 
@@ -56,10 +57,6 @@ def child(args) -> None:
     bench.child_result({"step_s": [line["tokens"] / line["tokens_per_s"] for line in log],
                         "pad_frac": [line["pad_frac"] for line in log], "tokens": [line["tokens"] for line in log],
                         "loss": [line["loss"] for line in log]})
-
-
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def main() -> None:
