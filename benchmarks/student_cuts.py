@@ -18,26 +18,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def mean_ce(model, examples) -> float:
-    import torch
-
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for ex in examples:
-            ids = torch.as_tensor(ex["input_ids"])[None]
-            mask = torch.as_tensor(ex["reason_mask"] | ex["act_mask"])[1:]
-            logp = model(ids).logits[0, :-1].float().log_softmax(-1)
-            nll = -logp.gather(-1, ids[0, 1:, None])[:, 0]
-            total += float(nll[mask].sum())
-            count += int(mask.sum())
-    return total / max(count, 1)
-
-
 def main(argv: list[str] | None = None) -> None:
     import torch
 
     from raysad import models, students
     from raysad.encoding import encode_trajectory
+    from raysad.evaluate import generated_token_ce
     from raysad.trajectory_reader import read_trajectories
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         model = students.derive_student(teacher, **students.parse_derive_spec(spec))
         params = sum(p.numel() for p in model.parameters())
         name = spec + (" (the teacher)" if spec == "derive:keep_every=1" else "")
-        print(f"{name:40s} {model.config.num_hidden_layers:6d} {params / 1e6:7.1f}M {mean_ce(model, examples):7.3f}",
+        print(f"{name:40s} {model.config.num_hidden_layers:6d} {params / 1e6:7.1f}M {generated_token_ce(model, examples):7.3f}",
               flush=True)
     print(f"(uniform over the vocabulary: {math.log(len(tokenizer)):.1f} nats; {len(examples)} trajectories, "
           f"{args.trajectories})")

@@ -23,7 +23,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from student_cuts import mean_ce as held_out_ce  # noqa: E402 - the same CE of thought + action tokens
 
 
 def batch_loss(model, batch, loss: str):
@@ -58,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from raysad import models, students
     from raysad.encoding import encode_trajectory
+    from raysad.evaluate import generated_token_ce as held_out_ce
     from raysad.trajectory_reader import read_trajectories
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

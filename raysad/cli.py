@@ -171,6 +171,7 @@ def quickstart(
     out: Optional[str] = typer.Option(None, "--out", help="Directory for every stage's files.", show_default="runs/quickstart"),
     envs: Optional[str] = typer.Option(None, "--env", help="Comma-separated envs.", show_default="hotpotqa (tiny-1m: hotpotqa,webshop,alfworld)"),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of every stage.", show_default="0"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="bf16 or fp32 for training (autocast) and the engines' weights; auto: bf16 where the CPU computes it natively (AMX or AVX512-BF16), else fp32.", show_default="auto"),
     experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment.", show_default="quickstart"),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI.", show_default="$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"),
     config: Optional[Path] = ConfigOpt,
@@ -180,8 +181,8 @@ def quickstart(
     Train, evaluation on held-out tasks, report table and plots, all in MLflow. A rerun resumes."""
     from raysad.quickstart import main
 
-    run_stage(main, config, small=small, teacher=teacher, out=out, envs=envs, seed=seed, experiment=experiment,
-              tracking_uri=tracking_uri)
+    run_stage(main, config, small=small, teacher=teacher, out=out, envs=envs, seed=seed, precision=precision,
+              experiment=experiment, tracking_uri=tracking_uri)
 
 
 stage_command("rollout", configs.RolloutConfig, "raysad.rollout",

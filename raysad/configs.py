@@ -267,7 +267,11 @@ class EvalConfig(Tasks, Policy, Play, Tracking, RayCluster):
     split: str = default_of(Tasks, "split", "test", "train, valid or test (held out).")
     policy: Literal["expert", "random", "hf", "vllm", "openai"] = default_of(Policy, "policy", "hf")
     reference: str | None = setting(None, "Teacher trajectories (.jsonl/.parquet): CoT match rate of the policy "
-                                          "on their prefixes.")
+                                          "on their prefixes, and (hf models) its cross-entropy on their thought "
+                                          "and action tokens.")
+    cot_match: bool = setting(True, "With --reference: play the next turn at every reference prefix (CoT match); "
+                                    "off keeps only the cross-entropy, which generates nothing.",
+                              flag="--cot-match/--no-cot-match")
     out: str = setting("runs/eval", "Directory for trajectories.jsonl and eval.json; rerunning resumes it.")
     method: str | None = setting(None, "What the student is, for the report (sad, token_kd, sft, teacher).",
                                  shown="<model>/raysad.json, or the policy for expert/random")
@@ -330,6 +334,7 @@ class SFTConfig(Training, Optimizer, Tracking, RayCluster):
                                     "--tokenizer).")
     device: str | None = setting(None, "cpu or cuda (one GPU per worker; choose GPUs with CUDA_VISIBLE_DEVICES).",
                                  shown="cuda if available")
+    precision: Literal["auto", "bf16", "fp32"] = default_of(Workers, "precision", "auto")
 
     def check(self) -> None:
         # vocab_size: 256 bytes + EOS + PAD at least; at most 1_048_576 (the embedding would exhaust memory)

@@ -20,6 +20,10 @@ What it measures, and how:
                 next_turns, batched), or, for the expert/random policies, from the env replayed to that prefix.
                 cot_match_rate: share of prefixes where the actions agree (lower-cased, spaces collapsed);
                 thought_match_rate / thought_f1: the same for thoughts (exact / token F1).
+  reference CE  with --reference and an hf model: the model's mean cross-entropy (nats per token) on the
+                reference's thought and action tokens, teacher-forced on the very ids the reference generated
+                (encoding.encode_trajectory): how close a student's distribution is to its teacher's choices,
+                even before it solves anything. No generation; --no-cot-match keeps only this.
   params        the model's parameter count, read from its safetensors headers (no weights loaded).
   student       method, student_size, lambdas, prune ratio, seed: flags, else <model>/raysad.json, else
                 <model>/prune_summary.json (prune_ratio); logged as MLflow params for `raysad report`.
@@ -278,14 +282,13 @@ def env_policy_turns(policy, make_env, reference: list, seed: int, progress: boo
     return pairs
 
 
-def cot_match(cfg: EvalConfig, rcfg, fmt, progress: bool = True) -> dict[str, float | None]:
-    """CoT/action/thought match of the policy against cfg.reference (see the module docstring)."""
+def cot_match(cfg: EvalConfig, rcfg, fmt, reference: list, progress: bool = True) -> dict[str, float | None]:
+    """CoT/action/thought match of the policy against the reference trajectories (see the module docstring)."""
     import ray
 
     from raysad.env_actors import default_env_factory
     from raysad.serving import RemoteEngine, default_engine_factory, placement, start_engines
 
-    reference = read_reference(cfg.reference, cfg.env, cfg.episodes)
     if cfg.policy in ENV_SIDE_POLICIES:
         from raysad.policies.base import make_policy
 
@@ -301,6 +304,46 @@ def cot_match(cfg: EvalConfig, rcfg, fmt, progress: bool = True) -> dict[str, fl
         return compare_turns(text_policy_turns(RemoteEngine(handle), reference, fmt, cfg, progress))
     finally:
         ray.kill(handle)
+
+
+def generated_token_ce(model, examples: list[dict]) -> float | None:
+    """Mean cross-entropy (nats per token) of `model` on the examples' thought + action tokens (reason_mask |
+    act_mask of encoding.encode_trajectory), one sequence at a time; None when they hold no such token."""
+    import torch
+
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for ex in examples:
+            ids = torch.as_tensor(ex["input_ids"], device=device)[None]
+            mask = torch.as_tensor(ex["reason_mask"] | ex["act_mask"], device=device)[1:]
+            if not mask.any():
+                continue
+            logp = model(ids).logits[0, :-1].float().log_softmax(-1)
+            nll = -logp.gather(-1, ids[0, 1:, None])[:, 0]
+            total += float(nll[mask].sum())
+            count += int(mask.sum())
+    return total / count if count else None
+
+
+def reference_ce(model_dir: str | Path, reference: list, tokenizer_dir: str | Path | None = None) -> float | None:
+    """generated_token_ce of the HF model in `model_dir` on the reference trajectories, encoded as training
+    encodes them (their generated ids as they are). The reference must come from a model with the same
+    tokenizer: its ids are read by this one."""
+    from raysad.encoding import encode_trajectory
+    from raysad.models import check_same_tokenizer, load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir or model_dir)
+    sources = {str(t.policy.get("model")) for t in reference
+               if isinstance(t.policy, dict) and t.policy.get("backend") in ("hf", "vllm")}
+    for source in sorted(sources):
+        if (Path(source) / "config.json").is_file():  # ids of another vocabulary would score nonsense
+            check_same_tokenizer(load_tokenizer(source), tokenizer)
+        else:
+            log.warning("reference CE: the reference's model %s is not here; its token ids are assumed to be "
+                        "this tokenizer's", source)
+    model = load_model(model_dir, device="cpu")
+    return generated_token_ce(model, [encode_trajectory(traj, tokenizer) for traj in reference])
 
 
 # --- the model: size and what it is ------------------------------------------------------------------------------
@@ -439,7 +482,11 @@ def measure(cfg: EvalConfig, student: dict[str, str], progress: bool = True) -> 
         metrics |= speed_metrics(summary)
         metrics[names.M_PARAMS] = count_parameters(cfg.model) if cfg.model and Path(cfg.model).is_dir() else None
         if cfg.reference:
-            metrics |= cot_match(cfg, rcfg, fmt, progress)
+            reference = read_reference(cfg.reference, cfg.env, cfg.episodes)
+            if cfg.cot_match:
+                metrics |= cot_match(cfg, rcfg, fmt, reference, progress)
+            if cfg.policy == "hf" and cfg.model and Path(cfg.model).is_dir():
+                metrics[names.M_REFERENCE_CE] = reference_ce(cfg.model, reference, cfg.tokenizer)
     finally:
         if started_ray:
             ray.shutdown()
@@ -472,6 +519,7 @@ _ROWS = [  # (metric, label, format)
     ("eval/reasoning_tokens_per_turn", "thought tokens per turn", "{:.1f}"),
     (names.M_COT_MATCH, "CoT match (actions)", "{:.1%}"), ("eval/thought_match_rate", "thought match", "{:.1%}"),
     ("eval/thought_f1", "thought token F1", "{:.3f}"), ("eval/cot_prefixes", "reference prefixes", "{:.0f}"),
+    (names.M_REFERENCE_CE, "reference CE (nats/token)", "{:.3f}"),
     (names.M_LATENCY, "latency per step (s)", "{:.3f}"), (names.M_TOKENS_PER_S, "tokens/s", "{:.1f}"),
     (names.M_PARAMS, "parameters", "{:,.0f}"), ("eval/episodes", "episodes", "{:.0f}"),
     ("eval/errors", "episodes with errors", "{:.0f}"), ("eval/seconds", "evaluation time (s)", "{:.1f}"),

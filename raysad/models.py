@@ -57,6 +57,15 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cpu_has_native_bf16() -> bool:
+    """Does this CPU compute bfloat16 matmuls in hardware (AMX tiles or AVX512-BF16)? Where it does not, bf16 is
+    emulated and slower than float32."""
+    import torch
+
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private but stable since torch 2.3
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def load_model(path: str | Path, dtype: Any = None, device: str | None = None):
     """A causal LM from a local HF directory, in eval mode on `device` (default: cuda if available)."""
     from transformers import AutoModelForCausalLM

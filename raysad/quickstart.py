@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from raysad import ui
 
@@ -49,6 +49,8 @@ class QuickstartConfig:
     eval_episodes: int = 30                # held-out test tasks per env and model
     max_new_tokens: int | None = None      # per thought / action (None: the env's token_budget)
     max_length: int = 768
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # bf16 or fp32 for training (autocast) and the engines (weights); auto:
+                                           # bf16 where the CPU computes it natively (AMX, AVX512-BF16), else fp32
     seed: int = 0
     experiment: str = "quickstart"
     tracking_uri: str | None = None
@@ -108,6 +110,22 @@ def build_student(cfg: QuickstartConfig, teacher_dir: Path, out: Path) -> tuple[
     return str(out), f"{cfg.teacher}/{students.derive_name(args)}"
 
 
+def uses_bf16(cfg: QuickstartConfig) -> bool:
+    """--precision resolved on this machine (emulated bf16 on an older CPU is slower than float32)."""
+    from raysad.models import cpu_has_native_bf16
+
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and cpu_has_native_bf16())
+
+
+def engine_args(cfg: QuickstartConfig) -> dict:
+    """The hf engine's keywords: its weights in bf16 where training runs in bf16."""
+    return {"dtype": "bf16"} if uses_bf16(cfg) else {}
+
+
+def train_precision(cfg: QuickstartConfig) -> str:
+    return "bf16" if uses_bf16(cfg) else "fp32"
+
+
 def warmup(steps: int) -> int:
     """Warm-up steps of a short run: a fifth of it, at most the trainers' default 10 (a 12-step run that warmed
     up for 10 would barely train)."""
@@ -158,6 +176,9 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
             teacher_all = teacher_trajectories(cfg, out, teacher_dir, common)
             students, size = distill_students(cfg, out, teacher_dir, teacher_all, common)
             results = evaluate_models(cfg, out, {"teacher": teacher_dir, **students}, size, common)
+            untrained = untrained_student(cfg, out)
+            if untrained:
+                results = {"teacher": results.pop("teacher"), "untrained": untrained, **results}
             summary = write_report(cfg, out, results, uri, began)
     finally:  # also when a stage fails: the next thing this process runs may want a Ray of its own
         if started_ray:
@@ -198,7 +219,8 @@ def train_teacher(cfg: QuickstartConfig, out: Path, expert_all: Path, common: di
         run_sft(SFTConfig(trajectories=str(expert_all), model=base, out=str(teacher_dir),
                           max_steps=cfg.teacher_steps, lr=cfg.teacher_lr, vocab_size=cfg.vocab_size,
                           batch_size=cfg.teacher_batch_size, warmup_steps=warmup(cfg.teacher_steps),
-                          max_length=cfg.max_length, seed=cfg.seed, run_name="sft-teacher", **common))
+                          max_length=cfg.max_length, precision=train_precision(cfg), seed=cfg.seed,
+                          run_name="sft-teacher", **common))
     _done(t, str(teacher_dir))
     return teacher_dir
 
@@ -214,7 +236,8 @@ def teacher_trajectories(cfg: QuickstartConfig, out: Path, teacher_dir: Path, co
         summary = run_rollout(RolloutConfig(
             env=env, split="train", policy="hf", model=str(teacher_dir), episodes=cfg.teacher_episodes,
             topk=cfg.topk, max_new_tokens=cfg.max_new_tokens, max_turns=cfg.max_turns, out=str(path),
-            seed=cfg.seed, env_actors=1, envs_per_actor=8, run_name=f"rollout-teacher-{env}", **common))
+            seed=cfg.seed, env_actors=1, envs_per_actor=8, engine_args=engine_args(cfg),
+            run_name=f"rollout-teacher-{env}", **common))
         teacher_files.append(path)
         console.print(f"teacher on {env} (train): success {summary.successes}/{max(summary.episodes, 1)}")
     teacher_all = _merge(teacher_files, out / "data" / "teacher_all.jsonl")
@@ -243,7 +266,8 @@ def distill_students(cfg: QuickstartConfig, out: Path, teacher_dir: Path, teache
                 out=str(student_dir), method=method, lambda_reason=cfg.lambda_reason,
                 lambda_act=cfg.lambda_act, max_steps=cfg.distill_steps, lr=cfg.distill_lr,
                 warmup_steps=warmup(cfg.distill_steps),
-                max_length=cfg.max_length, seed=cfg.seed, workers=1, cpus_per_worker=cpus,
+                max_length=cfg.max_length, precision=train_precision(cfg), seed=cfg.seed, workers=1,
+                cpus_per_worker=cpus,
                 run_name=f"distill-{method}",
                 **common))
         students[method] = student_dir
@@ -253,24 +277,48 @@ def distill_students(cfg: QuickstartConfig, out: Path, teacher_dir: Path, teache
 
 def evaluate_models(cfg: QuickstartConfig, out: Path, models: dict[str, Path], size: str,
                     common: dict) -> dict[str, dict]:
-    """Stage 5: every model (the teacher, then the students) on each env's held-out test tasks; returns
-    {model name: {env: metrics}}."""
+    """Stage 5: every model (the teacher first, then the students) on each env's held-out test tasks, and each
+    one's cross-entropy on the teacher's thought + action tokens of those episodes (the reference CE: a student
+    can move toward its teacher before it solves anything); returns {model name: {env: metrics}}."""
     from raysad.evaluate import EvalConfig, run_evaluate
 
     t = _stage(5, f"evaluation on held-out test tasks ({cfg.eval_episodes} per env)")
     results: dict[str, dict] = {}
-    for name, model_dir in models.items():
+    for name, model_dir in models.items():  # the teacher first: its episodes are the students' reference
         for env in cfg.envs:
             metrics = run_evaluate(EvalConfig(
                 env=env, split="test", policy="hf", model=str(model_dir), episodes=cfg.eval_episodes,
                 max_new_tokens=cfg.max_new_tokens, max_turns=cfg.max_turns, seed=cfg.seed,
-                out=str(out / "eval" / name / env),
+                out=str(out / "eval" / name / env), reference=str(teacher_episodes(out, env)), cot_match=False,
                 method=name, student_size=cfg.teacher if name == "teacher" else size,
-                env_actors=1, envs_per_actor=8, run_name=f"evaluate-{name}-{env}", **common),
+                env_actors=1, envs_per_actor=8, engine_args=engine_args(cfg), run_name=f"evaluate-{name}-{env}",
+                **common),
                 progress=True)
             results.setdefault(name, {})[env] = metrics
     _done(t, str(out / "eval"))
     return results
+
+
+def teacher_episodes(out: Path, env: str) -> Path:
+    return out / "eval" / "teacher" / env / "trajectories.jsonl"
+
+
+def untrained_student(cfg: QuickstartConfig, out: Path) -> dict[str, dict]:
+    """The student as cut from the teacher, before distillation: its reference CE per env (no episodes: it
+    writes no valid action), the row that shows what distillation moved. Empty for a student not cut from the
+    teacher."""
+    from raysad import tracking
+    from raysad.evaluate import count_parameters, read_reference, reference_ce
+
+    init = out / "student_init"
+    if not (init / "config.json").is_file():
+        return {}
+    rows = {}
+    for env in cfg.envs:
+        reference = read_reference(teacher_episodes(out, env), env, cfg.eval_episodes)
+        rows[env] = {"eval/reference_ce": reference_ce(init, reference), "eval/params": count_parameters(init)}
+        tracking.log_metrics({f"untrained_student/{env}/reference_ce": rows[env]["eval/reference_ce"]})
+    return rows
 
 
 def write_report(cfg: QuickstartConfig, out: Path, results: dict[str, dict], uri: str, began: float) -> dict:
@@ -297,18 +345,27 @@ def print_summary(cfg: QuickstartConfig, results: dict, params: dict, seconds: f
     table.add_column("params", justify="right")
     for env in cfg.envs:  # one column per env keeps the table readable in 80 columns
         table.add_column(f"{env}\nsuccess / {'F1' if env == 'hotpotqa' else 'score'}", justify="right")
+    table.add_column("CE on\nteacher's\ntokens", justify="right")
     table.add_column("thought\ntok/turn", justify="right")
     for name, per_env in results.items():
         row = [name, "-" if params.get(name) is None else f"{int(params[name]):,}"]
         for env in cfg.envs:
             m = per_env[env]
             score = m.get("eval/f1") if env == "hotpotqa" else m.get("eval/score")
-            row.append(f"{m['eval/success_rate']:.0%} / " + ("-" if score is None else f"{score:.2f}"))
+            success = m.get("eval/success_rate")
+            row.append("-" if success is None else
+                       f"{success:.0%} / " + ("-" if score is None else f"{score:.2f}"))
+        ce = [m.get("eval/reference_ce") for m in per_env.values()]
+        ce = [x for x in ce if x is not None]
+        row.append(f"{sum(ce) / len(ce):.2f}" if ce else "-")
         lengths = [m.get("eval/reasoning_tokens_per_turn") for m in per_env.values()]
         lengths = [x for x in lengths if x is not None]
         row.append(f"{sum(lengths) / len(lengths):.1f}" if lengths else "-")
         table.add_row(*row)
     console.print(table)
+    console.print("CE on teacher's tokens: the model's cross-entropy (nats per token) on the thought and action "
+                  "tokens the teacher wrote in its test episodes; 'untrained' is the student as cut from the "
+                  "teacher, before distillation.")
     console.print(f"finished in {seconds / 60:.1f} min. Plots: {out / 'plots'}; table: {out / 'report.csv'}.")
     console.print(f"Compare the runs: [bold]mlflow ui --backend-store-uri "
                   f"{(cfg.tracking_uri or 'sqlite:///mlflow.db')}[/] (experiment {cfg.experiment!r}).")

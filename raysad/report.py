@@ -44,10 +44,11 @@ M_LATENCY = "eval/latency_per_step_s"
 M_TOKENS_PER_S = "eval/tokens_per_s"
 M_PARAMS = "eval/params"                           # parameter count of the evaluated model
 M_COT_MATCH = "eval/cot_match_rate"
+M_REFERENCE_CE = "eval/reference_ce"               # nats per thought/action token of the reference (teacher-forced)
 M_INVALID_ACTIONS = "eval/invalid_action_rate"
 M_STEPS = "eval/steps"                             # mean steps per episode
 EVAL_METRICS = (M_SUCCESS, M_MEAN_REWARD, M_SCORE, M_EM, M_F1, M_REASONING_TOKENS, M_LATENCY, M_TOKENS_PER_S,
-                M_PARAMS, M_COT_MATCH, M_INVALID_ACTIONS, M_STEPS)
+                M_PARAMS, M_COT_MATCH, M_REFERENCE_CE, M_INVALID_ACTIONS, M_STEPS)
 CURVE_REASON = "distill/reason_loss"               # logged per optimizer step
 CURVE_ACT = "distill/act_loss"
 STUDENT_LABELS = "raysad.json"                     # in a student's folder: its P_* params (student_labels)
@@ -57,9 +58,10 @@ STAGE_TAG = "stage"                                # every stage tags its run; t
 _HEADERS = {"run_name": "run", P_METHOD: "method", P_STUDENT_SIZE: "student", P_LAMBDA_REASON: "λ_r",
             P_LAMBDA_ACT: "λ_a", P_PRUNE_RATIO: "prune", P_SEED: "seed", "n": "n", M_SUCCESS: "success",
             M_SCORE: "score", M_EM: "EM", M_F1: "F1", M_REASONING_TOKENS: "reason tok",
-            M_LATENCY: "s/step", M_PARAMS: "params", M_COT_MATCH: "CoT match"}
-_SHOWN_METRICS = (M_SUCCESS, M_SCORE, M_EM, M_F1, M_COT_MATCH, M_REASONING_TOKENS, M_LATENCY, M_PARAMS)
-_OPTIONAL_METRICS = (M_EM, M_F1, M_COT_MATCH)
+            M_LATENCY: "s/step", M_PARAMS: "params", M_COT_MATCH: "CoT match", M_REFERENCE_CE: "ref CE"}
+_SHOWN_METRICS = (M_SUCCESS, M_SCORE, M_EM, M_F1, M_COT_MATCH, M_REFERENCE_CE, M_REASONING_TOKENS, M_LATENCY,
+                  M_PARAMS)
+_OPTIONAL_METRICS = (M_EM, M_F1, M_COT_MATCH, M_REFERENCE_CE)
 MAX_CURVES = 30  # training-curve runs drawn (legend stays readable)
 PARETO_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 

@@ -84,6 +84,7 @@ def distill_config(config: SFTConfig, progress: bool = True) -> DistillConfig:
     return DistillConfig(
         **values_of(config, Training, Optimizer, Tracking, RayCluster), method="sft", stage="sft",
         trajectories=config.trajectories, student=config.model, gpus_per_worker=gpus_per_worker(config),
+        precision=config.precision,
         log_every=10 if progress else 10**9)  # without progress: the first and the last step's lines only
 
 

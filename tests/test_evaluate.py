@@ -129,6 +129,32 @@ def test_hf_student_metrics_and_cot_match(tmp_path, tiny_models):
     assert different["eval/cot_match_rate"] < 1.0 and different["eval/thought_f1"] < 1.0
 
 
+def test_reference_ce_is_the_models_log_probs_of_the_reference_tokens(tmp_path, tiny_models):
+    """The reference CE of the model that generated the reference equals what its engine recorded for those very
+    tokens (top-k log-probs at generation); another model scores them worse; --no-cot-match generates nothing."""
+    from raysad.encoding import encode_trajectory
+
+    first, other = tiny_models
+    common = dict(env="hotpotqa", policy="hf", episodes=3, max_turns=2, max_new_tokens=6)
+    tokenizer = models.load_tokenizer(first)
+    # top-k over the whole vocabulary: the delimiters an engine appends to close a segment are scored too
+    _, reference = evaluate(tmp_path, "ref", model=first, topk=len(tokenizer), **common)
+    logprobs = []
+    for traj in reference:
+        ex = encode_trajectory(traj, tokenizer)
+        scored = ex["reason_mask"] | ex["act_mask"]
+        assert (ex["topk_mask"] == scored).all()  # every scored token is one the engine generated, and only those
+        for pos in scored.nonzero()[0]:
+            (hit,) = (ex["topk_ids"][pos] == ex["input_ids"][pos]).nonzero()[0]
+            logprobs.append(float(ex["topk_logprobs"][pos][hit]))
+    ref_path = str(tmp_path / "ref" / "trajectories.jsonl")
+    same, _ = evaluate(tmp_path, "same", model=first, reference=ref_path, cot_match=False, **common)
+    assert same["eval/reference_ce"] == pytest.approx(-sum(logprobs) / len(logprobs), rel=1e-4)
+    assert "eval/cot_match_rate" not in same
+    different, _ = evaluate(tmp_path, "different", model=other, reference=ref_path, cot_match=False, **common)
+    assert different["eval/reference_ce"] > same["eval/reference_ce"]
+
+
 def test_rerun_resumes_and_refuses_another_policy(tmp_path):
     first, _ = evaluate(tmp_path, "run", env="webshop", policy="expert", episodes=3)
     again, trajs = evaluate(tmp_path, "run", env="webshop", policy="expert", episodes=3)

@@ -13,12 +13,17 @@ def check_every_stage(out, uri: str, experiment: str, distill_steps: int) -> tup
     the teacher with their train logs, teacher rollouts with stored top-k, the plots, and one MLflow run per
     stage nested under the `quickstart` run. Returns (quickstart.json, the teacher's trajectories, runs by name)."""
     summary = json.loads((out / "quickstart.json").read_text())
-    assert set(summary["results"]) == {"teacher", "sad", "token_kd", "sft"}
-    for name, per_env in summary["results"].items():
+    results = summary["results"]
+    assert set(results) == {"teacher", "untrained", "sad", "token_kd", "sft"}
+    for name, per_env in results.items():
         metrics = per_env["hotpotqa"]
-        assert 0.0 <= metrics["eval/success_rate"] <= 1.0
+        assert name == "untrained" or 0.0 <= metrics["eval/success_rate"] <= 1.0
         assert metrics["eval/params"] == summary["params"][name]
     assert all(summary["params"][m] < summary["params"]["teacher"] for m in ("sad", "token_kd", "sft"))
+    assert summary["params"]["untrained"] == summary["params"]["sad"]
+    # every model scored on the teacher's own test tokens: the teacher best, the student as cut far off
+    ce = {name: per_env["hotpotqa"]["eval/reference_ce"] for name, per_env in results.items()}
+    assert ce["teacher"] < min(ce[m] for m in ("sad", "token_kd", "sft")) and ce["teacher"] < ce["untrained"]
     for method in ("sad", "token_kd", "sft"):
         assert (out / "students" / method / "config.json").exists()
         assert (out / "students" / method / "train_log.jsonl").read_text().count("\n") == distill_steps
@@ -33,6 +38,8 @@ def check_every_stage(out, uri: str, experiment: str, distill_steps: int) -> tup
                  "evaluate-teacher-hotpotqa", "rollout-teacher-hotpotqa"):
         assert runs[name].data.tags.get("mlflow.parentRunId") == parent, name
     assert "distill/reason_loss" in runs["distill-sad"].data.metrics
+    assert runs["evaluate-sad-hotpotqa"].data.metrics["eval/reference_ce"] == ce["sad"]
+    assert runs["quickstart"].data.metrics["untrained_student/hotpotqa/reference_ce"] == ce["untrained"]
     assert runs["evaluate-sad-hotpotqa"].data.params["method"] == "sad"
     return summary, teacher_trajs, runs
 
@@ -72,6 +79,14 @@ def test_small_quickstart_with_the_real_weights_teacher(tmp_path, monkeypatch, s
     assert any(i >= 4096 for t in teacher_trajs for turn in t["turns"] for i in turn["token_ids"])
     assert runs["evaluate-sad-hotpotqa"].data.params["student_size"] == "smollm2/k4"
     assert runs["quickstart"].data.params["teacher"] == "smollm2"
+    # --precision auto: bf16 training and engine weights where this CPU computes bf16 natively, else float32
+    from raysad.models import cpu_has_native_bf16
+
+    bf16 = cpu_has_native_bf16()
+    assert runs["sft-teacher"].data.params["precision"] == runs["distill-sad"].data.params["precision"] \
+        == ("bf16" if bf16 else "fp32")
+    assert (runs["rollout-teacher-hotpotqa"].data.params.get("engine_args.dtype") == "bf16") == bf16
+    assert (runs["evaluate-sad-hotpotqa"].data.params.get("eval.engine_args.dtype") == "bf16") == bf16
 
 
 def test_unknown_quickstart_teacher_is_one_line(tmp_path):
