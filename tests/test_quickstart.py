@@ -102,3 +102,9 @@ def test_a_rerun_with_other_settings_is_refused_in_one_line(tmp_path):
     result = CliRunner().invoke(app, ["quickstart", "--out", str(out)])  # the default teacher: smollm2
     assert result.exit_code == 2, result.output
     assert "holds a quickstart run with other settings" in result.output and "'tiny-1m' -> 'smollm2'" in result.output
+
+
+def test_unknown_precision_is_one_line(tmp_path):
+    result = CliRunner().invoke(app, ["quickstart", "--precision", "fp8", "--out", str(tmp_path / "q")])
+    assert result.exit_code == 2 and "field 'precision': must be one of 'auto', 'bf16', 'fp32', got 'fp8'" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "q").exists()
