@@ -77,7 +77,7 @@ def test_small_quickstart_with_the_real_weights_teacher(tmp_path, monkeypatch, s
     assert json.loads((out / "student_init" / "config.json").read_text())["num_hidden_layers"] == 8
     # the teacher's own tokenizer end to end: its rollouts store top-k ids from SmolLM2's vocabulary
     assert any(i >= 4096 for t in teacher_trajs for turn in t["turns"] for i in turn["token_ids"])
-    assert runs["evaluate-sad-hotpotqa"].data.params["student_size"] == "smollm2/k4"
+    assert runs["evaluate-sad-hotpotqa"].data.params["student_size"] == "smollm2/f2-l6"
     assert runs["quickstart"].data.params["teacher"] == "smollm2"
     # --precision auto: bf16 training and engine weights where this CPU computes bf16 natively, else float32
     from raysad.models import cpu_has_native_bf16
