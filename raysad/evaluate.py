@@ -342,8 +342,24 @@ def reference_ce(model_dir: str | Path, reference: list, tokenizer_dir: str | Pa
         else:
             log.warning("reference CE: the reference's model %s is not here; its token ids are assumed to be "
                         "this tokenizer's", source)
-    model = load_model(model_dir, device="cpu")
+    model = load_model(model_dir)  # this process's GPU if it has one (bf16 there), else CPU float32
     return generated_token_ce(model, [encode_trajectory(traj, tokenizer) for traj in reference])
+
+
+def reference_ce_here(cfg: EvalConfig, rcfg, reference: list) -> dict[str, float | None]:
+    """eval/reference_ce, computed in this process (its GPU if it has one, else its CPU); skipped with a
+    warning where the engines sit on GPUs this process cannot see (a large model's forward on a head node's CPU
+    would take longer than the evaluation)."""
+    import torch
+
+    from raysad.serving import placement
+
+    gpus, _, _ = placement(dataclasses.replace(rcfg, engines=1))
+    if gpus and not torch.cuda.is_available():
+        log.warning("reference CE: skipped; the engines run on GPUs and this process has none (run evaluate on "
+                    "a GPU node for it)")
+        return {}
+    return {names.M_REFERENCE_CE: reference_ce(cfg.model, reference, cfg.tokenizer)}
 
 
 # --- the model: size and what it is ------------------------------------------------------------------------------
@@ -486,7 +502,7 @@ def measure(cfg: EvalConfig, student: dict[str, str], progress: bool = True) -> 
             if cfg.cot_match:
                 metrics |= cot_match(cfg, rcfg, fmt, reference, progress)
             if cfg.policy == "hf" and cfg.model and Path(cfg.model).is_dir():
-                metrics[names.M_REFERENCE_CE] = reference_ce(cfg.model, reference, cfg.tokenizer)
+                metrics |= reference_ce_here(cfg, rcfg, reference)
     finally:
         if started_ray:
             ray.shutdown()

@@ -51,8 +51,9 @@ class QuickstartConfig:
     eval_episodes: int = 30                # held-out test tasks per env and model
     max_new_tokens: int | None = None      # per thought / action (None: the env's token_budget)
     max_length: int = 768
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # bf16 or fp32 for training (autocast) and the engines (weights); auto:
-                                           # bf16 where the CPU computes it natively (AMX, AVX512-BF16), else fp32
+    # bf16 or fp32, for training (autocast) and the engines (their weights); auto: bf16 where the CPU computes
+    # it natively (AMX, AVX512-BF16), else fp32
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     seed: int = 0
     experiment: str = "quickstart"
     tracking_uri: str | None = None
