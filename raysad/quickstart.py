@@ -136,6 +136,7 @@ def warmup(steps: int) -> int:
 
 
 SETTINGS_FILE = "quickstart_settings.json"
+RUN_ID_FILE = "quickstart.mlflow_run_id"
 RESUME_MAY_CHANGE = ("out", "experiment", "tracking_uri")  # where results go, not what the stages compute
 
 
@@ -173,7 +174,10 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     started_ray = init_ray()  # one Ray for every stage (they reuse a running one)
     common = dict(experiment=cfg.experiment, tracking_uri=uri)
     try:
-        with tracking.start_run(cfg.experiment, "quickstart", flatten(cfg), tags={"stage": "quickstart"}, uri=uri):
+        # one quickstart run per --out, reopened by a rerun: its stage runs stay under it, and the report below
+        # compares those only (not the runs of other quickstarts in the same experiment)
+        with tracking.resumable_run(out / RUN_ID_FILE, cfg.experiment, uri, "quickstart", flatten(cfg),
+                                    {"stage": "quickstart"}) as run:
             expert_all = expert_trajectories(cfg, out, common)
             teacher_dir = train_teacher(cfg, out, expert_all, common)
             teacher_all = teacher_trajectories(cfg, out, teacher_dir, common)
@@ -182,7 +186,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
             untrained = untrained_student(cfg, out)
             if untrained:
                 results = {"teacher": results.pop("teacher"), "untrained": untrained, **results}
-            summary = write_report(cfg, out, results, uri, began)
+            summary = write_report(cfg, out, results, uri, began, run.info.run_id)
     finally:  # also when a stage fails: the next thing this process runs may want a Ray of its own
         if started_ray:
             ray.shutdown()
@@ -324,13 +328,15 @@ def untrained_student(cfg: QuickstartConfig, out: Path) -> dict[str, dict]:
     return rows
 
 
-def write_report(cfg: QuickstartConfig, out: Path, results: dict[str, dict], uri: str, began: float) -> dict:
-    """Stage 6: `raysad report` of the experiment (table + plots); writes and returns quickstart.json's
+def write_report(cfg: QuickstartConfig, out: Path, results: dict[str, dict], uri: str, began: float,
+                 run_id: str) -> dict:
+    """Stage 6: `raysad report` of this quickstart's runs (table + plots); writes and returns quickstart.json's
     summary."""
     from raysad.report import ReportConfig, run_report
 
     t = _stage(6, "report")
     made = run_report(ReportConfig(experiment=cfg.experiment, group_by=["method", "env"],
+                                   filter=f"tags.mlflow.parentRunId = '{run_id}'",
                                    plots=str(out / "plots"), out=str(out / "report.csv"), tracking_uri=uri))
     params = {name: next(iter(per_env.values())).get("eval/params") for name, per_env in results.items()}
     summary = {"results": results, "params": params, "seconds": time.monotonic() - began,

@@ -65,10 +65,24 @@ def test_small_quickstart_with_the_real_weights_teacher(tmp_path, monkeypatch, s
     out.mkdir()
     (out / "smollm2-base").symlink_to(smollm2_dir)  # the session's conversion, instead of a second one
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # an earlier quickstart's teacher evaluation in the same experiment: this quickstart's report leaves it out
+    client = mlflow.MlflowClient(uri)
+    stale = client.create_run(client.create_experiment("qs-real"), run_name="evaluate-teacher-earlier",
+                              tags={"stage": "evaluate"}).info.run_id
+    for key, value in (("method", "teacher"), ("env", "hotpotqa"), ("policy", "hf")):
+        client.log_param(stale, key, value)
+    client.log_metric(stale, "eval/success_rate", 1.0)
+    client.set_terminated(stale)
     result = CliRunner().invoke(app, ["quickstart", "--teacher", "smollm2", "--small", "--out", str(out),
                                       "--tracking-uri", uri, "--experiment", "qs-real"])
     assert result.exit_code == 0, result.output
     summary, teacher_trajs, runs = check_every_stage(out, uri, "qs-real", distill_steps=2)  # --small: 2 steps
+    import csv
+
+    with open(out / "report.csv") as f:
+        table = {row["method"]: row for row in csv.DictReader(f)}
+    assert {m: table[m]["n"] for m in table} == {m: "1" for m in ("teacher", "sad", "token_kd", "sft")}
+    assert float(table["teacher"]["eval/success_rate"]) == summary["results"]["teacher"]["hotpotqa"]["eval/success_rate"]
     assert all(set(per_env) == {"hotpotqa"} for per_env in summary["results"].values())
     assert summary["params"]["teacher"] == pytest.approx(134.5e6, rel=0.01)  # SmolLM2-135M, fine-tuned
     assert all(summary["params"][m] < 0.5 * summary["params"]["teacher"] for m in ("sad", "token_kd", "sft"))
