@@ -451,7 +451,7 @@ RUN_SETTINGS = ("expert_episodes", "teacher", "teacher_steps", "teacher_episodes
                 "distill_steps", "test_episodes", "max_turns", "max_new_tokens", "max_length")
 COLUMNS = [("eval/success_rate", "success"), ("eval/score", "score"), ("eval/f1", "F1"),
            ("eval/cot_match_rate", "CoT match"), ("eval/thought_f1", "thought F1"),
-           ("eval/reasoning_tokens", "reason tok/ep"), ("eval/latency_per_step_s", "s/step"), ("eval/params", "params")]
+           ("eval/reference_ce", "CE on teacher's tokens"), ("eval/reasoning_tokens", "reason tok/ep"), ("eval/latency_per_step_s", "s/step"), ("eval/params", "params")]
 
 
 def pooled_success(rows, keys: list[str]) -> dict[tuple, str]:

@@ -100,6 +100,9 @@ class Play(Checked):
     max_new_tokens: int | None = setting(
         None, "Token budget per thought and per action; a segment that hits it is closed, flagged and counted.",
         shown="the env's token_budget (fits its expert)")
+    max_thought_tokens: int | None = setting(
+        None, "Token budget per thought only (wins over --max-new-tokens for thoughts): a tight one keeps an "
+              "untrained student from writing to the long budget real tasks need.", shown="--max-new-tokens")
     seed: int = setting(0, "Seed for env resets and sampling.")
     env_actors: int = setting(2, "Ray actors stepping environments.")
     envs_per_actor: int = setting(4, "Environments per actor, batched into one engine request.")
@@ -128,6 +131,7 @@ class Play(Checked):
         # actor/env/prompt each for the counts
         check_range("few_shot", self.few_shot, 0, 32)
         check_range("max_new_tokens", self.max_new_tokens, 1, 131_072, optional=True)
+        check_range("max_thought_tokens", self.max_thought_tokens, 1, 131_072, optional=True)
         check_range("seed", self.seed, 0, SEED_MAX)
         check_range("env_actors", self.env_actors, 1, 4_096)
         check_range("envs_per_actor", self.envs_per_actor, 1, 4_096)

@@ -35,12 +35,14 @@ def env_kwargs(cfg: RolloutConfig) -> dict[str, Any]:
     return {k: v for k, v in keys.items() if v is not None}
 
 
-def token_budget(env, max_new_tokens: int | None) -> tuple[int, int]:
+def token_budget(env, max_new_tokens: int | None, max_thought_tokens: int | None = None) -> tuple[int, int]:
     """(thought, action) token budgets of a model's turn: --max-new-tokens for both, else the env's own
-    (env.token_budget; 128 each for an env that declares none)."""
+    (env.token_budget; 128 each for an env that declares none); --max-thought-tokens, where set, for thoughts."""
     if max_new_tokens:
-        return max_new_tokens, max_new_tokens
-    return tuple(getattr(env.unwrapped, "token_budget", None) or (128, 128))
+        thought, action = max_new_tokens, max_new_tokens
+    else:
+        thought, action = getattr(env.unwrapped, "token_budget", None) or (128, 128)
+    return max_thought_tokens or thought, action
 
 
 def default_env_factory(cfg: RolloutConfig) -> Callable[[], Any]:
@@ -90,7 +92,7 @@ class EnvWorker:
 
             self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
             check_piecewise(self.tokenizer)
-            self.budget = token_budget(self.free[0], cfg.max_new_tokens)
+            self.budget = token_budget(self.free[0], cfg.max_new_tokens, cfg.max_thought_tokens)
 
     def ready(self) -> bool:
         return True
@@ -107,7 +109,8 @@ class EnvWorker:
         if self.env_policy is not None:
             self.env_policy = make_policy(cfg.policy, seed=cfg.seed)
         else:
-            self.budget = token_budget(self.free[0] if self.free else self.active[0].env, cfg.max_new_tokens)
+            self.budget = token_budget(self.free[0] if self.free else self.active[0].env, cfg.max_new_tokens,
+                                       cfg.max_thought_tokens)
         self.free.extend(e.env for e in self.active)
         self.active.clear()
         self.pending.clear()

@@ -419,10 +419,10 @@ def env_token_budget(cfg: EvalConfig) -> tuple[int, int]:
     from raysad.env_actors import default_env_factory, token_budget
 
     if cfg.max_new_tokens:
-        return token_budget(None, cfg.max_new_tokens)
+        return token_budget(None, cfg.max_new_tokens, cfg.max_thought_tokens)
     env = default_env_factory(rollout_config(cfg))()
     try:
-        return token_budget(env, None)
+        return token_budget(env, None, cfg.max_thought_tokens)
     finally:
         env.close()
 

@@ -50,9 +50,12 @@ class QuickstartConfig:
     distill_lr: float = 1e-3
     eval_episodes: int = 30                # held-out test tasks per env and model
     max_new_tokens: int | None = None      # per thought / action (None: the env's token_budget)
+    max_thought_tokens: int | None = 64    # per thought, every model: the teacher's on generated HotPotQA tasks
+                                           # stay under 50, while the students, after 10 steps, write to any budget
+                                           # (at the env's 160 the evaluation took 2.4x as long)
     max_length: int = 768
     # bf16 or fp32, for training (autocast) and the engines (their weights); auto: bf16 where the CPU computes
-    # it natively (AMX, AVX512-BF16), else fp32
+    # it natively (AMX, AVX512-BF16), else fp32; recorded as resolved (a rerun elsewhere may not switch it)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     seed: int = 0
     experiment: str = "quickstart"
@@ -67,13 +70,17 @@ TEACHERS = {
     "tiny-1m": dict(out="runs/quickstart-tiny", experiment="quickstart-tiny",
                     envs=["hotpotqa", "webshop", "alfworld"], expert_episodes=120, teacher_steps=200, teacher_lr=3e-3,
                     teacher_episodes=16, student="derive:keep_every=2", distill_steps=120, distill_lr=2e-3,
-                    eval_episodes=8, max_new_tokens=32),
+                    eval_episodes=8, max_new_tokens=32, max_thought_tokens=None),
 }
 # --small: the smoke version of each teacher's quickstart (what the tests run)
 SMALL = {"tiny-1m": dict(envs=["hotpotqa"], expert_episodes=24, teacher_steps=30, teacher_episodes=6, distill_steps=8,
                          eval_episodes=3, max_new_tokens=24, max_length=512, vocab_size=1024, max_turns=5),
          "smollm2": dict(expert_episodes=8, teacher_steps=2, teacher_batch_size=4, teacher_episodes=3,
-                         distill_steps=2, eval_episodes=2, max_new_tokens=24, max_length=512, max_turns=3)}
+                         distill_steps=2, eval_episodes=2, max_new_tokens=24, max_thought_tokens=16, max_length=512,
+                         max_turns=3)}
+# episodes in flight per engine: all of a stage's at once, up to one forward pass of the hf engine's default batch
+# (30 at once instead of 8 made a student's evaluation 1.4x faster on 2 cores)
+EPISODES_IN_FLIGHT = 32
 
 
 def _stage(number: int, title: str) -> float:
@@ -113,20 +120,20 @@ def build_student(cfg: QuickstartConfig, teacher_dir: Path, out: Path) -> tuple[
     return str(out), f"{cfg.teacher}/{students.derive_name(args)}"
 
 
-def uses_bf16(cfg: QuickstartConfig) -> bool:
-    """--precision resolved on this machine (emulated bf16 on an older CPU is slower than float32)."""
+def resolve_precision(cfg: QuickstartConfig) -> QuickstartConfig:
+    """cfg with --precision auto resolved on this machine: bf16 where the CPU computes it natively (emulated bf16
+    on an older CPU is slower than float32), else fp32. Resolved once, before the settings are recorded, so that
+    a rerun on a machine that resolves it otherwise is refused instead of continuing in another precision."""
     from raysad.models import cpu_has_native_bf16
 
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and cpu_has_native_bf16())
+    if cfg.precision != "auto":
+        return cfg
+    return dataclasses.replace(cfg, precision="bf16" if cpu_has_native_bf16() else "fp32")
 
 
 def engine_args(cfg: QuickstartConfig) -> dict:
     """The hf engine's keywords: its weights in bf16 where training runs in bf16."""
-    return {"dtype": "bf16"} if uses_bf16(cfg) else {}
-
-
-def train_precision(cfg: QuickstartConfig) -> str:
-    return "bf16" if uses_bf16(cfg) else "fp32"
+    return {"dtype": "bf16"} if cfg.precision == "bf16" else {}
 
 
 def warmup(steps: int) -> int:
@@ -164,6 +171,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     from raysad.cluster import init_ray
     from raysad.config import flatten
 
+    cfg = resolve_precision(cfg)
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     check_settings(cfg, out)
@@ -226,7 +234,7 @@ def train_teacher(cfg: QuickstartConfig, out: Path, expert_all: Path, common: di
         run_sft(SFTConfig(trajectories=str(expert_all), model=base, out=str(teacher_dir),
                           max_steps=cfg.teacher_steps, lr=cfg.teacher_lr, vocab_size=cfg.vocab_size,
                           batch_size=cfg.teacher_batch_size, warmup_steps=warmup(cfg.teacher_steps),
-                          max_length=cfg.max_length, precision=train_precision(cfg), seed=cfg.seed,
+                          max_length=cfg.max_length, precision=cfg.precision, seed=cfg.seed,
                           run_name="sft-teacher", **common))
     _done(t, str(teacher_dir))
     return teacher_dir
@@ -242,8 +250,9 @@ def teacher_trajectories(cfg: QuickstartConfig, out: Path, teacher_dir: Path, co
         path = out / "data" / f"{env}_teacher.jsonl"
         summary = run_rollout(RolloutConfig(
             env=env, split="train", policy="hf", model=str(teacher_dir), episodes=cfg.teacher_episodes,
-            topk=cfg.topk, max_new_tokens=cfg.max_new_tokens, max_turns=cfg.max_turns, out=str(path),
-            seed=cfg.seed, env_actors=1, envs_per_actor=8, engine_args=engine_args(cfg),
+            topk=cfg.topk, max_new_tokens=cfg.max_new_tokens, max_thought_tokens=cfg.max_thought_tokens,
+            max_turns=cfg.max_turns, out=str(path), seed=cfg.seed, env_actors=1,
+            envs_per_actor=min(cfg.teacher_episodes, EPISODES_IN_FLIGHT), engine_args=engine_args(cfg),
             run_name=f"rollout-teacher-{env}", **common))
         teacher_files.append(path)
         console.print(f"teacher on {env} (train): success {summary.successes}/{max(summary.episodes, 1)}")
@@ -273,7 +282,7 @@ def distill_students(cfg: QuickstartConfig, out: Path, teacher_dir: Path, teache
                 out=str(student_dir), method=method, lambda_reason=cfg.lambda_reason,
                 lambda_act=cfg.lambda_act, max_steps=cfg.distill_steps, lr=cfg.distill_lr,
                 warmup_steps=warmup(cfg.distill_steps),
-                max_length=cfg.max_length, precision=train_precision(cfg), seed=cfg.seed, workers=1,
+                max_length=cfg.max_length, precision=cfg.precision, seed=cfg.seed, workers=1,
                 cpus_per_worker=cpus,
                 run_name=f"distill-{method}",
                 **common))
@@ -295,10 +304,12 @@ def evaluate_models(cfg: QuickstartConfig, out: Path, models: dict[str, Path], s
         for env in cfg.envs:
             metrics = run_evaluate(EvalConfig(
                 env=env, split="test", policy="hf", model=str(model_dir), episodes=cfg.eval_episodes,
-                max_new_tokens=cfg.max_new_tokens, max_turns=cfg.max_turns, seed=cfg.seed,
+                max_new_tokens=cfg.max_new_tokens, max_thought_tokens=cfg.max_thought_tokens,
+                max_turns=cfg.max_turns, seed=cfg.seed,
                 out=str(out / "eval" / name / env), reference=str(teacher_episodes(out, env)), cot_match=False,
                 method=name, student_size=cfg.teacher if name == "teacher" else size,
-                env_actors=1, envs_per_actor=8, engine_args=engine_args(cfg), run_name=f"evaluate-{name}-{env}",
+                env_actors=1, envs_per_actor=min(cfg.eval_episodes, EPISODES_IN_FLIGHT), engine_args=engine_args(cfg),
+                run_name=f"evaluate-{name}-{env}",
                 **common),
                 progress=True)
             results.setdefault(name, {})[env] = metrics

@@ -118,6 +118,20 @@ def test_a_rerun_with_other_settings_is_refused_in_one_line(tmp_path):
     assert "holds a quickstart run with other settings" in result.output and "'tiny-1m' -> 'smollm2'" in result.output
 
 
+def test_a_rerun_that_would_switch_precision_is_refused(tmp_path):
+    """--precision auto is recorded as the precision it resolved to: the same output folder continued on a
+    machine that resolves it otherwise is refused, not trained on in another precision."""
+    from raysad.models import cpu_has_native_bf16
+
+    here, other = ("bf16", "fp32") if cpu_has_native_bf16() else ("fp32", "bf16")
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "quickstart_settings.json").write_text(json.dumps({"teacher": "smollm2", "precision": other}))
+    result = CliRunner().invoke(app, ["quickstart", "--out", str(out)])  # --precision auto
+    assert result.exit_code == 2, result.output
+    assert f"precision: '{other}' -> '{here}'" in " ".join(result.output.split())
+
+
 def test_unknown_precision_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["quickstart", "--precision", "fp8", "--out", str(tmp_path / "q")])
     assert result.exit_code == 2 and "field 'precision': must be one of 'auto', 'bf16', 'fp32', got 'fp8'" in result.output

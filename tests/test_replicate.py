@@ -31,9 +31,11 @@ def test_main_sweep_of_two_arms_writes_paired_tables_and_mlflow_and_a_report_rew
                                  "--tracking-uri", uri])
     assert results_md == out / "results.md"
     text = results_md.read_text()
-    for heading in ("## hotpotqa", "### Students", "### Paired differences", "pooled success [95% CI]"):
+    for heading in ("## hotpotqa", "### Students", "### Paired differences", "pooled success [95% CI]",
+                    "CE on teacher's tokens"):
         assert heading in text
     [env] = json.loads((out / "results.json").read_text())["envs"]
+    assert all(row["eval/reference_ce"] > 0 for row in env["main"])  # each trial scored on the teacher's tokens
     assert not {"lambda", "prune", "online", "onpolicy"} & set(env) and text.count("not run") == 4  # not asked
     assert sorted(row["method"] for row in env["main"]) == ["sad", "sft"]
     assert all(row["eval/params"] < env["teacher"]["eval/params"] for row in env["main"])  # cut from the teacher

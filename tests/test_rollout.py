@@ -195,6 +195,25 @@ def test_hf_teacher_keeps_token_ids_and_topk(tmp_path, tiny_model):
     assert 0.3 < metrics["rollout/engine_prefix_reuse_frac"] < 1
 
 
+def test_max_thought_tokens_budgets_thoughts_only(tmp_path, tiny_model):
+    """--max-thought-tokens caps each thought, while actions keep --max-new-tokens: a random model writes to
+    either budget (and is closed there, flagged and counted)."""
+    def segments(max_thought_tokens):
+        cfg = config(tmp_path, env="hotpotqa", split="test", policy="hf", model=tiny_model, max_new_tokens=6,
+                     max_thought_tokens=max_thought_tokens, max_turns=2, episodes=2, envs_per_actor=2,
+                     out=str(tmp_path / f"thought{max_thought_tokens}.jsonl"))
+        summary = run_rollout(cfg, progress=False, track=False)
+        turns = [turn for t in read_trajectories(cfg.out) for turn in t.turns]
+        return (max(turn.num_thought_tokens for turn in turns),
+                max(len(turn.token_ids) - turn.num_thought_tokens for turn in turns), summary)
+
+    thought_short, action_short, summary = segments(2)
+    thought_long, action_long, _ = segments(None)
+    assert thought_long - thought_short == 6 - 2  # (each thought segment: its tokens + the closing delimiter)
+    assert action_short == action_long
+    assert summary.thoughts_truncated == summary.model_turns > 0
+
+
 def test_env_actors_kept_across_runs_play_each_run_with_its_settings(tmp_path, tiny_model):
     """On-policy iterations keep their env actors: run_rollout(env_actors=...) tells them each run's settings
     (top-k, token budget, seed ...) and leaves them alive; a run on kept actors writes what fresh actors write,
