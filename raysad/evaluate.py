@@ -20,10 +20,11 @@ What it measures, and how:
                 next_turns, batched), or, for the expert/random policies, from the env replayed to that prefix.
                 cot_match_rate: share of prefixes where the actions agree (lower-cased, spaces collapsed);
                 thought_match_rate / thought_f1: the same for thoughts (exact / token F1).
-  reference CE  with --reference and an hf model: the model's mean cross-entropy (nats per token) on the
+  reference CE  with --reference and an hf or vllm model: the model's mean cross-entropy (nats per token) on the
                 reference's thought and action tokens, teacher-forced on the very ids the reference generated
-                (encoding.encode_trajectory): how close a student's distribution is to its teacher's choices,
-                even before it solves anything. No generation; --no-cot-match keeps only this.
+                (encoding.encode_trajectory; engine.token_logprobs of the evaluated model's engine, the one the
+                CoT match uses, on its GPU where it has one): how close a student's distribution is to its
+                teacher's choices, even before it solves anything. No generation; --no-cot-match keeps only this.
   params        the model's parameter count, read from its safetensors headers (no weights loaded).
   student       method, student_size, lambdas, prune ratio, seed: flags, else <model>/raysad.json, else
                 <model>/prune_summary.json (prune_ratio); logged as MLflow params for `raysad report`.
@@ -282,26 +283,42 @@ def env_policy_turns(policy, make_env, reference: list, seed: int, progress: boo
     return pairs
 
 
-def cot_match(cfg: EvalConfig, rcfg, fmt, reference: list, progress: bool = True) -> dict[str, float | None]:
-    """CoT/action/thought match of the policy against the reference trajectories (see the module docstring)."""
-    import ray
-
-    from raysad.env_actors import default_env_factory
-    from raysad.serving import RemoteEngine, default_engine_factory, placement, start_engines
-
+def reference_metrics(cfg: EvalConfig, rcfg, fmt, reference: list, progress: bool = True) -> dict[str, float | None]:
+    """Against the reference trajectories: CoT/action/thought match of the policy (cfg.cot_match; see the module
+    docstring) and, for engines that give the log-probs of given tokens (hf, vllm), its reference CE; both from
+    one engine of the evaluated model."""
     if cfg.policy in ENV_SIDE_POLICIES:
+        if not cfg.cot_match:
+            return {}
+        from raysad.env_actors import default_env_factory
         from raysad.policies.base import make_policy
 
         policy = make_policy(cfg.policy, seed=cfg.seed)
         return compare_turns(env_policy_turns(policy, default_env_factory(rcfg), reference, cfg.seed, progress))
+    with reference_engine(rcfg) as engine:
+        metrics = compare_turns(text_policy_turns(engine, reference, fmt, cfg, progress)) if cfg.cot_match else {}
+        if cfg.policy in ("hf", "vllm"):
+            metrics[names.M_REFERENCE_CE] = engine_reference_ce(engine, reference, _load_tokenizer(cfg))
+    return metrics
+
+
+@contextlib.contextmanager
+def reference_engine(rcfg):
+    """An engine of the evaluated model: built in this process where it would run on CPU anyway (no actor to
+    start), else an engine actor on the GPU placement(rcfg) gives it."""
+    import ray
+
+    from raysad.serving import RemoteEngine, default_engine_factory, placement, start_engines
+
     make_engine = default_engine_factory(rcfg)
     gpus, cpus, _ = placement(dataclasses.replace(rcfg, engines=1))
-    if gpus == 0:  # no GPU to place it on: the model runs here, as well as in an actor, without starting one
-        return compare_turns(text_policy_turns(make_engine(), reference, fmt, cfg, progress))
+    if gpus == 0:
+        yield make_engine()
+        return
     (handle,) = start_engines(make_engine, 1, gpus, cpus)
     try:
         ray.get(handle.ready.remote())
-        return compare_turns(text_policy_turns(RemoteEngine(handle), reference, fmt, cfg, progress))
+        yield RemoteEngine(handle)
     finally:
         ray.kill(handle)
 
@@ -326,40 +343,57 @@ def generated_token_ce(model, examples: list[dict]) -> float | None:
     return total / count if count else None
 
 
-def reference_ce(model_dir: str | Path, reference: list, tokenizer_dir: str | Path | None = None) -> float | None:
-    """generated_token_ce of the HF model in `model_dir` on the reference trajectories, encoded as training
-    encodes them (their generated ids as they are). The reference must come from a model with the same
-    tokenizer: its ids are read by this one."""
-    from raysad.encoding import encode_trajectory
-    from raysad.models import check_same_tokenizer, load_model, load_tokenizer
+CE_BATCH = 4  # reference trajectories per teacher-forced request (a [T, vocabulary] block of logits each)
 
-    tokenizer = load_tokenizer(tokenizer_dir or model_dir)
+
+def engine_reference_ce(engine, reference: list, tokenizer) -> float | None:
+    """Mean cross-entropy (nats per token) of the engine's model on the reference trajectories' thought + action
+    tokens, teacher-forced on the very ids the reference generated (encoding.encode_trajectory, as training reads
+    them; engine.token_logprobs); None when they hold no such token. The reference must come from a model with
+    the same tokenizer: its ids are read by this one."""
+    from raysad.encoding import encode_trajectory
+
+    _check_reference_tokenizer(reference, tokenizer)
+    requests = []  # (ids before the first scored token, ids up to the last, offsets of the scored ones)
+    for traj in reference:
+        ex = encode_trajectory(traj, tokenizer)
+        ids = ex["input_ids"].tolist()
+        scored = [i for i in (ex["reason_mask"] | ex["act_mask"]).nonzero()[0].tolist() if i > 0]
+        if scored:
+            first = scored[0]
+            requests.append((ids[:first], ids[first:scored[-1] + 1], [i - first for i in scored]))
+    total, count = 0.0, 0
+    for start in range(0, len(requests), CE_BATCH):
+        chunk = requests[start:start + CE_BATCH]
+        for (_, _, offsets), logprobs in zip(chunk, engine.token_logprobs([r[0] for r in chunk],
+                                                                           [r[1] for r in chunk])):
+            total -= sum(logprobs[k] for k in offsets)
+            count += len(offsets)
+    return total / count if count else None
+
+
+def reference_ce(model_dir: str | Path, reference: list, tokenizer_dir: str | Path | None = None,
+                 **engine_args: Any) -> float | None:
+    """engine_reference_ce of the HF model in `model_dir`, on an hf engine built here (`engine_args`: its
+    keywords, e.g. dtype)."""
+    from raysad.policies.hf import HFEngine
+
+    engine = HFEngine(model_dir, tokenizer_dir, prefix_cache=0, **engine_args)
+    return engine_reference_ce(engine, reference, engine.tokenizer)
+
+
+def _check_reference_tokenizer(reference: list, tokenizer) -> None:
+    """Refuse a reference generated by a model of another vocabulary (its ids would be scored as nonsense)."""
+    from raysad.models import check_same_tokenizer, load_tokenizer
+
     sources = {str(t.policy.get("model")) for t in reference
                if isinstance(t.policy, dict) and t.policy.get("backend") in ("hf", "vllm")}
     for source in sorted(sources):
-        if (Path(source) / "config.json").is_file():  # ids of another vocabulary would score nonsense
+        if (Path(source) / "config.json").is_file():
             check_same_tokenizer(load_tokenizer(source), tokenizer)
         else:
             log.warning("reference CE: the reference's model %s is not here; its token ids are assumed to be "
                         "this tokenizer's", source)
-    model = load_model(model_dir)  # this process's GPU if it has one (bf16 there), else CPU float32
-    return generated_token_ce(model, [encode_trajectory(traj, tokenizer) for traj in reference])
-
-
-def reference_ce_here(cfg: EvalConfig, rcfg, reference: list) -> dict[str, float | None]:
-    """eval/reference_ce, computed in this process (its GPU if it has one, else its CPU); skipped with a
-    warning where the engines sit on GPUs this process cannot see (a large model's forward on a head node's CPU
-    would take longer than the evaluation)."""
-    import torch
-
-    from raysad.serving import placement
-
-    gpus, _, _ = placement(dataclasses.replace(rcfg, engines=1))
-    if gpus and not torch.cuda.is_available():
-        log.warning("reference CE: skipped; the engines run on GPUs and this process has none (run evaluate on "
-                    "a GPU node for it)")
-        return {}
-    return {names.M_REFERENCE_CE: reference_ce(cfg.model, reference, cfg.tokenizer)}
 
 
 # --- the model: size and what it is ------------------------------------------------------------------------------
@@ -498,11 +532,8 @@ def measure(cfg: EvalConfig, student: dict[str, str], progress: bool = True) -> 
         metrics |= speed_metrics(summary)
         metrics[names.M_PARAMS] = count_parameters(cfg.model) if cfg.model and Path(cfg.model).is_dir() else None
         if cfg.reference:
-            reference = read_reference(cfg.reference, cfg.env, cfg.episodes)
-            if cfg.cot_match:
-                metrics |= cot_match(cfg, rcfg, fmt, reference, progress)
-            if cfg.policy == "hf" and cfg.model and Path(cfg.model).is_dir():
-                metrics |= reference_ce_here(cfg, rcfg, reference)
+            metrics |= reference_metrics(cfg, rcfg, fmt, read_reference(cfg.reference, cfg.env, cfg.episodes),
+                                         progress)
     finally:
         if started_ray:
             ray.shutdown()

@@ -334,7 +334,8 @@ def untrained_student(cfg: QuickstartConfig, out: Path) -> dict[str, dict]:
     rows = {}
     for env in cfg.envs:
         reference = read_reference(teacher_episodes(out, env), env, cfg.eval_episodes)
-        rows[env] = {"eval/reference_ce": reference_ce(init, reference), "eval/params": count_parameters(init)}
+        rows[env] = {"eval/reference_ce": reference_ce(init, reference, **engine_args(cfg)),  # (as the others')
+                     "eval/params": count_parameters(init)}
         tracking.log_metrics({f"untrained_student/{env}/reference_ce": rows[env]["eval/reference_ce"]})
     return rows
 

@@ -149,6 +149,12 @@ class EngineActor:
         batches."""
         return await self._alone(self.engine.score, prompts, continuations, topk)
 
+    async def token_logprobs(self, prompts: list[list[int]], continuations: list[list[int]]) -> list:
+        """The log-prob of each continuation token (engine.token_logprobs), run between batches."""
+        if not hasattr(self.engine, "token_logprobs"):
+            raise NotImplementedError(f"{type(self.engine).__name__} gives no log-probs of given tokens")
+        return await self._alone(self.engine.token_logprobs, prompts, continuations)
+
     async def _alone(self, fn, *args):
         """fn(*args) in a thread once the batch in progress is done; requests that arrive meanwhile wait for it."""
         while self.busy:
@@ -195,6 +201,10 @@ class RemoteEngine:
     def score(self, prompts, continuations, topk):
         """The engine's top-k rows at each continuation position (safe to repeat, as generating is)."""
         return through_restarts(lambda: self.handle.score.remote(prompts, continuations, topk),
+                                self.restart_timeout_s, "engine actor", self._outage)
+
+    def token_logprobs(self, prompts, continuations):
+        return through_restarts(lambda: self.handle.token_logprobs.remote(prompts, continuations),
                                 self.restart_timeout_s, "engine actor", self._outage)
 
     def _outage(self, err) -> None:

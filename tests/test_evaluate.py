@@ -155,26 +155,6 @@ def test_reference_ce_is_the_models_log_probs_of_the_reference_tokens(tmp_path, 
     assert different["eval/reference_ce"] > same["eval/reference_ce"]
 
 
-def test_reference_ce_is_skipped_with_a_warning_where_the_engines_have_gpus_this_process_lacks(tiny_models,
-                                                                                               caplog):
-    import dataclasses
-
-    from raysad.evaluate import reference_ce_here, rollout_config
-    from raysad.trajectory import Trajectory, Turn
-
-    cfg = EvalConfig(env="hotpotqa", policy="hf", model=tiny_models[0], reference="unused.jsonl")
-    reference = [Trajectory(id="r", env="hotpotqa", task_id="t", split="test", instruction="q",
-                            prompt="Question: q\n", turns=[Turn(thought="search it", action="Search[x]",
-                                                                 observation="y")],
-                            reward=0.0, success=False, policy={"backend": "expert", "model": "expert"})]
-    here = reference_ce_here(cfg, rollout_config(cfg), reference)
-    assert here["eval/reference_ce"] > 0  # on this CPU box: computed here
-    if not torch.cuda.is_available():
-        gpu_engines = dataclasses.replace(rollout_config(cfg), gpus_per_engine=1.0)
-        assert reference_ce_here(cfg, gpu_engines, reference) == {}
-        assert "reference CE: skipped" in caplog.text
-
-
 def test_rerun_resumes_and_refuses_another_policy(tmp_path):
     first, _ = evaluate(tmp_path, "run", env="webshop", policy="expert", episodes=3)
     again, trajs = evaluate(tmp_path, "run", env="webshop", policy="expert", episodes=3)

@@ -70,6 +70,21 @@ def check_topk(engine, prompt: list[int], gen: Generation, k: int) -> None:
     torch.testing.assert_close(lps, expected.topk(k).values, atol=1e-4, rtol=1e-4)
 
 
+def test_token_logprobs_are_the_models_log_probs_of_the_given_tokens(engine, prompt_ids):
+    """engine.token_logprobs (what the reference CE is made of): the log-prob of each given token, teacher-forced;
+    for the engine's own greedy tokens, each is its position's best."""
+    gens = engine.generate(prompt_ids, max_tokens=12, topk=1)
+    given = engine.token_logprobs(prompt_ids, [g.token_ids for g in gens])
+    for prompt, gen, logprobs in zip(prompt_ids, gens, given):
+        expected = forward_logprobs(engine, prompt, gen.token_ids)
+        ids = torch.tensor(gen.token_ids)[:, None]
+        torch.testing.assert_close(torch.tensor(logprobs), expected.gather(1, ids)[:, 0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(gen.topk_logprobs)[:, 0], atol=1e-4,
+                                   rtol=1e-4)
+    shifted = engine.token_logprobs(prompt_ids[:1], [gens[0].token_ids[1:] + gens[0].token_ids[:1]])[0]
+    assert sum(shifted) < sum(given[0])  # other tokens at those positions: less likely
+
+
 def test_topk_capture_matches_the_models_own_logprobs(engine, prompt_ids):
     gens = engine.generate(prompt_ids, max_tokens=12, topk=5)
     for prompt, gen in zip(prompt_ids, gens):

@@ -369,6 +369,22 @@ def test_a_call_in_flight_when_the_engine_actor_dies_waits_for_its_restart():
     assert ray.get(engine.__ray_call__.remote(lambda self: os.getpid())) != pid
 
 
+def test_engine_actor_gives_the_log_probs_of_given_tokens(tiny_model):
+    """Through an engine actor (where a GPU evaluation computes the reference CE): the local engine's numbers."""
+    from raysad.policies.hf import HFEngine
+    from raysad.serving import RemoteEngine, start_engines
+
+    prompts, continuations = [[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]]
+    (handle,) = start_engines(functools.partial(HFEngine, tiny_model), 1, 0, 0)
+    try:
+        remote = RemoteEngine(handle).token_logprobs(prompts, continuations)
+    finally:
+        ray.kill(handle)
+    local = HFEngine(tiny_model).token_logprobs(prompts, continuations)
+    assert [len(row) for row in remote] == [2, 3]
+    assert remote == [pytest.approx(row, abs=1e-5) for row in local]
+
+
 def test_weight_sync_makes_the_engine_actor_generate_as_the_trained_model(tiny_model, tmp_path):
     from raysad import models
     from raysad.policies.hf import HFEngine

@@ -101,6 +101,16 @@ def test_greedy_topk_matches_transformers(engine, reference, model_dir, ids):
         assert ref.argmax(-1).tolist() == gen.token_ids
 
 
+def test_token_logprobs_match_transformers_on_given_tokens(engine, reference, ids):
+    """engine.token_logprobs (the reference CE's numbers): each given token's log-prob, teacher-forced, also for
+    tokens the model would not pick."""
+    gens = engine.generate(ids, max_tokens=8, temperature=0.0)
+    given = [g.token_ids[::-1] for g in gens]  # the model's own tokens in another order: mostly not its argmax
+    for prompt, tokens, logprobs in zip(ids, given, engine.token_logprobs(ids, given)):
+        expected = reference(prompt, tokens)[range(len(tokens)), tokens]
+        assert logprobs == pytest.approx(expected.tolist(), abs=1e-3)
+
+
 def test_greedy_is_deterministic_and_batch_independent(engine, ids):
     batch = engine.generate(ids, max_tokens=10, temperature=0.0)
     again = engine.generate(ids, max_tokens=10, temperature=0.0)

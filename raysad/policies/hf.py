@@ -308,25 +308,36 @@ class HFEngine(BatchedEngine):
             self.prefix_cache.add(prompt_ids[b] + generated[b][:run], kv, matches[b])
 
     # ---------------------------------------------------------------------------------------- score ---
-    @torch.no_grad()
     def score(self, prompts: list[list[int]], continuations: list[list[int]], topk: int
               ) -> list[tuple[list[list[int]], list[list[float]]]]:
         """Top-k ids and log-probs of the model's next-token distribution at each continuation position,
         given the prompt's ids and the continuation before it (teacher forcing)."""
+        out = []
+        for rows, _ in self._teacher_forced(prompts, continuations):
+            values, indices = rows.topk(min(topk, rows.shape[-1]), dim=-1)
+            out.append((indices.tolist(), values.tolist()))
+        return out
+
+    def token_logprobs(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
+        """The log-prob of each continuation token, given the prompt and the continuation before it (teacher
+        forcing): what a model's cross-entropy on given tokens is made of."""
+        return [rows.gather(-1, c[:, None])[:, 0].tolist() for rows, c in self._teacher_forced(prompts, continuations)]
+
+    @torch.no_grad()
+    def _teacher_forced(self, prompts: list[list[int]], continuations: list[list[int]]):
+        """One forward over the requests (right-padded); per request: (log-softmax rows [len(c), V] at its
+        continuation's positions, the continuation's ids as a tensor)."""
         tok = self.tokenizer
         prompt_ids = [list(p) for p in prompts]
         if any(not p for p in prompt_ids):
             raise ValueError("score: every prompt needs at least one token (the first position has no context)")
-        seqs = [p + c for p, c in zip(prompt_ids, continuations)]
+        seqs = [p + list(c) for p, c in zip(prompt_ids, continuations)]
         length = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), length), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, s in enumerate(seqs):  # right padding: positions stay 0..n-1, pads come after
             ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
         logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-        out = []
         for i, (p, c) in enumerate(zip(prompt_ids, continuations)):
             rows = logits[i, len(p) - 1:len(p) - 1 + len(c)].float().log_softmax(-1)
-            values, indices = rows.topk(min(topk, rows.shape[-1]), dim=-1)
-            out.append((indices.tolist(), values.tolist()))
-        return out
+            yield rows, torch.tensor(list(c), dtype=torch.long, device=rows.device)

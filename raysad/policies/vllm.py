@@ -184,6 +184,17 @@ class VLLMEngine:
             result.append(([r[0] for r in rows], [r[1] for r in rows]))
         return result
 
+    def token_logprobs(self, prompt_ids: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
+        """The log-prob of each continuation token (teacher forcing): vLLM's prompt_logprobs rows always hold
+        the prompt's own token beside the top ones."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1, detokenize=False)
+        requests = [{"prompt_token_ids": list(p) + list(c)} for p, c in zip(prompt_ids, continuations)]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        return [[float(out.prompt_logprobs[len(p) + j][c[j]].logprob) for j in range(len(c))]
+                for p, c, out in zip(prompt_ids, continuations, outputs)]
+
     def ready(self) -> str:
         """A cheap call to wait on after creating an actor (construction errors surface here)."""
         return self.model_path
