@@ -21,9 +21,11 @@ def check_every_stage(out, uri: str, experiment: str, distill_steps: int) -> tup
         assert metrics["eval/params"] == summary["params"][name]
     assert all(summary["params"][m] < summary["params"]["teacher"] for m in ("sad", "token_kd", "sft"))
     assert summary["params"]["untrained"] == summary["params"]["sad"]
-    # every model scored on the teacher's own test tokens: the teacher best, the student as cut far off
+    # every model scored on the teacher's own test tokens, the student as cut further off than the teacher (a
+    # near-uniform tiny teacher may be beaten there by a student trained on its greedy tokens: the real-weights
+    # test checks the teacher against the students)
     ce = {name: per_env["hotpotqa"]["eval/reference_ce"] for name, per_env in results.items()}
-    assert ce["teacher"] < min(ce[m] for m in ("sad", "token_kd", "sft")) and ce["teacher"] < ce["untrained"]
+    assert all(value > 0 for value in ce.values()) and ce["teacher"] < ce["untrained"]
     for method in ("sad", "token_kd", "sft"):
         assert (out / "students" / method / "config.json").exists()
         assert (out / "students" / method / "train_log.jsonl").read_text().count("\n") == distill_steps
@@ -85,6 +87,8 @@ def test_small_quickstart_with_the_real_weights_teacher(tmp_path, monkeypatch, s
     assert float(table["teacher"]["eval/success_rate"]) == summary["results"]["teacher"]["hotpotqa"]["eval/success_rate"]
     assert all(set(per_env) == {"hotpotqa"} for per_env in summary["results"].values())
     assert summary["params"]["teacher"] == pytest.approx(134.5e6, rel=0.01)  # SmolLM2-135M, fine-tuned
+    ce = {name: per_env["hotpotqa"]["eval/reference_ce"] for name, per_env in summary["results"].items()}
+    assert ce["teacher"] < min(ce[m] for m in ("sad", "token_kd", "sft"))  # on its own tokens, the teacher best
     assert all(summary["params"][m] < 0.5 * summary["params"]["teacher"] for m in ("sad", "token_kd", "sft"))
     teacher_config = json.loads((out / "teacher" / "config.json").read_text())
     assert teacher_config["num_hidden_layers"] == 30 and teacher_config["vocab_size"] == 49152
