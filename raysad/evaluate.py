@@ -343,7 +343,9 @@ def generated_token_ce(model, examples: list[dict]) -> float | None:
     return total / count if count else None
 
 
-CE_BATCH = 4  # reference trajectories per teacher-forced request (a [T, vocabulary] block of logits each)
+# reference trajectories per teacher-forced request: one, as before the engines scored them (an hf engine's
+# forward holds a [T, vocabulary] block of logits per trajectory: gigabytes for a long one and a large vocabulary)
+CE_BATCH = 1
 
 
 def engine_reference_ce(engine, reference: list, tokenizer) -> float | None:

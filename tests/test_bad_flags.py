@@ -30,6 +30,7 @@ CLI_CASES = [
     ("rollout", ["--few-shot", "-1"], "few_shot", "in [0, 32]"),
     ("rollout", ["--max-new-tokens", "0"], "max_new_tokens", "in [1, 131_072]"),
     ("rollout", ["--max-new-tokens", "10000000"], "max_new_tokens", "in [1, 131_072]"),
+    ("evaluate", ["--max-thought-tokens", "0"], "max_thought_tokens", "in [1, 131_072]"),
     ("rollout", ["--env-actors", "0"], "env_actors", "in [1, 4096]"),
     ("rollout", ["--envs-per-actor", "100000"], "envs_per_actor", "in [1, 4096]"),
     ("rollout", ["--engines", "0"], "engines", "in [1, 1024]"),
