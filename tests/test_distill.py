@@ -275,8 +275,12 @@ def test_micro_batches_pad_less_and_leave_the_update_unchanged(data, tmp_path):
     assert losses(single, "tokens") == losses(whole, "tokens")  # real tokens, counted alike
     a = models.load_model(whole.out, device="cpu").state_dict()
     b = models.load_model(single.out, device="cpu").state_dict()
+    # AdamW moves a weight by up to ~lr per step whatever its gradient's size, so where a gradient sits near zero
+    # the summation order's float noise becomes an update difference (1.1e-5 on 1 of 4,608 weights on an AMD EPYC,
+    # none on the Intel boxes before): within 1% of the most any weight can move in these 3 steps
+    atol = 0.01 * 3e-3 * 3
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=atol)
 
 
 # -------------------------------------------------------------------------------------------- resume ----
