@@ -2,7 +2,9 @@
 With `--compare finished_rows`, what dropping stopped rows from the decode batch buys instead (both sides with
 the prefix cache on; "off" is a static batch, decoded until its longest row stops). With `--compare bf16`, what
 bfloat16 weights buy against float32 ("off"; both with the cache and the drop on): fast where the CPU has AMX,
-and not exact, so the episodes whose actions differ from float32's are counted, not an error.
+and not exact, so the episodes whose actions differ from float32's are counted, not an error. With `--compare
+growing_cache`, what writing each decode step's keys/values into spare columns buys against transformers'
+DynamicLayer, which copies the whole cache every step ("off").
 
 What is compared. A batch of `--episodes` episodes is played in one process (one env per episode, one batched
 `next_turns` per step, as an env actor does: a thought phase, then an action phase), greedy, by an HFEngine
@@ -101,7 +103,8 @@ def child(args) -> None:
     engine = HFEngine(args.model_dir, batch_size=args.episodes, max_new_tokens=args.max_new_tokens,
                       prefix_cache=4 * args.episodes if on or args.compare != "prefix_cache" else 0,
                       drop_finished=on or args.compare != "finished_rows",
-                      dtype=torch.bfloat16 if on and args.compare == "bf16" else None)
+                      dtype=torch.bfloat16 if on and args.compare == "bf16" else None,
+                      growing_cache=on or args.compare != "growing_cache")
     load_s = time.perf_counter() - began
     warmup = play(engine, args.env, tasks, args.warmup_steps, args.max_new_tokens) if args.warmup_steps else None
     if engine.prefix_cache is not None:
@@ -132,7 +135,7 @@ def model_directory(args, tmp: Path) -> tuple[str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--compare", choices=["prefix_cache", "finished_rows", "bf16"], default="prefix_cache",
+    parser.add_argument("--compare", choices=["prefix_cache", "finished_rows", "bf16", "growing_cache"], default="prefix_cache",
                         help="what the two sides differ in (default: %(default)s)")
     parser.add_argument("--model", help="smollm2, or a model folder with its tokenizer (default: a tiny random "
                                         "model built from config)")
@@ -152,7 +155,7 @@ def main() -> None:
         return child(args)
 
     what = {"prefix_cache": "prefix cache", "finished_rows": "dropping finished rows",
-            "bf16": "bfloat16 weights"}[args.compare]
+            "bf16": "bfloat16 weights", "growing_cache": "keys/values written in place"}[args.compare]
     machine = Machine(args.threads)
     runs: dict[str, list[dict]] = {side: [] for side in SIDES}
     began = time.perf_counter()

@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from raysad import models, students
     from raysad.encoding import encode_trajectory
-    from raysad.evaluate import generated_token_ce
+    from raysad.evaluate import examples_ce
+    from raysad.policies.hf import HFEngine
     from raysad.trajectory_reader import read_trajectories
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,8 +49,8 @@ def main(argv: list[str] | None = None) -> None:
         model = students.derive_student(teacher, **students.parse_derive_spec(spec))
         params = sum(p.numel() for p in model.parameters())
         name = spec + (" (the teacher)" if spec == "derive:keep_every=1" else "")
-        print(f"{name:40s} {model.config.num_hidden_layers:6d} {params / 1e6:7.1f}M {generated_token_ce(model, examples):7.3f}",
-              flush=True)
+        ce = examples_ce(HFEngine(model, tokenizer, prefix_cache=0), examples)
+        print(f"{name:40s} {model.config.num_hidden_layers:6d} {params / 1e6:7.1f}M {ce:7.3f}", flush=True)
     print(f"(uniform over the vocabulary: {math.log(len(tokenizer)):.1f} nats; {len(examples)} trajectories, "
           f"{args.trajectories})")
 

@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from raysad import models, students
     from raysad.encoding import encode_trajectory
-    from raysad.evaluate import generated_token_ce as held_out_ce
+    from raysad.evaluate import examples_ce
+    from raysad.policies.hf import HFEngine
     from raysad.trajectory_reader import read_trajectories
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,8 +82,11 @@ def main(argv: list[str] | None = None) -> None:
     examples = [encode_trajectory(t, tokenizer, max_length=args.max_length)
                 for t in read_trajectories(args.trajectories)]
     train, held = examples[:-args.held_out], examples[-args.held_out:]
+
+    def held_out_ce(model) -> float:  # the model stays in eval mode: callers set train() again
+        return examples_ce(HFEngine(model, tokenizer, prefix_cache=0), held)
     print(f"{len(train)} train / {len(held)} held-out trajectories; teacher CE on the held-out "
-          f"{held_out_ce(teacher, held):.3f} (uniform {math.log(len(tokenizer)):.1f}); "
+          f"{held_out_ce(teacher):.3f} (uniform {math.log(len(tokenizer)):.1f}); "
           f"{torch.get_num_threads()} threads", flush=True)
     print(f"{'cut':26s} {'loss':9s} {'lr':>7s} {'step':>4s} {'s':>6s} {'held-out CE':>11s}", flush=True)
     for spec in args.cuts:
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
                 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
                 seconds = 0.0
                 row = f"{spec.removeprefix('derive:'):26s} {loss:9s} {lr:7.0e}"
-                print(f"{row} {0:4d} {0.0:6.0f} {held_out_ce(model.eval(), held):11.3f}", flush=True)
+                print(f"{row} {0:4d} {0.0:6.0f} {held_out_ce(model):11.3f}", flush=True)
                 model.train()
                 for step in range(1, args.steps + 1):
                     t0 = time.perf_counter()
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
                     opt.zero_grad(set_to_none=True)
                     seconds += time.perf_counter() - t0
                     if step % args.eval_every == 0 or step == args.steps:
-                        ce = held_out_ce(model.eval(), held)
+                        ce = held_out_ce(model)
                         model.train()
                         print(f"{row} {step:4d} {seconds:6.0f} {ce:11.3f}", flush=True)
 

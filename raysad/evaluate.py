@@ -20,7 +20,7 @@ What it measures, and how:
                 next_turns, batched), or, for the expert/random policies, from the env replayed to that prefix.
                 cot_match_rate: share of prefixes where the actions agree (lower-cased, spaces collapsed);
                 thought_match_rate / thought_f1: the same for thoughts (exact / token F1).
-  reference CE  with --reference and an hf or vllm model: the model's mean cross-entropy (nats per token) on the
+  reference CE  with --reference and a text model (hf, vllm, openai): the model's mean cross-entropy (nats per token) on the
                 reference's thought and action tokens, teacher-forced on the very ids the reference generated
                 (encoding.encode_trajectory; engine.token_logprobs of the evaluated model's engine, the one the
                 CoT match uses, on its GPU where it has one): how close a student's distribution is to its
@@ -285,8 +285,8 @@ def env_policy_turns(policy, make_env, reference: list, seed: int, progress: boo
 
 def reference_metrics(cfg: EvalConfig, rcfg, fmt, reference: list, progress: bool = True) -> dict[str, float | None]:
     """Against the reference trajectories: CoT/action/thought match of the policy (cfg.cot_match; see the module
-    docstring) and, for engines that give the log-probs of given tokens (hf, vllm), its reference CE; both from
-    one engine of the evaluated model."""
+    docstring) and its reference CE (an openai server must echo the log-probs of given token ids, as vLLM's and
+    serve_hf's do); both from one engine of the evaluated model."""
     if cfg.policy in ENV_SIDE_POLICIES:
         if not cfg.cot_match:
             return {}
@@ -297,8 +297,8 @@ def reference_metrics(cfg: EvalConfig, rcfg, fmt, reference: list, progress: boo
         return compare_turns(env_policy_turns(policy, default_env_factory(rcfg), reference, cfg.seed, progress))
     with reference_engine(rcfg) as engine:
         metrics = compare_turns(text_policy_turns(engine, reference, fmt, cfg, progress)) if cfg.cot_match else {}
-        if cfg.policy in ("hf", "vllm"):
-            metrics[names.M_REFERENCE_CE] = engine_reference_ce(engine, reference, _load_tokenizer(cfg))
+        tokenizer = _load_tokenizer(cfg) or engine.tokenizer  # (an openai engine's: its --tokenizer)
+        metrics[names.M_REFERENCE_CE] = engine_reference_ce(engine, reference, tokenizer)
     return metrics
 
 
@@ -323,26 +323,6 @@ def reference_engine(rcfg):
         ray.kill(handle)
 
 
-def generated_token_ce(model, examples: list[dict]) -> float | None:
-    """Mean cross-entropy (nats per token) of `model` on the examples' thought + action tokens (reason_mask |
-    act_mask of encoding.encode_trajectory), one sequence at a time; None when they hold no such token."""
-    import torch
-
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        for ex in examples:
-            ids = torch.as_tensor(ex["input_ids"], device=device)[None]
-            mask = torch.as_tensor(ex["reason_mask"] | ex["act_mask"], device=device)[1:]
-            if not mask.any():
-                continue
-            logp = model(ids).logits[0, :-1].float().log_softmax(-1)
-            nll = -logp.gather(-1, ids[0, 1:, None])[:, 0]
-            total += float(nll[mask].sum())
-            count += int(mask.sum())
-    return total / count if count else None
-
-
 # reference trajectories per teacher-forced request: one, as before the engines scored them (an hf engine's
 # forward holds a [T, vocabulary] block of logits per trajectory: gigabytes for a long one and a large vocabulary)
 CE_BATCH = 1
@@ -351,14 +331,20 @@ CE_BATCH = 1
 def engine_reference_ce(engine, reference: list, tokenizer) -> float | None:
     """Mean cross-entropy (nats per token) of the engine's model on the reference trajectories' thought + action
     tokens, teacher-forced on the very ids the reference generated (encoding.encode_trajectory, as training reads
-    them; engine.token_logprobs); None when they hold no such token. The reference must come from a model with
-    the same tokenizer: its ids are read by this one."""
+    them); None when they hold no such token. The reference must come from a model with the same tokenizer: its
+    ids are read by this one."""
     from raysad.encoding import encode_trajectory
 
     _check_reference_tokenizer(reference, tokenizer)
+    return examples_ce(engine, [encode_trajectory(traj, tokenizer) for traj in reference])
+
+
+def examples_ce(engine, examples: list[dict]) -> float | None:
+    """Mean cross-entropy (nats per token) of the engine's model on encoded examples' thought + action tokens
+    (reason_mask | act_mask of encoding.encode_trajectory; engine.token_logprobs); None when they hold no such
+    token. An in-memory model: examples_ce(HFEngine(model, tokenizer, prefix_cache=0), examples)."""
     requests = []  # (ids before the first scored token, ids up to the last, offsets of the scored ones)
-    for traj in reference:
-        ex = encode_trajectory(traj, tokenizer)
+    for ex in examples:
         ids = ex["input_ids"].tolist()
         scored = [i for i in (ex["reason_mask"] | ex["act_mask"]).nonzero()[0].tolist() if i > 0]
         if scored:

@@ -327,15 +327,17 @@ def untrained_student(cfg: QuickstartConfig, out: Path) -> dict[str, dict]:
     writes no valid action), the row that shows what distillation moved. Empty for a student not cut from the
     teacher."""
     from raysad import tracking
-    from raysad.evaluate import count_parameters, read_reference, reference_ce
+    from raysad.evaluate import count_parameters, engine_reference_ce, read_reference
+    from raysad.policies.hf import HFEngine
 
     init = out / "student_init"
     if not (init / "config.json").is_file():
         return {}
+    engine = HFEngine(init, prefix_cache=0, **engine_args(cfg))  # (the dtype the others' evaluations use)
     rows = {}
     for env in cfg.envs:
         reference = read_reference(teacher_episodes(out, env), env, cfg.eval_episodes)
-        rows[env] = {"eval/reference_ce": reference_ce(init, reference, **engine_args(cfg)),  # (as the others')
+        rows[env] = {"eval/reference_ce": engine_reference_ce(engine, reference, engine.tokenizer),
                      "eval/params": count_parameters(init)}
         tracking.log_metrics({f"untrained_student/{env}/reference_ce": rows[env]["eval/reference_ce"]})
     return rows

@@ -153,6 +153,13 @@ def test_reference_ce_is_the_models_log_probs_of_the_reference_tokens(tmp_path, 
     assert "eval/cot_match_rate" not in same
     different, _ = evaluate(tmp_path, "different", model=other, reference=ref_path, cot_match=False, **common)
     assert different["eval/reference_ce"] > same["eval/reference_ce"]
+    # the same model behind an OpenAI-compatible server: the same CE, from the server's echo log-probs
+    from raysad.policies.openai_server import serve_hf
+
+    with serve_hf(first, device="cpu") as server:
+        served, _ = evaluate(tmp_path, "served", model=str(first), reference=ref_path, cot_match=False,
+                             **common | {"policy": "openai", "engine_args": {"base_url": server.url}})
+    assert served["eval/reference_ce"] == pytest.approx(same["eval/reference_ce"], rel=1e-4)
 
 
 def test_rerun_resumes_and_refuses_another_policy(tmp_path):

@@ -86,6 +86,19 @@ def test_client_matches_the_local_engine(server, local, model_dir, ids):
     assert all(len(row) == TOPK for g in gens for row in g.topk_ids)
 
 
+def test_token_logprobs_are_the_served_models_on_the_given_tokens(server, local, model_dir, ids):
+    """token_logprobs (the reference CE of an openai-served model) by echo: the served model's log-prob of each
+    given token, also where it is not the model's choice, equal to the local engine's."""
+    engine = OpenAIEngine(str(model_dir), base_url=server.url, tokenizer=model_dir, timeout=30)
+    chosen = [g.token_ids for g in local.generate(ids, max_tokens=5, temperature=0.0)]
+    given = [c[1:] + c[:1] for c in chosen]  # a rotation: mostly tokens the model would not pick there
+    remote, here = engine.token_logprobs(ids, given), local.token_logprobs(ids, given)
+    assert [len(r) for r in remote] == [len(g) for g in given]
+    for r, h in zip(remote, here):
+        assert r == pytest.approx(h, abs=1e-4)
+    assert remote != engine.token_logprobs(ids, chosen)
+
+
 def test_stop_written_by_the_model(server, local, model_dir, ids):
     engine = OpenAIEngine(str(model_dir), base_url=server.url, timeout=30)  # tokenizer found in the model dir
     free = local.generate(ids[:1], max_tokens=12, temperature=0.0)[0].text

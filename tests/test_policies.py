@@ -121,6 +121,21 @@ def test_rows_that_stop_leave_the_decode_batch(engine, tokenizer, prompt_ids):
         check_topk(engine, prompt, gen, 3)
 
 
+def test_keys_and_values_written_in_place_decode_as_transformers_cache_does(model, tokenizer, prompt_ids):
+    """The engine's own cache layers (spare columns, written in place; grown several times in 20+ steps from
+    short prompts, and cut when rows stop) give the tokens and log-probs of transformers' DynamicLayer."""
+    from raysad.policies.hf import _growing_cache
+
+    assert {type(layer).__name__ for layer in _growing_cache(model).layers} == {"GrowingLayer"}
+    outs = [HFEngine(model, tokenizer, prefix_cache=4, growing_cache=growing).generate(
+        prompt_ids, stop=["1"], max_tokens=40, topk=3) for growing in (True, False)]
+    assert max(len(g.token_ids) for g in outs[0]) > 20 > min(len(g.token_ids) for g in outs[0])
+    for grown, plain in zip(*outs):
+        assert grown.token_ids == plain.token_ids
+        torch.testing.assert_close(torch.tensor(grown.topk_logprobs), torch.tensor(plain.topk_logprobs),
+                                   atol=1e-5, rtol=1e-5)
+
+
 def test_stop_strings_cut_text_and_tokens(engine, tokenizer, prompt_ids):
     free = engine.generate(prompt_ids[:2], max_tokens=16)
     checked_overshoot = False

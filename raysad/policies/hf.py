@@ -21,6 +21,7 @@ loop without reuse.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from collections import OrderedDict
 from pathlib import Path
@@ -85,12 +86,61 @@ class PrefixCache:
                 "reused_token_fraction": self.reused_tokens / max(self.prompt_tokens, 1)}
 
 
+@functools.cache
+def _growing_layer():
+    """GrowingLayer, a transformers DynamicLayer whose keys and values sit in a buffer with spare columns: a
+    decode step writes its column in place, where DynamicLayer copies the whole cache (torch.cat: 19% of an hf
+    engine's decode samples on a CPU). `keys`/`values` are views of the filled columns, so everything that
+    reads a DynamicLayer (prefix cache, row dropping) reads this one alike."""
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                self.buffers = None
+            n, new = self.get_seq_length(), key_states.shape[-2]
+            if self.buffers is None or n + new > self.buffers[0].shape[-2]:
+                # half as many spare columns as filled ones: a few copies per call, not one per step
+                shape = (*key_states.shape[:-2], n + new + max(8, (n + new) // 2), key_states.shape[-1])
+                buffers = key_states.new_empty(shape), value_states.new_empty(shape)
+                if n:
+                    buffers[0][..., :n, :], buffers[1][..., :n, :] = self.keys, self.values
+                self.buffers = buffers
+            keys, values = self.buffers
+            keys[..., n:n + new, :], values[..., n:n + new, :] = key_states, value_states
+            self.keys, self.values = keys[..., :n + new, :], values[..., :n + new, :]
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices):
+            n = self.get_seq_length()
+            if n > 0:
+                self.buffers = tuple(b[indices] for b in self.buffers)
+                self.keys, self.values = self.buffers[0][..., :n, :], self.buffers[1][..., :n, :]
+
+    return GrowingLayer
+
+
+def _growing_cache(model):
+    """A cache for `model` whose layers grow in place (_growing_layer); None (the model then builds its own)
+    where its layers are not all plain full-attention ones (sliding windows, recurrent layers)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=model.config)
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return None
+    cache.layers = [_growing_layer()() for _ in layers]
+    return cache
+
+
 def _cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """A transformers cache as (keys, values) per layer ([batch, heads, seq, head_dim]), or None when it is not
     a plain full-attention store whose tensors can be cut and stitched (then no prefix reuse)."""
     layers = getattr(cache, "layers", None)
     if layers is not None:  # transformers >= 4.56
-        if all(type(layer).__name__ == "DynamicLayer" for layer in layers):
+        if all(type(layer).__name__ in ("DynamicLayer", "GrowingLayer") for layer in layers):
             return [(layer.keys, layer.values) for layer in layers]
         return None
     if hasattr(cache, "key_cache"):
@@ -109,11 +159,14 @@ class HFEngine(BatchedEngine):
     """`model` is a directory (the tokenizer then defaults to the same directory) or a loaded model.
     `prefix_cache` is how many sequences' keys/values to keep for reuse (0: none). `drop_finished`: rows that
     have stopped leave the decode batch once they are half of it (False: a static batch, decoded until its
-    longest row stops; kept for benchmarks/prefix_cache.py --compare finished_rows)."""
+    longest row stops; kept for benchmarks/prefix_cache.py --compare finished_rows). `growing_cache`: decode
+    steps write keys/values in place (False: transformers' DynamicLayer, which copies the cache each step; kept
+    for --compare growing_cache)."""
 
     def __init__(self, model: Any, tokenizer: Any = None, device: str | None = None, dtype: Any = None,
                  batch_size: int = 16, max_new_tokens: int = 128, temperature: float = 0.0,
-                 seed: int | None = None, prefix_cache: int = 128, drop_finished: bool = True):
+                 seed: int | None = None, prefix_cache: int = 128, drop_finished: bool = True,
+                 growing_cache: bool = True):
         from raysad import models
 
         if isinstance(model, (str, Path)):
@@ -131,7 +184,7 @@ class HFEngine(BatchedEngine):
         self.device = next(model.parameters()).device
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.temperature, self.seed, self.calls = temperature, seed, 0
-        self.drop_finished = drop_finished
+        self.drop_finished, self.growing_cache = drop_finished, growing_cache
         self.decoded_rows = 0  # rows fed through decode steps, in all: what finished rows no longer cost
         self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache > 0 else None
         eos = model.generation_config.eos_token_id
@@ -180,12 +233,16 @@ class HFEngine(BatchedEngine):
                          **{self._cache_kwarg: cache}, **self._keep_last)
         return out.logits[:, -1].float(), getattr(out, self._cache_kwarg)
 
+    def _new_cache(self):
+        """An empty cache for a batch (_growing_cache), or None: the model builds its own."""
+        return _growing_cache(self.model) if self.growing_cache else None
+
     def _stitched_cache(self, rows: list[list[tuple[torch.Tensor, torch.Tensor]] | None], width: int):
         """A batch cache of `width` columns from per-row cached keys/values (right-aligned, left-padded)."""
         from transformers import DynamicCache
 
         template = next(r for r in rows if r is not None)
-        cache = DynamicCache()
+        cache = self._new_cache() or DynamicCache()
         for layer, (k0, v0) in enumerate(template):
             keys = k0.new_zeros(len(rows), k0.shape[0], width, k0.shape[-1])
             values = v0.new_zeros(len(rows), v0.shape[0], width, v0.shape[-1])
@@ -209,7 +266,7 @@ class HFEngine(BatchedEngine):
         width = max(reused)  # cached columns
         new = max(len(p) - n for p, n in zip(prompt_ids, reused))  # new prompt columns
         cache = self._stitched_cache([pc.kv(key, n) if key is not None else None for key, n in matches],
-                                     width) if width else None
+                                     width) if width else self._new_cache()
         ids = torch.full((batch, new), tok.pad_token_id, dtype=torch.long)
         valid = torch.zeros(batch, width + new, dtype=torch.bool)
         positions = torch.zeros(batch, new, dtype=torch.long)

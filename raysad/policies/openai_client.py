@@ -183,6 +183,20 @@ class OpenAIEngine(BatchedEngine):
             out.append(([r[0] for r in rows], [r[1] for r in rows]))
         return out
 
+    def token_logprobs(self, prompt_ids: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
+        """The log-prob of each continuation token, teacher-forced, by one echo request over prompt +
+        continuation ids (legacy `token_logprobs`; the server scores the ids sent, as vLLM's and serve_hf's do)."""
+        choices = self.completions([list(p) + list(c) for p, c in zip(prompt_ids, continuations)],
+                                   max_tokens=1, temperature=0.0, echo=True, logprobs=0)
+        out = []
+        for p, c, choice in zip(prompt_ids, continuations, choices):
+            given = (choice.get("logprobs") or {}).get("token_logprobs") or []
+            if len(given) < len(p) + len(c) or any(lp is None for lp in given[len(p):len(p) + len(c)]):
+                raise OpenAIServerError(f"{self.base_url}: echo answer has {len(given)} token log-probs for "
+                                        f"{len(p) + len(c)} tokens (does the server support echo with logprobs?)")
+            out.append([float(lp) for lp in given[len(p):len(p) + len(c)]])
+        return out
+
     # --------------------------------------------------------------------------------------- tokens ---
     def token_id(self, token: str) -> int:
         """An id from a legacy-logprobs token: "token_id:123" (vLLM), else the token's text via the tokenizer."""
