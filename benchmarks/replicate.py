@@ -169,25 +169,25 @@ def prepare_env(cfg: ReplicateConfig, env: str, out: Path, uri: str) -> dict[str
     expert, teacher, data, test_dir = out / "expert.jsonl", out / "teacher", out / "teacher.jsonl", out / "teacher_test"
     stage("expert_s", out / "expert.done", f"expert plays {cfg.expert_episodes} train tasks", lambda: run_rollout(
         RolloutConfig(env=env, split="train", policy="expert", episodes=cfg.expert_episodes, only_success=True,
-                      out=str(expert), run_name="rollout-expert", **common), progress=False))
+                      out=str(expert), run_name="rollout-expert", **common)))
     stage("teacher_sft_s", teacher / "config.json", f"SFT of a {cfg.teacher} teacher, "
           + (f"{cfg.teacher_steps} steps" if cfg.teacher_steps else f"{cfg.teacher_epochs} epoch(s)"),
           lambda: run_sft(SFTConfig(trajectories=str(expert), model=base, out=str(teacher),
                                     max_steps=cfg.teacher_steps, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr,
                                     batch_size=cfg.teacher_batch_size,
                                     micro_batch_size=min(cfg.teacher_micro_batch_size, cfg.teacher_batch_size),
-                                    max_length=cfg.max_length, run_name="sft-teacher", **common), progress=False))
+                                    max_length=cfg.max_length, run_name="sft-teacher", **common)))
     stage("teacher_rollout_s", out / "teacher.done",
           f"teacher plays {cfg.teacher_episodes} train tasks (top-{cfg.topk} log-probs kept)", lambda: run_rollout(
               RolloutConfig(env=env, split="train", policy="hf", model=str(teacher), episodes=cfg.teacher_episodes,
                             topk=cfg.topk, max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, env_actors=2,
-                            envs_per_actor=16, out=str(data), run_name="rollout-teacher", **common), progress=False))
+                            envs_per_actor=16, out=str(data), run_name="rollout-teacher", **common)))
     stage("teacher_eval_s", test_dir / "eval.json", f"teacher on the test split (up to {cfg.test_episodes} tasks)",
           lambda: run_evaluate(EvalConfig(
               env=env, split="test", policy="hf", model=str(teacher), episodes=cfg.test_episodes,
               max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, env_actors=2, envs_per_actor=16,
               method="teacher", student_size=cfg.teacher, out=str(test_dir), run_name="evaluate-teacher",
-              **common), progress=False))
+              **common)))
     teacher_test = json.loads((test_dir / "eval.json").read_text())["metrics"]
     say(gate_line(env, teacher_test))
     reference = out / "teacher_test_reference.jsonl"
