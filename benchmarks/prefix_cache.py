@@ -135,7 +135,8 @@ def model_directory(args, tmp: Path) -> tuple[str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--compare", choices=["prefix_cache", "finished_rows", "bf16", "growing_cache"], default="prefix_cache",
+    parser.add_argument("--compare", choices=["prefix_cache", "finished_rows", "bf16", "growing_cache"],
+                        default="prefix_cache",
                         help="what the two sides differ in (default: %(default)s)")
     parser.add_argument("--model", help="smollm2, or a model folder with its tokenizer (default: a tiny random "
                                         "model built from config)")
