@@ -124,6 +124,10 @@ class Play(Checked):
         factory=dict, help="More engine keywords, k=v[,k=v] (vllm: max_model_len, gpu_memory_utilization, "
                            "dtype ...; hf: prefix_cache).", shown="none")
     max_restarts: int = setting(3, "Restarts of a dying env actor.")
+    start_timeout_s: float = setting(
+        900.0, "Seconds the engines and env actors have to come up (models load) before the run fails naming "
+               "those still pending (a restart or start that waits for resources no node has free would "
+               "otherwise wait forever); raise it for a large model.")
     max_attempts: int = setting(3, "Tries per episode before it is written with its error.")
 
     def check(self) -> None:
@@ -143,6 +147,7 @@ class Play(Checked):
         check_range("engine_batch_size", self.engine_batch_size, 1, 65_536)
         check_range("batch_wait_s", self.batch_wait_s, 0, 3_600)
         check_range("max_restarts", self.max_restarts, 0, 1_000)
+        check_range("start_timeout_s", self.start_timeout_s, 1, 86_400)
         check_range("max_attempts", self.max_attempts, 1, 1_000)
         _check_resources(self, "engine_resources", "env_actor_resources")
 

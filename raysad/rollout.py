@@ -46,8 +46,7 @@ from raysad.cluster import init_ray
 from raysad.configs import RolloutConfig
 from raysad.env_actors import EnvWorker, default_env_factory, env_kwargs, error_line
 from raysad.policies.base import ENV_SIDE_POLICIES
-from raysad.serving import (default_engine_factory, envs_per_engine, pair_with_engines, placement, start_engines,
-                            through_restarts)
+from raysad.serving import default_engine_factory, envs_per_engine, pair_with_engines, placement, start_engines
 
 log = logging.getLogger(__name__)
 
@@ -405,21 +404,61 @@ def warn_turns(summary: RolloutSummary, cfg) -> None:
 def _wait_ready(cfg: RolloutConfig, actors: list, engines: list, progress: bool) -> list[str | None]:
     """Wait until every actor is built (models loaded, envs made) and the env actors hold this run's cfg, so
     that a broken set-up fails here, clearly, and the steps/s measured after it are the pool's. Returns the
-    node of each env actor."""
+    node of each env actor. An actor that is not up after cfg.start_timeout_s (its model still loading, or
+    its start or restart waiting for resources no node has free) fails the run with a line that names it;
+    every START_REPORT_S until then a warning says what is still pending (also where no terminal shows a
+    spinner)."""
     import contextlib
 
     from raysad import ui
 
+    calls = {f"engine actor {i + 1} of {len(engines)}": (lambda e=e: e.ready.remote()) for i, e in enumerate(engines)}
+    calls |= {f"env actor {i + 1} of {len(actors)}": (lambda a=a: a.use.remote(cfg)) for i, a in enumerate(actors)}
     status = (ui.console().status(f"starting {len(actors)} env actors and {len(engines)} engines") if progress
               else contextlib.nullcontext())
     with status:
         try:
-            ray.get([e.ready.remote() for e in engines])
-            # (an actor a caller kept may be restarting: Ray refuses calls until it is back)
-            return [through_restarts(lambda: actor.use.remote(cfg), ACTOR_RESTART_TIMEOUT_S, "env actor")
-                    for actor in actors]
+            answers = wait_for_actors(calls, cfg.start_timeout_s, cfg.engine_resources | cfg.env_actor_resources)
         except ray.exceptions.RayError as err:
             raise RuntimeError(f"an actor failed to start: {error_line(err)}") from err
+    return [answers[f"env actor {i + 1} of {len(actors)}"] for i in range(len(actors))]
+
+
+START_REPORT_S = 60.0  # how often a start that takes long says what it waits for
+
+
+def wait_for_actors(calls: dict[str, Callable[[], Any]], timeout_s: float,
+                    asked: dict[str, float] | None = None) -> dict[str, Any]:
+    """{name: answer} of each call (an actor method that returns once the actor is up), waiting up to
+    `timeout_s` in all. A call refused while its actor restarts (a handle a caller kept) is sent again. Past
+    the timeout: a RuntimeError naming the actors still pending, the custom resources they ask for and what
+    the cluster has free."""
+    start = time.monotonic()
+    refs = {call(): name for name, call in calls.items()}
+    answers: dict[str, Any] = {}
+    reported = start
+    while refs:
+        now = time.monotonic()
+        if now - start > timeout_s:
+            pending = sorted(refs.values())
+            free = {k: round(v, 2) for k, v in sorted(ray.available_resources().items())
+                    if k in ("CPU", "GPU") or k in (asked or {})}
+            asks = f"; they ask for {asked}" if asked else ""
+            raise RuntimeError(f"{', '.join(pending)} not up after {timeout_s:.0f} s (--start-timeout-s): a model "
+                               f"still loading, or an actor waiting for resources no node has free{asks}; "
+                               f"free now: {free}")
+        if now - reported >= START_REPORT_S:
+            reported = now
+            log.warning("still waiting for %s after %.0f s", ", ".join(sorted(refs.values())), now - start)
+        done, _ = ray.wait(list(refs), num_returns=1, timeout=min(1.0, max(0.01, timeout_s - (now - start))))
+        for ref in done:
+            name = refs.pop(ref)
+            try:
+                answers[name] = ray.get(ref)
+            except ray.exceptions.ActorUnavailableError:  # restarting: ask again (Ray refuses until it is back)
+                time.sleep(0.2)
+                refs[calls[name]()] = name
+    return answers
 
 
 def _drive(cfg: RolloutConfig, actors: list, players: tuple[list, list[int]], guides: tuple[list, list[int]],

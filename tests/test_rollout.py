@@ -369,6 +369,21 @@ def test_a_call_in_flight_when_the_engine_actor_dies_waits_for_its_restart():
     assert ray.get(engine.__ray_call__.remote(lambda self: os.getpid())) != pid
 
 
+def test_an_engine_that_cannot_be_placed_fails_the_run_in_one_line_naming_it(tmp_path, tiny_model):
+    """An engine actor whose start (or restart, after Ray's OOM killer) waits for resources no node has would
+    hold the run forever: past --start-timeout-s the run fails, naming the engine, its ask and what is free."""
+    cfg = config(tmp_path, env="hotpotqa", policy="hf", model=tiny_model, episodes=2, env_actors=1,
+                 engine_resources={"teacher_engine": 1.0}, start_timeout_s=15)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError) as err:
+        run_rollout(cfg, progress=False, track=False)
+    assert time.monotonic() - started < 60
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("engine actor 1 of 1 not up after 15 s")
+    assert "{'teacher_engine': 1.0}" in message and "free now: {'CPU': " in message
+    assert not Path(cfg.out).exists()  # nothing was played, nothing written
+
+
 def test_engine_actor_gives_the_log_probs_of_given_tokens(tiny_model):
     """Through an engine actor (where a GPU evaluation computes the reference CE): the local engine's numbers."""
     from raysad.policies.hf import HFEngine
