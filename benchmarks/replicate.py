@@ -49,7 +49,8 @@ from raysad import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 # the arms compared: a distill method, sad+curriculum = the paper's SAD (data ordered easy -> hard), flat_kd =
-# token KD over the whole trajectory after the prompt (observations too; from the online teacher)
+# token KD over the whole trajectory after the prompt (observations too; from the top-k the teacher's rollout
+# stored at every token, --context-topk, as the other arms read theirs)
 METHODS = ("sad", "sad+curriculum", "token_kd", "flat_kd", "sft")
 BASE_METHODS = ("sad", "token_kd", "sft")
 # the paired comparisons reported per student size: (a, b) -> "a - b"
@@ -178,9 +179,10 @@ def prepare_env(cfg: ReplicateConfig, env: str, out: Path, uri: str) -> dict[str
                                     micro_batch_size=min(cfg.teacher_micro_batch_size, cfg.teacher_batch_size),
                                     max_length=cfg.max_length, run_name="sft-teacher", **common)))
     stage("teacher_rollout_s", out / "teacher.done",
-          f"teacher plays {cfg.teacher_episodes} train tasks (top-{cfg.topk} log-probs kept)", lambda: run_rollout(
+          f"teacher plays {cfg.teacher_episodes} train tasks (top-{cfg.topk} log-probs kept, observations too)",
+          lambda: run_rollout(
               RolloutConfig(env=env, split="train", policy="hf", model=str(teacher), episodes=cfg.teacher_episodes,
-                            topk=cfg.topk, max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, env_actors=2,
+                            topk=cfg.topk, context_topk=True, max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, env_actors=2,
                             envs_per_actor=16, out=str(data), run_name="rollout-teacher", **common)))
     stage("teacher_eval_s", test_dir / "eval.json", f"teacher on the test split (up to {cfg.test_episodes} tasks)",
           lambda: run_evaluate(EvalConfig(

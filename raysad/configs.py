@@ -185,7 +185,8 @@ class Distillation(Checked):
                                         "worker.", shown="the top-k stored in the trajectories")
     method: Literal["sad", "token_kd", "flat_kd", "sft"] = setting(
         "sad", "sad (λ_r·KD on thoughts + λ_a·KD on actions), token_kd (one KD on both), flat_kd (one KD on every "
-               "token after the prompt, observations too; needs --teacher) or sft (imitation CE).")
+               "token after the prompt, observations too: --teacher, or trajectories rolled out with "
+               "--context-topk) or sft (imitation CE).")
     lambda_reason: float = setting(1.0, "SAD weight of the [REASON] (thought) tokens.")
     lambda_act: float = setting(1.0, "SAD weight of the [ACT] (action) tokens.")
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = setting("forward_kl", "forward_kl, reverse_kl or jsd.")
@@ -199,9 +200,6 @@ class Distillation(Checked):
 
         if self.method not in METHODS:
             raise ValueError(f"field 'method': must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if METHODS[self.method].flat and not self.teacher:
-            raise ValueError(f"field 'method': {self.method} distils the observation tokens too, where no teacher "
-                             "top-k is stored; it needs an online teacher (--teacher DIR)")
         # lambdas >= 0; both 0 is allowed on purpose: tune_configs/loss_weights.yaml sweeps the 4x4 grid
         # including (0, 0), the heat map's no-distillation corner
         check_range("lambda_reason", self.lambda_reason, 0)
@@ -253,6 +251,10 @@ class RolloutConfig(Tasks, Policy, Play, Tracking, RayCluster):
     """`raysad rollout`: a teacher (or the scripted expert) plays episodes and writes trajectories."""
     out: str = setting("trajectories.jsonl", "Output .jsonl or .parquet; rerunning resumes it.")
     only_success: bool = setting(False, "Write successful episodes only.", flag="--only-success/--keep-failures")
+    context_topk: bool = setting(
+        False, "With --topk: also keep the model's top-k at every token after its first that it did not write "
+               "(observations, the format's labels), one forward per episode: flat_kd then distils offline.",
+        flag="--context-topk/--no-context-topk")
     # YAML only (on-policy curricula set them per iteration): a second model, the guide, plays some turns; its
     # turns are marked (turn extra "guide") and are context in training, no loss
     guide: str | None = setting(None)        # its HF folder (the same tokenizer as --model)
@@ -266,6 +268,8 @@ class RolloutConfig(Tasks, Policy, Play, Tracking, RayCluster):
         check_range("turn_limit", self.turn_limit, 1, 10_000, optional=True)
         if (self.guide_turns or self.guide_share) and not self.guide:
             raise ValueError("fields 'guide_turns' / 'guide_share' need 'guide' (the model that plays those turns)")
+        if self.context_topk and (not self.topk or self.policy in ENV_SIDE_POLICIES):
+            raise ValueError("field 'context_topk': needs a model policy (hf, vllm, openai) and --topk K > 0")
         if self.guide and self.policy in ENV_SIDE_POLICIES:
             raise ValueError(f"field 'guide': --policy {self.policy} plays without a model; a guide needs hf or vllm")
 
@@ -385,8 +389,9 @@ class OnPolicyConfig(Distillation, Training, Workers, Tasks, Play, Optimizer, Tr
     workers: int = default_of(Training, "workers", 0)
     teacher_topk: int = setting(0, "0: the teacher scores online inside training (its full distribution, on every "
                                    "Train worker); K: the teacher's engine actors score the student's tokens "
-                                   "first, their top-K rows are stored in the iteration's trajectories and "
-                                   "training reads them (no teacher in the Train workers).")
+                                   "first (flat_kd: every token after the first the student wrote), their top-K "
+                                   "rows are stored in the iteration's trajectories and training reads them (no "
+                                   "teacher in the Train workers).")
     depth_curriculum: Literal["off", "b2f", "f2b"] = setting(
         "off", "TCOD's curriculum over trajectory depth, reaching full depth linearly over --curriculum-iterations: "
                "b2f (the teacher plays each episode's first turns, the student the rest; the teacher's part shrinks "
@@ -412,9 +417,6 @@ class OnPolicyConfig(Distillation, Training, Workers, Tasks, Play, Optimizer, Tr
         check_range("teacher_share", self.teacher_share, 0, 1, high_inclusive=False)
         check_range("teacher_takeover", self.teacher_takeover, 0, 1)
         check_range("teacher_topk", self.teacher_topk, 0, 1_000, why="0 = the teacher online in training")
-        if self.teacher_topk and self.method == "flat_kd":
-            raise ValueError("field 'teacher_topk': flat_kd distils observation tokens too, which the teacher's "
-                             "engines do not score; use the online teacher (teacher_topk 0)")
         check_range("curriculum_iterations", self.curriculum_iterations, 1, 100_000, optional=True)
 
 

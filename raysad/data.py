@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 DATA_COUNTS = ("trajectories", "examples", "skipped_no_loss_tokens", "reason_tokens", "act_tokens", "empty_thoughts",
                "truncated_turns", "truncated_examples", "dropped_prompt_tokens", "dropped_loss_tokens",
-               "dropped_turns", "loss_tokens_without_teacher")
+               "dropped_turns", "loss_tokens_without_teacher", "context_scored")
 
 
 class Example(TypedDict, total=False):
@@ -82,12 +82,13 @@ def flat_mask(reason, act, valid):
 
 def loss_masks(batch: Batch, config):
     """(reason, act) target masks [B, T-1] of a collated batch: with a stored top-k teacher, only the tokens
-    that have a teacher row. flat_kd: the act mask is every target after the prompt that is not a thought."""
+    that have a teacher row. flat_kd: the act mask is every target after the prompt that is not a thought
+    (stored: those with a row, which rollout --context-topk keeps at observation tokens too)."""
     from raysad.losses import get_method
 
     reason, act = batch["reason_mask"], batch["act_mask"]
     if get_method(config.method).flat:
-        return reason, flat_mask(reason, act, batch["attention_mask"][:, 1:]) & ~reason
+        act = flat_mask(reason, act, batch["attention_mask"][:, 1:]) & ~reason
     if uses_stored_topk(config):
         reason, act = reason & batch["has_topk"], act & batch["has_topk"]
     return reason, act
@@ -116,13 +117,17 @@ def encode_all(trajectories: Iterable, tokenizer, config, first_index: int = 0) 
     from raysad.curriculum import complexity
     from raysad.agent_formats import trajectory_format
     from raysad.encoding import encode_trajectory
+    from raysad.losses import get_method
+    from raysad.scoring import CONTEXT_TOPK
 
     for index, traj in enumerate(trajectories, first_index):
         example = encode_trajectory(traj, tokenizer, trajectory_format(traj), max_length=config.max_length)
         n_reason, n_act = int(example["reason_mask"].sum()), int(example["act_mask"].sum())
         has_topk = example.get("topk_mask") is not None
-        without_teacher = int(((example["reason_mask"] | example["act_mask"]) & ~example["topk_mask"]).sum()) \
-            if has_topk else 0
+        loss = example["reason_mask"] | example["act_mask"]
+        if get_method(config.method).flat:
+            loss = flat_mask(example["reason_mask"], example["act_mask"], np.ones_like(loss))
+        without_teacher = int((loss & ~example["topk_mask"]).sum()) if has_topk else 0
         loss_reason, loss_act, tokens = example_counts(example, config)
         stats = {"index": index, "skipped": n_reason + n_act == 0,
                  "empty_thoughts": sum(1 for t in traj.turns if t.token_ids is not None and not t.thought.strip()),
@@ -134,7 +139,8 @@ def encode_all(trajectories: Iterable, tokenizer, config, first_index: int = 0) 
                  "reason_tokens": n_reason, "act_tokens": n_act, "loss_tokens_without_teacher": without_teacher,
                  "loss_reason": loss_reason, "loss_act": loss_act, "tokens": tokens,
                  "complexity": float(complexity(example)),
-                 "has_topk": bool(has_topk and example["topk_mask"].any())}
+                 "has_topk": bool(has_topk and example["topk_mask"].any()),
+                 "context_scored": int(traj.extra.get(CONTEXT_TOPK) is not None)}
         yield example, stats
 
 
@@ -175,7 +181,7 @@ def summarize(columns: dict[str, np.ndarray], where: str, max_length: int | None
     for key in ("empty_thoughts", "truncated_turns", "truncated_examples", "dropped_prompt_tokens",
                 "dropped_loss_tokens", "dropped_turns"):
         counts[key] = int(columns[key].sum())
-    for key in ("reason_tokens", "act_tokens", "loss_tokens_without_teacher"):
+    for key in ("reason_tokens", "act_tokens", "loss_tokens_without_teacher", "context_scored"):
         counts[key] = int(columns[key][kept].sum())
     counts = {key: counts[key] for key in DATA_COUNTS}
     if not counts["examples"]:
@@ -206,8 +212,9 @@ def _warn_data(counts: dict, where: str, max_length: int | None) -> None:
         log.warning("%s: %d turns were cut by the rollout's token budget (closed with their delimiter)",
                     where, counts["truncated_turns"])
     if counts["loss_tokens_without_teacher"]:
-        log.warning("%s: %d reason/act tokens have no stored teacher top-k (text-only turns): sad/token_kd skip "
-                    "them while sft trains on them", where, counts["loss_tokens_without_teacher"])
+        log.warning("%s: %d loss tokens have no stored teacher top-k (text-only turns; flat_kd: observation "
+                    "tokens of trajectories not rolled out with --context-topk): stored-top-k KD skips them while "
+                    "sft trains on them", where, counts["loss_tokens_without_teacher"])
 
 
 def load_examples(config, tokenizer, stats: dict | None = None) -> list[Example]:
@@ -231,7 +238,10 @@ def load_examples_and_stats(config, tokenizer) -> tuple[list[Example], DataStats
 
 
 def check_teacher_signal(stats: DataStats | None, config) -> None:
-    """sad / token_kd need a teacher: --teacher, or top-k log-probs stored in the trajectories."""
+    """sad / token_kd / flat_kd need a teacher: --teacher, or top-k log-probs stored in the trajectories (flat_kd:
+    also at observation tokens)."""
+    from raysad.losses import get_method
+
     if not uses_stored_topk(config):
         return
     if stats is None or not stats.has_topk.any():
@@ -241,6 +251,11 @@ def check_teacher_signal(stats: DataStats | None, config) -> None:
             "`raysad rollout --topk K`, or use --method sft (imitation, needs no teacher)")
     if not (stats.loss_reason + stats.loss_act).any():
         raise ValueError(f"{config.trajectories}: no reason/act token has a stored teacher top-k row")
+    if get_method(config.method).flat and not stats.counts["context_scored"]:
+        raise ValueError(
+            f"--method {config.method} distils observation tokens too, but {config.trajectories} stores the "
+            "teacher's top-k only at generated tokens (flat KD would be token KD): give --teacher MODEL_DIR "
+            "(online teacher), or roll out with `raysad rollout --topk K --context-topk`")
 
 
 # ----------------------------------------------------------------------------------------- the order ----

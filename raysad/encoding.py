@@ -236,6 +236,32 @@ def generated_positions(traj: Trajectory, tokenizer, fmt: str | Path | AgentForm
     return ids, generated
 
 
+def _context_rows(traj: Trajectory, length: int, generated: set[int], where: str) -> list:
+    """The teacher's rows at tokens no model generated (raysad.scoring: rollout --context-topk), as
+    (position, ids, logprobs); checked against this encoding, which must be the one they were scored on."""
+    from raysad.scoring import CONTEXT_TOPK
+
+    rows = traj.extra.get(CONTEXT_TOPK)
+    if rows is None:
+        return []
+    field = f"{where}: field '{CONTEXT_TOPK}'"
+    try:
+        positions, ids, logprobs = rows["positions"], rows["ids"], rows["logprobs"]
+        scored_length = int(rows["length"])
+    except (TypeError, KeyError, ValueError) as err:
+        raise ValueError(f"{field}: expected {{length, positions, ids, logprobs}}, got {type(rows).__name__} "
+                         f"({err})") from None
+    if scored_length != length:
+        raise ValueError(f"{field}: scored on {scored_length} tokens, this encoding has {length}: the trajectory "
+                         "was scored with another tokenizer, agent format or chat template")
+    if not len(positions) == len(ids) == len(logprobs):
+        raise ValueError(f"{field}: {len(positions)} positions, {len(ids)} id rows, {len(logprobs)} log-prob rows")
+    bad = next((p for p in positions if type(p) is not int or not 0 < p < length or p in generated), None)
+    if bad is not None:
+        raise ValueError(f"{field}: position {bad!r} is not a non-generated token of the {length} encoded")
+    return list(zip(positions, ids, logprobs))
+
+
 def encode_trajectory(traj: Trajectory, tokenizer, fmt: str | Path | AgentFormat | None = None,
                       max_length: int | None = None, add_special_tokens: bool = True,
                       whole_text: bool = False) -> dict[str, Any]:
@@ -269,7 +295,9 @@ def encode_trajectory(traj: Trajectory, tokenizer, fmt: str | Path | AgentFormat
 
     where = f"trajectory {traj.id!r}"
     pieces = text_pieces(traj.prompt, traj.turns, fmt)
-    ids, kinds, rows, turn_starts, _ = _encode_pieces(pieces, traj.turns, tokenizer, add_special_tokens, where)
+    ids, kinds, rows, turn_starts, generated = _encode_pieces(pieces, traj.turns, tokenizer, add_special_tokens,
+                                                              where)
+    rows.extend(_context_rows(traj, len(ids), {p for turn in generated.values() for p in turn}, where))
     ids_arr = np.asarray(ids, dtype=np.int64)
     outside = (ids_arr < 0) | (ids_arr >= len(tokenizer))
     if outside.any():

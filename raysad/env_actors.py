@@ -266,11 +266,21 @@ class EnvWorker:
         if self.node_id is not None:
             extra["node_id"] = self.node_id
         cfg = self.cfg
-        return Trajectory(
+        traj = Trajectory(
             id=f"{cfg.env}/{cfg.split}/{e.task_id}", env=cfg.env, task_id=e.task_id, split=cfg.split,
             instruction=e.instruction, prompt=e.prompt, turns=e.turns, reward=float(e.reward),
             success=bool(e.info.get("success", False)) and e.error is None,
             policy={"backend": cfg.policy, "model": cfg.model or cfg.policy}, extra=extra)
+        if cfg.context_topk and self.engine is not None and e.error is None:
+            from raysad.scoring import score_trajectories
+
+            try:  # the model's rows at the tokens it read but did not write (flat_kd offline)
+                score_trajectories([traj], self.tokenizer, self.engine, cfg.topk, generated=False, context=True)
+            except ray.exceptions.RayActorError:
+                raise  # the engine actor died: the driver re-queues this actor's episodes
+            except Exception as err:  # noqa: BLE001 -- this episode is left for a rerun, not the whole job
+                traj.extra["error"], traj.success = f"context scoring: {error_line(err)}", False
+        return traj
 
 
 def error_line(err: BaseException) -> str:

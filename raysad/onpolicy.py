@@ -162,12 +162,12 @@ SCORE_BATCH = 8  # trajectories per scoring request
 
 
 def score(cfg: OnPolicyConfig, played: Path, engines: list) -> Path:
-    """The played trajectories with the teacher's top-k rows (cfg.teacher_topk) on every token a model generated,
-    from the teacher's engine actors over exactly the ids training will read (encoding.generated_positions):
-    <iteration>/scored.jsonl, written once (a rerun finds it)."""
+    """The played trajectories with the teacher's top-k rows (cfg.teacher_topk) on every token a model generated
+    (flat_kd: on every token after the first generated one), from the teacher's engine actors over exactly the
+    ids training will read (raysad.scoring): <iteration>/scored.jsonl, written once (a rerun finds it)."""
     from raysad import models
-    from raysad.agent_formats import trajectory_format
-    from raysad.encoding import generated_positions
+    from raysad.losses import get_method
+    from raysad.scoring import score_trajectories
     from raysad.serving import RemoteEngine
     from raysad.trajectory_reader import read_trajectories
     from raysad.trajectory_writer import TrajectoryWriter
@@ -177,26 +177,13 @@ def score(cfg: OnPolicyConfig, played: Path, engines: list) -> Path:
         return out
     tokenizer = models.load_tokenizer(cfg.teacher)
     remotes = [RemoteEngine(e) for e in engines]
+    context = get_method(cfg.method).flat
 
     def score_batch(batch: list) -> None:
-        requests = []  # (trajectory, first generated position, positions per turn)
-        for traj in batch:
-            ids, generated = generated_positions(traj, tokenizer, trajectory_format(traj))
-            if generated:
-                first = min(p[0] for p in generated.values() if p)
-                last = max(p[-1] for p in generated.values() if p)
-                requests.append((traj, ids[:first], ids[first:last + 1], first, generated))
-        shares = [requests[i::len(remotes)] for i in range(len(remotes))]
+        shares = [batch[i::len(remotes)] for i in range(len(remotes))]
         with concurrent.futures.ThreadPoolExecutor(len(remotes)) as pool:
-            answers = pool.map(lambda pair: pair[0].score([r[1] for r in pair[1]], [r[2] for r in pair[1]],
-                                                          cfg.teacher_topk) if pair[1] else [],
-                               zip(remotes, shares))
-            for share, rows in zip(shares, answers):
-                for (traj, _, _, first, generated), (topk_ids, topk_logprobs) in zip(share, rows):
-                    for n, positions in generated.items():
-                        turn = traj.turns[n]
-                        turn.topk_ids = [topk_ids[p - first] for p in positions]
-                        turn.topk_logprobs = [topk_logprobs[p - first] for p in positions]
+            list(pool.map(lambda pair: score_trajectories(pair[1], tokenizer, pair[0], cfg.teacher_topk,
+                                                          context=context), zip(remotes, shares)))
 
     with read_trajectories(played) as reader, TrajectoryWriter(tmp) as writer:
         batch: list = []

@@ -129,7 +129,7 @@ RENAMED_SETTINGS = {"max_steps": "max_turns"}  # names older records use
 # Config fields that shape the trajectories: an output holds episodes of one setting of these.
 RESUME_SETTINGS = ("env", "split", "data", "num_tasks", "max_turns", "policy", "model", "tokenizer", "few_shot",
                    "chat_template", "topk", "max_new_tokens", "max_thought_tokens", "temperature", "seed",
-                   "only_success", "guide", "guide_turns", "guide_share", "turn_limit")
+                   "only_success", "context_topk", "guide", "guide_turns", "guide_share", "turn_limit")
 
 
 def _output_exists(out: Path) -> bool:

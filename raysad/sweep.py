@@ -225,10 +225,12 @@ def _check_data_and_teacher(sweep: SweepConfig, source: str) -> None:
     if sweep.online_teacher and not has_teacher:
         raise _fail(source, "online_teacher", "needs teacher (an HF directory) or teacher_sft")
     flat = [m for m in sweep_methods(sweep) if DISTILL_METHODS[m].flat]
-    if flat and not has_teacher:
-        raise _fail(source, "space.method", f"{', '.join(flat)} distils observation tokens too, from the online "
-                    "teacher: set teacher (an HF directory) or teacher_sft")
-    kd = kd_methods(sweep)
+    if flat and not has_teacher and sweep.trajectories is None and not sweep.rollout.get("context_topk"):
+        raise _fail(source, "space.method", f"{', '.join(flat)} distils observation tokens too: set teacher (an HF "
+                    "directory) or teacher_sft for the online teacher, or rollout.context_topk: true")
+    # (flat_kd with a teacher and no rows stored at observations reads the online teacher: no stored top-k needed)
+    kd = [m for m in kd_methods(sweep) if not (DISTILL_METHODS[m].flat and has_teacher and sweep.trajectories is None
+                                               and not sweep.rollout.get("context_topk"))]
     stored_topk = sweep.trajectories is not None or sweep.rollout.get("topk", 0) > 0
     if kd and not sweep.online_teacher and not stored_topk:
         raise _fail(source, "space.method", f"{', '.join(kd)} need a teacher signal: online_teacher: true with "
@@ -251,9 +253,35 @@ def _check_chunks(sweep: SweepConfig, source: str) -> None:
 
 
 def kd_methods(sweep: SweepConfig) -> list[str]:
-    """The sweep's methods that distil from the stored or online teacher signal (sad, token_kd): not sft, and not
-    flat_kd (always from the online teacher: no top-k is stored at observation tokens)."""
-    return [m for m in sweep_methods(sweep) if DISTILL_METHODS[m].uses_teacher and not DISTILL_METHODS[m].flat]
+    """The sweep's methods that distil from the stored or online teacher signal (sad, token_kd, flat_kd): not
+    sft."""
+    return [m for m in sweep_methods(sweep) if DISTILL_METHODS[m].uses_teacher]
+
+
+def trajectory_files(sweep: SweepConfig) -> dict[str, str]:
+    """{env: the given trajectory file} ({} when the sweep rolls its teacher out itself)."""
+    if sweep.trajectories is None:
+        return {}
+    return ({sweep.envs[0]: sweep.trajectories} if isinstance(sweep.trajectories, str)
+            else {env: sweep.trajectories[env] for env in sweep.envs})
+
+
+def flat_kd_online(sweep: SweepConfig, env: str) -> bool:
+    """Whether flat_kd's trials read the online teacher: yes unless the env's trajectories carry the teacher's
+    rows at observation tokens too (rolled out with context_topk; a given file: its first trajectory says)."""
+    from raysad.scoring import CONTEXT_TOPK
+    from raysad.trajectory_reader import read_trajectories
+
+    if sweep.online_teacher:
+        return True
+    path = trajectory_files(sweep).get(env)
+    if path is None:
+        return not sweep.rollout.get("context_topk", False)
+    if not Path(path).expanduser().is_file():
+        return True
+    with read_trajectories(Path(path).expanduser()) as reader:
+        first = next(iter(reader), None)
+    return first is None or CONTEXT_TOPK not in first.extra
 
 
 def sweep_methods(sweep: SweepConfig) -> list[str]:
@@ -274,18 +302,24 @@ def check_stored_topk(sweep: SweepConfig) -> None:
     kd = kd_methods(sweep)
     if not kd or sweep.online_teacher or sweep.trajectories is None:
         return
-    files = ({sweep.envs[0]: sweep.trajectories} if isinstance(sweep.trajectories, str)
-             else {env: sweep.trajectories[env] for env in sweep.envs})
-    for env, path in files.items():
+    has_teacher = bool(sweep.teacher) or sweep.teacher_sft is not None
+    for env, path in trajectory_files(sweep).items():
         path = str(Path(path).expanduser().resolve())
         if not Path(path).is_file():
             raise ConfigError(f"trajectories for {env}: {path}: file not found")
-        if any(turn.topk_ids for traj in read_trajectories(path) for turn in traj.turns):
+        stored = kd
+        if any(DISTILL_METHODS[m].flat for m in kd) and flat_kd_online(sweep, env):
+            if not has_teacher:
+                raise ConfigError(f"sweep {sweep.name!r} (method flat_kd): {path} holds no teacher top-k at "
+                                  "observation tokens (roll out with --context-topk), and the sweep has no teacher "
+                                  "to distil them online: set teacher (an HF directory)")
+            stored = [m for m in kd if not DISTILL_METHODS[m].flat]  # flat_kd reads the online teacher
+        if not stored or any(turn.topk_ids for traj in read_trajectories(path) for turn in traj.turns):
             continue
         try:  # no example has a top-k row: distill's check says so, naming the file
-            check_teacher_signal(None, SimpleNamespace(method=kd[0], teacher=None, trajectories=path))
+            check_teacher_signal(None, SimpleNamespace(method=stored[0], teacher=None, trajectories=path))
         except ValueError as err:
-            raise ConfigError(f"sweep {sweep.name!r} (method {', '.join(kd)}, online_teacher: false): {err}; "
+            raise ConfigError(f"sweep {sweep.name!r} (method {', '.join(stored)}, online_teacher: false): {err}; "
                               "in a sweep: online_teacher: true with a teacher") from None
 
 

@@ -37,7 +37,7 @@ from typing import Any
 from raysad import report as names
 from raysad.config import coerce, write_json
 from raysad.losses import METHODS as DISTILL_METHODS
-from raysad.sweep import SweepConfig, student_size
+from raysad.sweep import SweepConfig, flat_kd_online, student_size
 
 TRIAL_MEMORY_TOKEN = 2**20                 # bytes a trial with cpus/gpus_per_trial 0 reserves instead
 FINAL_REPORT = "final_report.json"         # a finished trial's last Tune report: a resumed trial sends it again
@@ -82,7 +82,8 @@ def trial_distill_config(config: dict, sweep: SweepConfig, inputs: dict, work: P
     from raysad.distill import DistillConfig
 
     spec = str(config["student"])
-    online = sweep.online_teacher or DISTILL_METHODS[config.get("method", sweep.distill.get("method", "sad"))].flat
+    method = config.get("method", sweep.distill.get("method", "sad"))
+    online = sweep.online_teacher or (DISTILL_METHODS[method].flat and flat_kd_online(sweep, config["env"]))
     teacher = inputs["teacher"] if online else None
     return DistillConfig(**trial_params(config, sweep), trajectories=inputs["trajectories"][config["env"]],
                          student=inputs["students"][spec], teacher=teacher, tokenizer=inputs["tokenizer"],

@@ -170,9 +170,10 @@ def test_online_teacher(data, tmp_path, tmp_path_factory):
 
 def test_flat_kd_distils_every_token_after_the_prompt(data, tmp_path):
     """flat_kd (the paper's token-KD baseline as described): observations and format labels carry loss too, the
-    prompt none; it needs the online teacher (no top-k is stored at observation tokens)."""
-    with pytest.raises(ValueError, match="flat_kd.*--teacher"):
-        config(data, tmp_path / "none", method="flat_kd")
+    prompt none; from the online teacher, or from rows stored at observation tokens too (next test): top-k
+    stored at generated tokens only would make it token KD, so that fails in one line."""
+    with pytest.raises(ValueError, match="flat_kd distils observation tokens.*--context-topk"):
+        run_distill(config(data, tmp_path / "none", method="flat_kd"), track=False)
     cfg = config(data, tmp_path / "flat", trajectories=str(data / "text.jsonl"), teacher=str(data / "teacher"),
                  tokenizer=None, method="flat_kd")
     tokenizer = models.load_tokenizer(data / "tok")
@@ -196,6 +197,37 @@ def test_flat_kd_distils_every_token_after_the_prompt(data, tmp_path):
     token_kd = run_distill(dataclasses.replace(cfg, method="token_kd", out=str(tmp_path / "tok_kd"), max_steps=1),
                            track=False)
     assert result.log[0]["act_tokens"] > token_kd.log[0]["act_tokens"]
+
+
+def test_flat_kd_from_rows_stored_at_every_token_equals_the_online_teacher(data, tmp_path):
+    """Trajectories scored by the teacher at every token after the first generated one (raysad.scoring, what
+    rollout --context-topk stores), with the whole vocabulary as top-k: offline flat KD is then the online
+    teacher's flat KD, step for step (the same student, data and order)."""
+    from raysad.policies.hf import HFEngine
+    from raysad.scoring import CONTEXT_TOPK, score_trajectories
+    from raysad.trajectory_reader import read_trajectories
+
+    tokenizer = models.load_tokenizer(data / "tok")
+    engine = HFEngine(models.load_model(data / "teacher"), tokenizer, prefix_cache=0)
+    trajs = list(read_trajectories(data / "topk.jsonl"))
+    score_trajectories(trajs, tokenizer, engine, len(tokenizer), context=True)
+    assert all(t.extra[CONTEXT_TOPK]["positions"] for t in trajs)
+    with TrajectoryWriter(tmp_path / "scored.jsonl") as out:
+        for traj in trajs:
+            out.write(traj)
+    # (no cut: a cut prompt would change what the online teacher reads, not what was stored)
+    common = dict(trajectories=str(tmp_path / "scored.jsonl"), method="flat_kd", max_steps=2, max_length=1024)
+    offline = run_distill(config(data, tmp_path / "offline", **common), track=False)
+    online = run_distill(config(data, tmp_path / "online", teacher=str(data / "teacher"), tokenizer=None,
+                                **common), track=False)
+    for key in ("reason_tokens", "act_tokens"):
+        assert [line[key] for line in offline.log] == [line[key] for line in online.log]
+    for key in ("loss", "reason_loss", "act_loss"):
+        assert losses(offline, key) == pytest.approx(losses(online, key), rel=1e-3), key
+    # a file scored with another encoding (here: a length that does not match) fails, naming it
+    trajs[0].extra[CONTEXT_TOPK]["length"] += 1
+    with pytest.raises(ValueError, match="field 'context_topk': scored on .* tokens, this encoding has"):
+        encode_trajectory(trajs[0], tokenizer)
 
 
 def test_clear_errors_without_teacher_signal_or_with_another_tokenizer(data, tmp_path):

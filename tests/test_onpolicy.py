@@ -272,11 +272,15 @@ def test_a_full_take_over_leaves_nothing_to_learn_and_says_so(data, student_dir,
     assert played and all(t.extra.get("guide") for traj in played for t in traj.turns)
 
 
-def test_with_teacher_topk_the_teachers_engines_score_exactly_the_students_tokens(data, student_dir, tmp_path):
+@pytest.mark.parametrize("method", ["sad", "flat_kd"])
+def test_with_teacher_topk_the_teachers_engines_score_exactly_the_students_tokens(data, student_dir, tmp_path,
+                                                                                  method):
+    """flat_kd: the observation tokens too (every token after the student's first that it did not write)."""
     from raysad.encoding import generated_positions
     from raysad.onpolicy import train_config
+    from raysad.scoring import CONTEXT_TOPK
 
-    cfg = onpolicy_config(data, student_dir, tmp_path / "topk", teacher_topk=4, iterations=1)
+    cfg = onpolicy_config(data, student_dir, tmp_path / "topk", teacher_topk=4, iterations=1, method=method)
     (metrics,) = run_onpolicy(cfg, track=False, progress=False).iterations
     assert metrics["onpolicy/score_s"] > 0 and metrics["onpolicy/tokens_trained"] > 0
     assert train_config(cfg, 0, "s", Path("d")).teacher is None  # training reads the stored rows
@@ -294,6 +298,13 @@ def test_with_teacher_topk_the_teachers_engines_score_exactly_the_students_token
                 expected = logp[p - 1]
                 assert np.allclose(row_lp, expected[row_ids].numpy(), atol=1e-4)
                 assert min(row_lp) >= expected.topk(5).values[-1].item() - 1e-4  # they are its 4 largest
+        context = traj.extra.get(CONTEXT_TOPK)
+        assert (context is not None) == (method == "flat_kd")
+        if context is not None:
+            made = sorted(p for turn in generated.values() for p in turn)
+            assert context["positions"] == [p for p in range(made[0], len(ids)) if p not in set(made)]
+            for p, row_ids, row_lp in zip(context["positions"], context["ids"], context["logprobs"]):
+                assert np.allclose(row_lp, logp[p - 1].topk(4).values.numpy(), atol=1e-4)
 
 
 def test_b2f_starts_from_the_teachers_median_episode_length(data, student_dir, tmp_path):

@@ -195,6 +195,36 @@ def test_hf_teacher_keeps_token_ids_and_topk(tmp_path, tiny_model):
     assert 0.3 < metrics["rollout/engine_prefix_reuse_frac"] < 1
 
 
+def test_context_topk_keeps_the_models_rows_at_every_token_it_read_after_its_first(tmp_path, tiny_model):
+    """--context-topk: each episode also carries the model's top-k at the tokens after its first that it did not
+    write (observations, the format's labels), from its engine actor, over exactly the ids training encodes."""
+    import torch
+
+    from raysad import models
+    from raysad.agent_formats import trajectory_format
+    from raysad.encoding import generated_positions
+    from raysad.scoring import CONTEXT_TOPK
+
+    cfg = config(tmp_path, env="hotpotqa", split="test", policy="hf", model=tiny_model, topk=4, context_topk=True,
+                 max_new_tokens=5, max_turns=2, episodes=2, envs_per_actor=2)
+    assert run_rollout(cfg, progress=False, track=False).errors == 0
+    tokenizer, model = models.load_tokenizer(tiny_model), models.load_model(tiny_model)
+    for traj in read_trajectories(cfg.out):
+        ids, positions = generated_positions(traj, tokenizer, trajectory_format(traj))
+        made = sorted(p for turn in positions.values() for p in turn)
+        rows = traj.extra[CONTEXT_TOPK]
+        assert rows["length"] == len(ids)
+        assert rows["positions"] == [p for p in range(made[0], len(ids)) if p not in set(made)]
+        assert len(rows["positions"]) > len(traj.turns)  # every observation's tokens, not one per turn
+        with torch.no_grad():
+            logp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        top = logp[[p - 1 for p in rows["positions"]]].topk(4, dim=-1)  # row p predicts token p
+        assert rows["ids"] == top.indices.tolist()
+        torch.testing.assert_close(torch.tensor(rows["logprobs"]), top.values, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="context_topk.*--topk"):
+        config(tmp_path, policy="hf", model=tiny_model, context_topk=True)
+
+
 def test_max_thought_tokens_budgets_thoughts_only(tmp_path, tiny_model):
     """--max-thought-tokens caps each thought, while actions keep --max-new-tokens: a random model writes to
     either budget (and is closed there, flagged and counted)."""

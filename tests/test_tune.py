@@ -17,7 +17,8 @@ import yaml
 
 from raysad import models
 from raysad.config import ConfigError
-from raysad.sweep import SweepConfig, grid_points, student_size
+from raysad.sweep import SweepConfig, check_stored_topk, grid_points, student_size
+from raysad.trajectory_writer import TrajectoryWriter
 from raysad.trial import chunk_config
 from raysad.tune import SETTINGS_FILE, check_resume, load_sweep, run_sweep
 from test_distill import expert_trajectories, with_teacher_topk
@@ -88,11 +89,17 @@ def test_teacher_signal_and_data_sources_are_checked(tmp_path):
         load_sweep(write(tmp_path, kd_without_teacher))
     sft_only = kd_without_teacher.replace("{student: [tiny-1m]}", "{student: [tiny-1m], method: [sft]}")
     assert load_sweep(write(tmp_path, sft_only)).rollout == {"policy": "expert"}
-    # flat_kd distils observation tokens, which only the online teacher scores: stored top-k is not enough
-    flat = "name: t\nenvs: [hotpotqa]\ntrajectories: /x.jsonl\nspace: {student: [tiny-1m], method: [flat_kd]}\n"
-    with pytest.raises(ConfigError, match="flat_kd distils observation tokens too"):
+    # flat_kd distils observation tokens: from the online teacher, or from rows a context_topk rollout stored there
+    flat = "name: t\nenvs: [hotpotqa]\nrollout: {policy: expert}\nspace: {student: [tiny-1m], method: [flat_kd]}\n"
+    with pytest.raises(ConfigError, match="flat_kd distils observation tokens too.*context_topk"):
         load_sweep(write(tmp_path, flat))
     assert load_sweep(write(tmp_path, flat + "teacher: /some/teacher\n")).teacher == "/some/teacher"
+    # a given file: its rows decide, before any trial starts
+    given = write(tmp_path, flat.replace("rollout: {policy: expert}", f"trajectories: {tmp_path / 'flat.jsonl'}"))
+    with TrajectoryWriter(tmp_path / "flat.jsonl") as out:
+        out.write(expert_trajectories(1)[0])
+    with pytest.raises(ConfigError, match="holds no teacher top-k at observation tokens"):
+        check_stored_topk(load_sweep(given))
     with pytest.raises(ConfigError, match=r"envs\[1\].*unknown environment"):
         load_sweep(write(tmp_path, sft_only.replace("[webshop]", "[webshop, chess]")))
     with pytest.raises(ConfigError, match="several envs need"):
