@@ -93,7 +93,8 @@ def main() -> None:
              bench.ratio(spreads[base], spreads[variant]), f"{rs[0]['loss'][-1]:.4f}"]
             for variant, rs in runs.items()]
     same = all(r["tokens"] == runs[base][0]["tokens"] for rs in runs.values() for r in rs)
-    text = "\n".join([f"Distillation steps of {args.batch_size} trajectories ({args.method}, stored top-k), "
+    text = "\n".join([f"Distillation steps of {args.batch_size} trajectories (--method {args.method} from the "
+                      "stored top-k, unless a variant sets them), "
                       f"{args.steps} timed step(s) per run after {args.warmup}, {args.repeats} run(s) per variant",
                       bench.markdown_table(["variant", "s per step (median [range])", "padded positions",
                                             f"speed-up vs {base}", "last loss"], rows),
