@@ -268,7 +268,8 @@ def trajectory_files(sweep: SweepConfig) -> dict[str, str]:
 
 def flat_kd_online(sweep: SweepConfig, env: str) -> bool:
     """Whether flat_kd's trials read the online teacher: yes unless the env's trajectories carry the teacher's
-    rows at observation tokens too (rolled out with context_topk; a given file: its first trajectory says)."""
+    rows at observation tokens too (rolled out with context_topk; a given file: its first trajectory with
+    generated ids and no error says, read up to there)."""
     from raysad.scoring import CONTEXT_TOPK
     from raysad.trajectory_reader import read_trajectories
 
@@ -280,7 +281,7 @@ def flat_kd_online(sweep: SweepConfig, env: str) -> bool:
     if not Path(path).expanduser().is_file():
         return True
     with read_trajectories(Path(path).expanduser()) as reader:
-        first = next(iter(reader), None)
+        first = next((t for t in reader if "error" not in t.extra and any(turn.token_ids for turn in t.turns)), None)
     return first is None or CONTEXT_TOPK not in first.extra
 
 
