@@ -80,15 +80,21 @@ def flat_mask(reason, act, valid):
     return (loss.cumsum(-1) > 0) & (valid != 0)
 
 
+def method_masks(reason, act, valid, config):
+    """(reason, act) loss masks under config's method, before any teacher-row filter: flat_kd's act mask is every
+    real position after the prompt that is not a thought (torch [B, T] or numpy [T])."""
+    from raysad.losses import get_method
+
+    if get_method(config.method).flat:
+        act = flat_mask(reason, act, valid) & ~reason
+    return reason, act
+
+
 def loss_masks(batch: Batch, config):
     """(reason, act) target masks [B, T-1] of a collated batch: with a stored top-k teacher, only the tokens
     that have a teacher row. flat_kd: the act mask is every target after the prompt that is not a thought
     (stored: those with a row, which rollout --context-topk keeps at observation tokens too)."""
-    from raysad.losses import get_method
-
-    reason, act = batch["reason_mask"], batch["act_mask"]
-    if get_method(config.method).flat:
-        act = flat_mask(reason, act, batch["attention_mask"][:, 1:]) & ~reason
+    reason, act = method_masks(batch["reason_mask"], batch["act_mask"], batch["attention_mask"][:, 1:], config)
     if uses_stored_topk(config):
         reason, act = reason & batch["has_topk"], act & batch["has_topk"]
     return reason, act
@@ -96,11 +102,8 @@ def loss_masks(batch: Batch, config):
 
 def example_counts(example: Example, config) -> tuple[int, int, int]:
     """(reason targets, act targets, tokens) of one example, as loss_masks counts them after collate."""
-    from raysad.losses import get_method
-
     reason, act = np.asarray(example["reason_mask"][1:]), np.asarray(example["act_mask"][1:])
-    if get_method(config.method).flat:
-        act = flat_mask(reason, act, np.ones_like(reason)) & ~reason
+    reason, act = method_masks(reason, act, np.ones_like(reason), config)
     if uses_stored_topk(config):
         has = (np.asarray(example["topk_mask"][1:]) if example.get("topk_mask") is not None
                else np.zeros_like(reason))
@@ -117,17 +120,15 @@ def encode_all(trajectories: Iterable, tokenizer, config, first_index: int = 0) 
     from raysad.curriculum import complexity
     from raysad.agent_formats import trajectory_format
     from raysad.encoding import encode_trajectory
-    from raysad.losses import get_method
     from raysad.scoring import CONTEXT_TOPK
 
     for index, traj in enumerate(trajectories, first_index):
         example = encode_trajectory(traj, tokenizer, trajectory_format(traj), max_length=config.max_length)
         n_reason, n_act = int(example["reason_mask"].sum()), int(example["act_mask"].sum())
         has_topk = example.get("topk_mask") is not None
-        loss = example["reason_mask"] | example["act_mask"]
-        if get_method(config.method).flat:
-            loss = flat_mask(example["reason_mask"], example["act_mask"], np.ones_like(loss))
-        without_teacher = int((loss & ~example["topk_mask"]).sum()) if has_topk else 0
+        reason, act = method_masks(example["reason_mask"], example["act_mask"], np.ones_like(example["act_mask"]),
+                                   config)
+        without_teacher = int(((reason | act) & ~example["topk_mask"]).sum()) if has_topk else 0
         loss_reason, loss_act, tokens = example_counts(example, config)
         stats = {"index": index, "skipped": n_reason + n_act == 0,
                  "empty_thoughts": sum(1 for t in traj.turns if t.token_ids is not None and not t.thought.strip()),

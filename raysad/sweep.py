@@ -225,12 +225,13 @@ def _check_data_and_teacher(sweep: SweepConfig, source: str) -> None:
     if sweep.online_teacher and not has_teacher:
         raise _fail(source, "online_teacher", "needs teacher (an HF directory) or teacher_sft")
     flat = [m for m in sweep_methods(sweep) if DISTILL_METHODS[m].flat]
-    if flat and not has_teacher and sweep.trajectories is None and not sweep.rollout.get("context_topk"):
+    # without a given file (read before the trials: check_stored_topk), the sweep's own rollout decides
+    no_stored_context = sweep.trajectories is None and not sweep.rollout.get("context_topk")
+    if flat and not has_teacher and no_stored_context:
         raise _fail(source, "space.method", f"{', '.join(flat)} distils observation tokens too: set teacher (an HF "
                     "directory) or teacher_sft for the online teacher, or rollout.context_topk: true")
     # (flat_kd with a teacher and no rows stored at observations reads the online teacher: no stored top-k needed)
-    kd = [m for m in kd_methods(sweep) if not (DISTILL_METHODS[m].flat and has_teacher and sweep.trajectories is None
-                                               and not sweep.rollout.get("context_topk"))]
+    kd = [m for m in kd_methods(sweep) if not (DISTILL_METHODS[m].flat and has_teacher and no_stored_context)]
     stored_topk = sweep.trajectories is not None or sweep.rollout.get("topk", 0) > 0
     if kd and not sweep.online_teacher and not stored_topk:
         raise _fail(source, "space.method", f"{', '.join(kd)} need a teacher signal: online_teacher: true with "
